@@ -1,0 +1,409 @@
+"""Load, attach, detach and query the XDP redirect program.
+
+Everything here acts on an ``ifindex`` in the *calling thread's* network
+namespace (libbpf talks rtnetlink from the current thread); callers that manage
+a netdev in another namespace run these functions in a thread that has entered
+it (see ``cni_server.netns``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpf import libbpf
+from bpf.errors import ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
+
+log = logging.getLogger(__name__)
+
+PROGRAM_NAME = "afxdp_redirect"
+MAP_NAME = "xsks_map"
+DEFAULT_OBJECT = Path(__file__).with_name("afxdp_redirect.bpf.o")
+
+
+class XdpMode(enum.Enum):
+    """How to attach: the driver's native hook, the generic (skb) hook, or native then skb."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    SKB = "skb"
+
+    @property
+    def flags(self) -> int:
+        return {XdpMode.NATIVE: libbpf.XDP_FLAGS_DRV_MODE, XdpMode.SKB: libbpf.XDP_FLAGS_SKB_MODE}[
+            self
+        ]
+
+
+_ATTACHED_MODE = {
+    libbpf.XDP_ATTACHED_DRV: "native",
+    libbpf.XDP_ATTACHED_SKB: "skb",
+    libbpf.XDP_ATTACHED_HW: "hw",
+    libbpf.XDP_ATTACHED_MULTI: "multi",
+}
+_MODE_FLAGS = {
+    "native": libbpf.XDP_FLAGS_DRV_MODE,
+    "skb": libbpf.XDP_FLAGS_SKB_MODE,
+    "hw": libbpf.XDP_FLAGS_HW_MODE,
+}
+
+
+def default_object() -> Path:
+    """The BPF object to load: $AFXDP_BPF_OBJECT, else the one built beside this module."""
+    env = os.environ.get("AFXDP_BPF_OBJECT")
+    return Path(env) if env else DEFAULT_OBJECT
+
+
+@dataclass(frozen=True)
+class XdpState:
+    """What the kernel reports as attached to one netdev."""
+
+    ifindex: int
+    prog_id: int
+    mode: str | None
+    name: str = ""
+    tag: str = ""
+
+    @property
+    def attached(self) -> bool:
+        return self.prog_id != 0
+
+    @property
+    def ours(self) -> bool:
+        return self.attached and self.name == PROGRAM_NAME
+
+
+def query(ifindex: int) -> XdpState:
+    """The XDP program attached to ``ifindex`` (prog_id 0 when none)."""
+    opts = libbpf.XdpQueryOpts(sz=ctypes.sizeof(libbpf.XdpQueryOpts))
+    libbpf.check(
+        libbpf.call("bpf_xdp_query", ifindex, 0, ctypes.byref(opts)),
+        f"querying the XDP program of ifindex {ifindex}",
+    )
+    mode = _ATTACHED_MODE.get(opts.attach_mode)
+    prog_id = opts.prog_id or opts.drv_prog_id or opts.skb_prog_id or opts.hw_prog_id
+    if not prog_id:
+        return XdpState(ifindex, 0, None)
+    if opts.attach_mode == libbpf.XDP_ATTACHED_MULTI:
+        # Only the drv+hw combination exists; the driver-level one is the one we manage.
+        mode = "native" if opts.drv_prog_id else "hw"
+        prog_id = opts.drv_prog_id or opts.hw_prog_id
+    name, tag = "", ""
+    try:
+        fd = libbpf.check(libbpf.call("bpf_prog_get_fd_by_id", prog_id), f"opening program {prog_id}")
+    except LibbpfError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        # Detached between the two calls.
+        return XdpState(ifindex, 0, None)
+    try:
+        info = libbpf.prog_info(fd)
+        name = info.name.decode("ascii", "replace")
+        tag = bytes(info.tag).hex()
+    finally:
+        os.close(fd)
+    return XdpState(ifindex, prog_id, mode, name, tag)
+
+
+class LoadedProgram:
+    """Owner of one loaded copy of the redirect program: its program fd and its XSKMAP fd."""
+
+    def __init__(self, prog_fd: int, map_fd: int) -> None:
+        self._prog_fd = prog_fd
+        self._map_fd = map_fd
+        info = libbpf.prog_info(prog_fd)
+        self.prog_id: int = info.id
+        self.tag: str = bytes(info.tag).hex()
+        self.name: str = info.name.decode("ascii", "replace")
+        minfo = libbpf.map_info(map_fd)
+        self.map_id: int = minfo.id
+        self.map_entries: int = minfo.max_entries
+
+    @property
+    def prog_fd(self) -> int:
+        if self._prog_fd < 0:
+            raise ValueError("program is closed")
+        return self._prog_fd
+
+    @property
+    def map_fd(self) -> int:
+        if self._map_fd < 0:
+            raise ValueError("program is closed")
+        return self._map_fd
+
+    @property
+    def closed(self) -> bool:
+        return self._prog_fd < 0
+
+    def close(self) -> None:
+        """Close both fds (the kernel keeps an attached program alive by itself)."""
+        for attr in ("_prog_fd", "_map_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+
+    def __enter__(self) -> LoadedProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def load(
+        cls,
+        map_entries: int,
+        object_path: Path | None = None,
+        program_name: str = PROGRAM_NAME,
+    ) -> LoadedProgram:
+        """Open the object, size its XSKMAP to ``map_entries`` and load it into the kernel."""
+        path = object_path or default_object()
+        if not path.is_file():
+            raise ObjectMissing(
+                f"BPF object {path} not found: build it with `make bpf` in the source tree "
+                "(needs clang and libbpf-dev), or point AFXDP_BPF_OBJECT at a built copy"
+            )
+        if map_entries < 1:
+            raise ValueError(f"an XSKMAP needs at least one entry, not {map_entries}")
+        with libbpf.capture_messages() as messages:
+            obj = libbpf.check_ptr(
+                libbpf.call("bpf_object__open_file", str(path).encode(), None),
+                f"opening BPF object {path}",
+            )
+            try:
+                bpf_map = libbpf.call("bpf_object__find_map_by_name", obj, MAP_NAME.encode())
+                if not bpf_map:
+                    raise ObjectInvalid(f"BPF object {path} defines no map named '{MAP_NAME}'")
+                if libbpf.call("bpf_map__type", bpf_map) != libbpf.BPF_MAP_TYPE_XSKMAP:
+                    raise ObjectInvalid(f"map '{MAP_NAME}' in {path} is not an XSKMAP")
+                prog = libbpf.call("bpf_object__find_program_by_name", obj, program_name.encode())
+                if not prog:
+                    raise ObjectInvalid(
+                        f"BPF object {path} defines no program named '{program_name}'"
+                    )
+                libbpf.check(
+                    libbpf.call("bpf_map__set_max_entries", bpf_map, map_entries),
+                    f"sizing '{MAP_NAME}' to {map_entries} entries",
+                )
+                ret = libbpf.call("bpf_object__load", obj)
+                if ret < 0:
+                    err = ctypes.get_errno() or -ret
+                    raise LibbpfError(f"loading BPF object {path}", err, messages[-60:])
+                prog_fd = os.dup(libbpf.call("bpf_program__fd", prog))
+                try:
+                    map_fd = os.dup(libbpf.call("bpf_map__fd", bpf_map))
+                except BaseException:
+                    os.close(prog_fd)
+                    raise
+            finally:
+                libbpf.call("bpf_object__close", obj)
+        return cls._own(prog_fd, map_fd)
+
+    @classmethod
+    def adopt(cls, prog_id: int) -> LoadedProgram:
+        """Take fds for an already loaded copy of our program (e.g. left by a previous daemon)."""
+        prog_fd = libbpf.check(
+            libbpf.call("bpf_prog_get_fd_by_id", prog_id), f"opening BPF program {prog_id}"
+        )
+        try:
+            map_fd = -1
+            for map_id in libbpf.prog_map_ids(prog_fd):
+                fd = libbpf.check(
+                    libbpf.call("bpf_map_get_fd_by_id", map_id), f"opening BPF map {map_id}"
+                )
+                info = libbpf.map_info(fd)
+                if info.type == libbpf.BPF_MAP_TYPE_XSKMAP and info.name.decode() == MAP_NAME:
+                    map_fd = fd
+                    break
+                os.close(fd)
+            if map_fd < 0:
+                raise ObjectInvalid(f"BPF program {prog_id} uses no XSKMAP named '{MAP_NAME}'")
+        except BaseException:
+            os.close(prog_fd)
+            raise
+        return cls._own(prog_fd, map_fd)
+
+    @classmethod
+    def _own(cls, prog_fd: int, map_fd: int) -> LoadedProgram:
+        try:
+            return cls(prog_fd, map_fd)
+        except BaseException:
+            os.close(prog_fd)
+            os.close(map_fd)
+            raise
+
+
+def attach(ifindex: int, program: LoadedProgram, mode: XdpMode, *, ifname: str = "") -> str:
+    """Attach ``program`` where nothing is attached; returns the mode used ('native'/'skb').
+
+    ``auto`` tries the native hook first and falls back to skb when the driver
+    has no native XDP support.  Fails (EEXIST/EBUSY) if any program is attached.
+    """
+    label = ifname or f"ifindex {ifindex}"
+    modes = [XdpMode.NATIVE, XdpMode.SKB] if mode is XdpMode.AUTO else [mode]
+    last: LibbpfError | None = None
+    for m in modes:
+        with libbpf.capture_messages() as messages:
+            ret = libbpf.call(
+                "bpf_xdp_attach",
+                ifindex,
+                program.prog_fd,
+                libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST | m.flags,
+                None,
+            )
+        if ret >= 0:
+            return m.value
+        err = ctypes.get_errno() or -ret
+        last = LibbpfError(f"attaching XDP program to {label} in {m.value} mode", err, messages)
+        if mode is XdpMode.AUTO and err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP):
+            log.info("event=xdp_native_unsupported netdev=%s fallback=skb errno=%d", label, err)
+            continue
+        break
+    assert last is not None
+    raise last
+
+
+def detach(ifindex: int, program: LoadedProgram, mode: str, *, ifname: str = "") -> bool:
+    """Detach ``program`` from ``ifindex`` only if it is still the one attached.
+
+    Returns False (and leaves the netdev alone) when something else has replaced
+    it or the netdev is gone.
+    """
+    label = ifname or f"ifindex {ifindex}"
+    opts = libbpf.XdpAttachOpts(sz=ctypes.sizeof(libbpf.XdpAttachOpts), old_prog_fd=program.prog_fd)
+    ret = libbpf.call(
+        "bpf_xdp_attach", ifindex, -1, libbpf.XDP_FLAGS_REPLACE | _MODE_FLAGS[mode], ctypes.byref(opts)
+    )
+    if ret >= 0:
+        return True
+    err = ctypes.get_errno() or -ret
+    if err in (errno.EEXIST, errno.ENODEV, errno.ENOENT):
+        log.warning(
+            "event=xdp_detach_skipped netdev=%s reason=%s", label,
+            "replaced by another program" if err == errno.EEXIST else "netdev gone",
+        )
+        return False
+    raise LibbpfError(f"detaching XDP program from {label}", err)
+
+
+def detach_any(ifindex: int, state: XdpState, *, ifname: str = "") -> None:
+    """Detach whatever program ``state`` describes (used when the operator forces replacement)."""
+    if not state.attached or state.mode not in _MODE_FLAGS:
+        return
+    label = ifname or f"ifindex {ifindex}"
+    libbpf.check(
+        libbpf.call("bpf_xdp_attach", ifindex, -1, _MODE_FLAGS[state.mode], None),
+        f"detaching program {state.prog_id} from {label}",
+    )
+
+
+class NetdevProgram:
+    """Our redirect program on one netdev, as the daemon manages it.
+
+    Owns the LoadedProgram (and so the XSKMAP fd handed to clients).  ``adopted``
+    says the program was already attached when we found it (a previous daemon's),
+    in which case its XSKMAP, and the sockets clients put there, are kept.
+    """
+
+    def __init__(
+        self, netdev: str, ifindex: int, program: LoadedProgram, mode: str, adopted: bool
+    ) -> None:
+        self.netdev = netdev
+        self.ifindex = ifindex
+        self.program = program
+        self.mode = mode
+        self.adopted = adopted
+
+    @property
+    def map_fd(self) -> int:
+        return self.program.map_fd
+
+    @property
+    def queue_slots(self) -> int:
+        return self.program.map_entries
+
+    def detach(self) -> bool:
+        """Detach from the netdev (if still ours) and close our fds."""
+        try:
+            return detach(self.ifindex, self.program, self.mode, ifname=self.netdev)
+        finally:
+            self.program.close()
+
+    def close(self) -> None:
+        """Close our fds and leave the program attached (e.g. for running pods)."""
+        self.program.close()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "netdev": self.netdev,
+            "ifindex": self.ifindex,
+            "mode": self.mode,
+            "prog_id": self.program.prog_id,
+            "map_id": self.program.map_id,
+            "queue_slots": self.program.map_entries,
+            "adopted": self.adopted,
+        }
+
+
+def ensure_attached(
+    netdev: str,
+    ifindex: int,
+    queues: int,
+    mode: XdpMode = XdpMode.AUTO,
+    *,
+    force: bool = False,
+    object_path: Path | None = None,
+) -> NetdevProgram:
+    """Make sure our program is attached to ``netdev``, with an XSKMAP of >= ``queues`` slots.
+
+    - Nothing attached: load a fresh copy and attach it.
+    - Our program attached with a large enough map: adopt it (idempotent; the
+      map, and the sockets already in it, survive).
+    - A foreign program attached: refuse with :class:`ForeignProgram`, unless
+      ``force``, in which case it is detached and ours attached.
+    """
+    state = query(ifindex)
+    if state.ours:
+        adopted = LoadedProgram.adopt(state.prog_id)
+        if adopted.map_entries >= queues and (mode is XdpMode.AUTO or mode.value == state.mode):
+            log.info(
+                "event=xdp_adopted netdev=%s prog_id=%d mode=%s queue_slots=%d",
+                netdev, state.prog_id, state.mode, adopted.map_entries,
+            )
+            assert state.mode is not None
+            return NetdevProgram(netdev, ifindex, adopted, state.mode, adopted=True)
+        log.warning(
+            "event=xdp_replacing_own netdev=%s prog_id=%d reason=%s",
+            netdev, state.prog_id,
+            "map too small" if adopted.map_entries < queues else f"mode {state.mode} != {mode.value}",
+        )
+        adopted.close()
+        detach_any(ifindex, state, ifname=netdev)
+    elif state.attached:
+        if not force:
+            raise ForeignProgram(
+                f"{netdev} already carries XDP program id {state.prog_id} "
+                f"'{state.name or '?'}' in {state.mode} mode that is not ours; refusing to "
+                "replace it (detach it, or let the daemon replace it with --force)"
+            )
+        log.warning(
+            "event=xdp_replacing_foreign netdev=%s prog_id=%d name=%s mode=%s",
+            netdev, state.prog_id, state.name, state.mode,
+        )
+        detach_any(ifindex, state, ifname=netdev)
+    program = LoadedProgram.load(max(queues, 1), object_path)
+    try:
+        used = attach(ifindex, program, mode, ifname=netdev)
+    except BaseException:
+        program.close()
+        raise
+    log.info(
+        "event=xdp_attached netdev=%s prog_id=%d mode=%s queue_slots=%d",
+        netdev, program.prog_id, used, program.map_entries,
+    )
+    return NetdevProgram(netdev, ifindex, program, used, adopted=False)

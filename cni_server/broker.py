@@ -1,0 +1,89 @@
+"""Performs the privileged steps of requests the protocol session authorized.
+
+The session (``protocol.py``) decides *whether*; the broker does the *how*, and
+keeps the checks that need the kernel: a received fd really is an AF_XDP
+socket, and the socket to bind is the very one handed out for that queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from cni_server import xsk
+from cni_server.allocation import Allocation
+from cni_server.fds import OwnedFd
+from cni_server.protocol import Grant, Op
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """Result of a grant: whether it worked, and the fd to send with the reply.
+
+    ``fd`` is borrowed (e.g. the XSKMAP fd the program owns); ``created`` is a
+    new fd made for this reply, which the caller closes once it is sent.
+    """
+
+    ok: bool
+    fd: int | None = None
+    created: OwnedFd | None = None
+    reason: str = ""
+
+
+class Broker:
+    """The daemon's hands: XSKMAP handout, AF_XDP socket creation, bind, busy-poll."""
+
+    def perform(self, allocation: Allocation, grant: Grant, received: list[OwnedFd]) -> Outcome:
+        try:
+            if grant.op is Op.MAP_FD:
+                return self._map_fd(allocation, grant)
+            if grant.op is Op.XSK_SOCKET:
+                return self._xsk_socket(allocation, grant)
+            if grant.op is Op.XSK_BIND:
+                return self._xsk_bind(allocation, grant, received[0])
+            return self._busy_poll(grant, received[0])
+        except (OSError, ValueError) as e:
+            log.warning("event=grant_failed op=%s netdev=%s queue=%d error=%r",
+                        grant.op.value, grant.netdev, grant.queue, str(e))
+            return Outcome(False, reason=f"{grant.op.value} failed")
+
+    @staticmethod
+    def _map_fd(allocation: Allocation, grant: Grant) -> Outcome:
+        device = allocation.netdevs[grant.netdev]
+        if device.program.program.closed:
+            return Outcome(False, reason="netdev released")
+        return Outcome(True, fd=device.program.map_fd)
+
+    @staticmethod
+    def _xsk_socket(allocation: Allocation, grant: Grant) -> Outcome:
+        device = allocation.netdevs[grant.netdev]
+        sock = device.netns.run(xsk.create_socket)
+        try:
+            allocation.record_xsk(grant.netdev, grant.queue, xsk.inode(sock.fileno()))
+        except BaseException:
+            sock.close()
+            raise
+        return Outcome(True, created=sock, fd=sock.fileno())
+
+    @staticmethod
+    def _xsk_bind(allocation: Allocation, grant: Grant, sock: OwnedFd) -> Outcome:
+        fd = sock.fileno()
+        if not xsk.is_xdp_socket(fd):
+            return Outcome(False, reason="fd is not an AF_XDP socket")
+        expected = allocation.handed_out_xsk(grant.netdev, grant.queue)
+        if expected is None or xsk.inode(fd) != expected:
+            return Outcome(False, reason="not the socket handed out for this queue")
+        device = allocation.netdevs[grant.netdev]
+        xsk.bind(fd, device.program.ifindex, grant.queue)
+        xsk.insert(device.program.map_fd, grant.queue, fd)
+        return Outcome(True)
+
+    @staticmethod
+    def _busy_poll(grant: Grant, sock: OwnedFd) -> Outcome:
+        fd = sock.fileno()
+        if not xsk.is_xdp_socket(fd):
+            return Outcome(False, reason="fd is not an AF_XDP socket")
+        xsk.set_busy_poll(fd, grant.timeout_us, grant.budget)
+        return Outcome(True)

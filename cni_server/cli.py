@@ -1,0 +1,399 @@
+"""``afxdp``: the standalone daemon and the client side, for operators and tests.
+
+Exit codes: 0 success, 1 runtime error, 2 bad usage or configuration,
+3 the server refused a handshake step, 4 fewer frames received than asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bpf.errors import BpfError
+from cni_server import config as config_mod
+from cni_server import logs
+from cni_server.client import Client, HandshakeError
+from cni_server.config import ConfigError
+from cni_server.control import ControlError
+from cni_server.fds import OwnedFd
+
+EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_SHORT = 1, 2, 3, 4
+log = logging.getLogger("afxdp")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"afxdp: {message}", file=sys.stderr)
+    return code
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        "netdevs": a.netdev, "socketDir": a.socket_dir, "allowHosts": a.allow_host,
+        "xdpMode": a.xdp_mode, "socketMode": a.socket_mode, "socketOwner": a.socket_owner,
+        "pinDir": a.pin_dir, "controlSocket": a.control_socket, "idleTimeout": a.idle_timeout,
+        "maxConnections": a.max_connections, "maxConnectionsPerSocket": a.max_connections_per_socket,
+        "bpfObject": a.bpf_object, "readyFile": a.ready_file, "logLevel": a.log_level,
+        "logFormat": a.log_format,
+    }
+    raw = {k: v for k, v in pairs.items() if v is not None}
+    if a.force:
+        raw["forceReplace"] = True
+    if a.no_peer_netns_check:
+        raw["checkPeerNetns"] = False
+    return raw
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from cni_server.daemon import DaemonError, StandaloneDaemon
+    from cni_server.server import ServerError
+
+    try:
+        raw = config_mod.load_file(Path(a.config)) if a.config else {}
+        raw.update(_serve_overrides(a))
+        no_control = a.no_control_socket
+        cfg = config_mod.validate(raw)
+        if no_control:
+            cfg.control_socket = None
+    except ConfigError as e:
+        return _fail(EXIT_USAGE, f"configuration: {e}")
+    logs.setup(cfg.log_level, cfg.log_format)
+    if os.geteuid() != 0:
+        log.warning("event=not_root hint=attaching_XDP_needs_CAP_NET_ADMIN_and_CAP_BPF")
+    daemon = StandaloneDaemon(cfg)
+    try:
+        asyncio.run(daemon.run())
+    except (BpfError, DaemonError, ServerError, ControlError, OSError) as e:
+        log.error("event=start_failed error=%r", str(e))
+        return _fail(EXIT_ERROR, str(e))
+    log.info("event=stopped")
+    return 0
+
+
+# -- request -------------------------------------------------------------------
+
+
+def _default_socket(netdev: str) -> str:
+    return str(config_mod.DEFAULT_SOCKET_DIR / netdev / "afxdp.sock")
+
+
+def fd_info(fd: int) -> dict[str, str]:
+    """What /proc says about one of our fds (map type, id, entries for a BPF map)."""
+    info: dict[str, str] = {}
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return info
+
+
+def cmd_request(a: argparse.Namespace) -> int:
+    path = a.socket or _default_socket(a.netdev)
+    steps: list[dict[str, Any]] = []
+    fd: OwnedFd | None = None
+    try:
+        with Client(path, timeout=a.timeout) as c:
+            host = a.hostname or socket.gethostname()
+            c.connect(host)
+            steps.append({"request": f"/connect,{host}", "reply": "/host_ok"})
+            steps.append({"request": "/version", "reply": c.version()})
+            fd = c.xsk_map_fd(a.netdev)
+            steps.append({"request": f"/xsk_map_fd,{a.netdev}", "reply": "/fd_ack",
+                          "fd": fd.fileno()})
+            c.fin()
+            steps.append({"request": "/fin", "reply": "/fin_ack"})
+    except HandshakeError as e:
+        if fd is not None:
+            fd.close()
+        steps.append({"request": e.request, "reply": e.reply})
+        _print_steps(a, steps, None)
+        return _fail(EXIT_REFUSED, f"{path}: {e}")
+    except OSError as e:
+        if fd is not None:
+            fd.close()
+        return _fail(EXIT_ERROR, f"{path}: {e.strerror or e}")
+    assert fd is not None
+    info = fd_info(fd.fileno())
+    _print_steps(a, steps, info)
+    if not a.command:
+        fd.close()
+        return 0
+    raw = fd.detach()
+    os.set_inheritable(raw, True)
+    env = dict(os.environ, AFXDP_XSKMAP_FD=str(raw), AFXDP_NETDEV=a.netdev)
+    cmd = a.command[1:] if a.command[0] == "--" else a.command
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        os.close(raw)
+        return _fail(127 if isinstance(e, FileNotFoundError) else 126, f"{cmd[0]}: {e.strerror}")
+    return 0  # not reached
+
+
+def _print_steps(a: argparse.Namespace, steps: list[dict[str, Any]],
+                 info: dict[str, str] | None) -> None:
+    out = sys.stderr if a.command else sys.stdout
+    if a.json:
+        doc: dict[str, Any] = {"steps": steps}
+        if info is not None:
+            doc["map"] = {"id": int(info.get("map_id", "0")), "type": int(info.get("map_type", "0")),
+                          "max_entries": int(info.get("max_entries", "0"))}
+        print(json.dumps(doc), file=out)
+        return
+    for s in steps:
+        extra = f" (fd {s['fd']})" if "fd" in s else ""
+        print(f"{s['request']:<28} -> {s['reply']}{extra}", file=out)
+    if info is not None:
+        print(f"XSKMAP id {info.get('map_id')} type {info.get('map_type')} "
+              f"max_entries {info.get('max_entries')}", file=out)
+
+
+# -- status --------------------------------------------------------------------
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from cni_server.control import call
+
+    doc: dict[str, Any] = {"daemon": None, "xdp": _kernel_view()}
+    error = ""
+    try:
+        doc["daemon"] = call(Path(a.control_socket), {"op": "status"})["status"]
+    except ControlError as e:
+        error = str(e)
+    if a.json:
+        doc["daemon_error"] = error or None
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_status(doc, error)
+    return 0 if not error else EXIT_ERROR
+
+
+def _kernel_view() -> list[dict[str, Any]]:
+    """XDP programs attached in this netns, marked ours or foreign."""
+    from bpf.program import query
+    from pyroute2 import IPRoute
+
+    rows = []
+    with IPRoute() as ipr:
+        links = [(int(link["index"]), link.get("ifname")) for link in ipr.get_links()]
+    for ifindex, name in links:
+        try:
+            st = query(ifindex)
+        except BpfError:
+            continue
+        if st.attached:
+            rows.append({"netdev": name, "prog_id": st.prog_id, "mode": st.mode,
+                         "name": st.name, "ours": st.ours})
+    return rows
+
+
+def _print_status(doc: dict[str, Any], error: str) -> None:
+    d = doc["daemon"]
+    if d is None:
+        print(f"daemon: not reachable ({error})")
+    else:
+        srv = d["server"]
+        print(f"daemon: pid {d['pid']} on {d['hostname']}, {srv['sockets']} socket(s), "
+              f"{srv['connections']} connection(s), fds sent {srv['fds_sent']}")
+        print(f"  handshakes: {json.dumps(srv['handshakes'], sort_keys=True)}")
+        for alloc in d["allocations"]:
+            for name, dev in alloc["devices"].items():
+                print(f"  {name}: {alloc['socket']} ({dev['mode']} mode, prog {dev['prog_id']}, "
+                      f"map {dev['map_id']}, {dev['queue_slots']} queue slots, "
+                      f"{alloc['connections']} connection(s))")
+        for name, pin in d.get("pins", {}).items():
+            print(f"  {name}: pinned XSKMAP at {pin}")
+    print("XDP programs in this network namespace:")
+    if not doc["xdp"]:
+        print("  none")
+    for row in doc["xdp"]:
+        owner = "ours" if row["ours"] else "foreign"
+        print(f"  {row['netdev']}: prog {row['prog_id']} '{row['name']}' {row['mode']} mode ({owner})")
+
+
+# -- receive / send (test traffic) -----------------------------------------------
+
+
+def cmd_receive(a: argparse.Namespace) -> int:
+    from bpf import bpffs
+    from cni_server import client as client_mod
+    from cni_server.receiver import XskReceiver
+
+    path = a.socket or _default_socket(a.netdev)
+    queues = a.queue or [0]
+    receivers: list[XskReceiver] = []
+    kw = {"frames": a.frames, "ring_size": a.frames}
+    try:
+        if a.mode == "xsk":
+            for q in queues:
+                sock = client_mod.fetch_xsk_socket(path, a.netdev, q, a.hostname)
+                try:
+                    r = XskReceiver(sock, **kw)
+                except BaseException:
+                    sock.close()
+                    raise
+                receivers.append(r)
+                client_mod.bind_xsk_socket(path, a.netdev, q, r.sock.fileno(), a.hostname)
+        else:
+            if a.mode == "pinned":
+                map_fd = OwnedFd(bpffs.open_pinned(Path(a.pin)))
+            else:
+                map_fd = client_mod.fetch_map_fd(path, a.netdev, a.hostname)
+            with map_fd:
+                ifindex = socket.if_nametoindex(a.netdev)
+                for q in queues:
+                    r = XskReceiver.with_own_socket(**kw)
+                    receivers.append(r)
+                    r.bind(ifindex, q)
+                    r.insert(map_fd.fileno(), q)
+        if a.ready_file:
+            Path(a.ready_file).write_text("ready\n")
+        got = _receive_all(receivers, a.count, a.timeout)
+        stats = [r.stats().__dict__ for r in receivers]
+    except HandshakeError as e:
+        return _fail(EXIT_REFUSED, f"{path}: {e}")
+    except (OSError, BpfError) as e:
+        return _fail(EXIT_ERROR, str(e))
+    finally:
+        for r in receivers:
+            r.close()
+    doc = {"mode": a.mode, "netdev": a.netdev, "queues": queues, "received": got,
+           "wanted": a.count, "uid": os.getuid(), "stats": stats}
+    print(json.dumps(doc) if a.json else f"received {got} of {a.count} frames on "
+          f"{a.netdev} queues {queues} ({a.mode} mode)")
+    return 0 if got >= a.count else EXIT_SHORT
+
+
+def _receive_all(receivers: Sequence[Any], count: int, timeout: float) -> int:
+    import select
+
+    poller = select.poll()
+    for r in receivers:
+        poller.register(r.sock.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < count:
+        n = sum(r.poll_batch() for r in receivers)
+        got += n
+        if n:
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        poller.poll(min(left, 0.1) * 1000)
+    return got
+
+
+def cmd_send(a: argparse.Namespace) -> int:
+    from cni_server.traffic import send_frames
+
+    try:
+        sent = send_frames(a.netdev, a.count, flows=a.flows, size=a.size, dst_mac=a.dst_mac)
+    except OSError as e:
+        return _fail(EXIT_ERROR, f"sending on {a.netdev}: {e.strerror or e}")
+    print(json.dumps({"sent": sent}) if a.json else f"sent {sent} frames on {a.netdev}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afxdp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the standalone daemon")
+    s.add_argument("--config", help="YAML file with the same settings (flags override it)")
+    s.add_argument("--netdev", action="append", help="netdev to serve (repeat for several)")
+    s.add_argument("--socket-dir", help="serve DIR/<netdev>/afxdp.sock (default /tmp/afxdp_dp)")
+    s.add_argument("--allow-host", action="append",
+                   help="hostname clients may /connect with (repeatable; default: this host)")
+    s.add_argument("--xdp-mode", choices=["auto", "native", "skb"])
+    s.add_argument("--socket-mode", help="octal mode of sockets and pins (default 0660)")
+    s.add_argument("--socket-owner", help="UID[:GID] owning sockets and pins")
+    s.add_argument("--pin-dir", help="also pin each XSKMAP at DIR/<netdev>/xsks_map")
+    s.add_argument("--control-socket", help="status socket (default /run/afxdp/control.sock)")
+    s.add_argument("--no-control-socket", action="store_true")
+    s.add_argument("--force", action="store_true",
+                   help="replace a foreign XDP program instead of refusing")
+    s.add_argument("--no-peer-netns-check", action="store_true",
+                   help="do not require clients to live in the netdev's network namespace")
+    s.add_argument("--idle-timeout", type=float, help="seconds (default 30)")
+    s.add_argument("--max-connections", type=int)
+    s.add_argument("--max-connections-per-socket", type=int)
+    s.add_argument("--bpf-object", help="compiled redirect program (default: built-in)")
+    s.add_argument("--ready-file", help="write status JSON here once sockets are served")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["kv", "json"])
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd")
+    r.add_argument("--socket", help="default /tmp/afxdp_dp/<netdev>/afxdp.sock")
+    r.add_argument("--netdev", required=True)
+    r.add_argument("--hostname", help="name sent in /connect (default: gethostname())")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--timeout", type=float, default=5.0)
+    r.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- CMD ARGS: exec CMD with the fd inherited, its number in "
+                        "AFXDP_XSKMAP_FD")
+    r.set_defaults(fn=cmd_request)
+
+    st = sub.add_parser("status", help="what the daemon serves and what is attached")
+    st.add_argument("--control-socket", default=str(config_mod.DEFAULT_CONTROL_SOCKET))
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    rc = sub.add_parser("receive", help="receive frames through a handed-out fd (test client)")
+    rc.add_argument("--socket")
+    rc.add_argument("--netdev", required=True)
+    rc.add_argument("--queue", type=int, action="append", help="repeatable (default 0)")
+    rc.add_argument("--mode", choices=["map", "xsk", "pinned"], default="map",
+                    help="map: XSKMAP fd, own socket (CAP_NET_RAW); xsk: daemon-made socket, "
+                         "no capability; pinned: bpf_obj_get(--pin)")
+    rc.add_argument("--pin", help="pinned XSKMAP path (pinned mode)")
+    rc.add_argument("--hostname")
+    rc.add_argument("--count", type=int, default=1000)
+    rc.add_argument("--timeout", type=float, default=10.0)
+    rc.add_argument("--frames", type=int, default=2048, help="UMEM frames per queue")
+    rc.add_argument("--ready-file", help="written once the socket is in the map")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_receive)
+
+    se = sub.add_parser("send", help="send test UDP frames on a netdev (AF_PACKET)")
+    se.add_argument("--netdev", required=True)
+    se.add_argument("--count", type=int, default=1000)
+    se.add_argument("--flows", type=int, default=1, help="distinct UDP source ports")
+    se.add_argument("--size", type=int, default=64)
+    se.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(fn=cmd_send)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "request" and args.command and args.command[0] == "--" and len(args.command) == 1:
+        return _fail(EXIT_USAGE, "nothing to run after --")
+    if args.cmd == "receive" and args.mode == "pinned" and not args.pin:
+        return _fail(EXIT_USAGE, "--mode pinned needs --pin PATH")
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

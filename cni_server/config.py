@@ -1,0 +1,211 @@
+"""Standalone daemon configuration: typed, validated once, errors name the field path.
+
+The same settings come from ``afxdp serve`` flags or a YAML file (``--config``);
+flags given on the command line override the file.  YAML keys are camelCase,
+as in the Kubernetes configuration::
+
+    netdevs: [v0, v1]
+    socketDir: /tmp/afxdp_dp
+    allowHosts: [my-host]
+    xdpMode: auto            # auto | native | skb
+    socketMode: "0660"
+    socketOwner: "65534:65534"
+    pinDir: /sys/fs/bpf/afxdp
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bpf.program import XdpMode
+from cni_server.protocol import valid_netdev_name
+
+DEFAULT_SOCKET_DIR = Path("/tmp/afxdp_dp")  # DPDK's default dp_path root
+DEFAULT_CONTROL_SOCKET = Path("/run/afxdp/control.sock")
+_HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field path."""
+
+
+@dataclass
+class StandaloneConfig:
+    netdevs: list[str]
+    socket_dir: Path = DEFAULT_SOCKET_DIR
+    allow_hosts: list[str] = field(default_factory=lambda: [socket.gethostname()])
+    xdp_mode: XdpMode = XdpMode.AUTO
+    socket_mode: int = 0o660
+    socket_uid: int = -1
+    socket_gid: int = -1
+    pin_dir: Path | None = None
+    control_socket: Path | None = DEFAULT_CONTROL_SOCKET
+    force_replace: bool = False
+    check_peer_netns: bool = True
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_socket: int = 128
+    bpf_object: Path | None = None
+    ready_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "kv"
+
+
+# YAML key -> (dataclass field, parser)
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+def parse_owner(text: str, where: str) -> tuple[int, int]:
+    """'UID[:GID]' with numbers or names -> (uid, gid); gid defaults to the user's group."""
+    user, _, group = str(text).partition(":")
+    try:
+        if user.isdigit():
+            uid = int(user)
+            try:
+                default_gid = pwd.getpwuid(uid).pw_gid
+            except KeyError:
+                default_gid = uid
+        else:
+            entry = pwd.getpwnam(user)
+            uid, default_gid = entry.pw_uid, entry.pw_gid
+        if not group:
+            gid = default_gid
+        elif group.isdigit():
+            gid = int(group)
+        else:
+            gid = grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise ConfigError(f"{where}: {text!r}: no such user or group") from e
+    return uid, gid
+
+
+def parse_mode(value: object, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not a file mode")
+    if isinstance(value, int):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{1,4}", value):
+        mode = int(value.replace("o", ""), 8)
+    else:
+        raise ConfigError(f"{where}: {value!r} is not an octal file mode such as '0660'")
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: {value!r} is out of range (0000..0777)")
+    return mode
+
+
+def _want(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}: {value!r} is not {what}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: {value!r} is not {what}")
+    return value
+
+
+def _positive(value: object, where: str, *, real: bool = False) -> Any:
+    v = _want(value, (int, float) if real else int, where,
+              "a positive number" if real else "a positive integer")
+    if v <= 0:
+        raise ConfigError(f"{where}: {value!r} must be > 0")
+    return v
+
+
+def _path(value: object, where: str) -> Path:
+    text = _want(value, str, where, "a path")
+    if not text or "\0" in text:
+        raise ConfigError(f"{where}: {value!r} is not a valid path")
+    return Path(text)
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
+    """Build a StandaloneConfig from camelCase keys; every error names its field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(raw).__name__}")
+    known = {_camel(f.name): f.name for f in fields(StandaloneConfig)}
+    known["socketOwner"] = "socket_owner"
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+    netdevs = raw.get("netdevs")
+    if not isinstance(netdevs, list) or not netdevs:
+        raise ConfigError(f"netdevs: {netdevs!r} must be a non-empty list of interface names")
+    for i, name in enumerate(netdevs):
+        if not isinstance(name, str) or not valid_netdev_name(name):
+            raise ConfigError(f"netdevs[{i}]: {name!r} is not a valid interface name")
+    dupes = sorted({n for n in netdevs if netdevs.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"netdevs: {', '.join(dupes)} listed more than once")
+    cfg = StandaloneConfig(netdevs=list(netdevs))
+    for key, value in raw.items():
+        if value is None:
+            continue
+        where = key
+        if key == "socketDir":
+            cfg.socket_dir = _path(value, where)
+        elif key == "allowHosts":
+            hosts = _want(value, list, where, "a list of hostnames")
+            for i, h in enumerate(hosts):
+                if not isinstance(h, str) or not _HOST_RE.fullmatch(h):
+                    raise ConfigError(f"{where}[{i}]: {h!r} is not a valid hostname")
+            if not hosts:
+                raise ConfigError(f"{where}: must name at least one hostname")
+            cfg.allow_hosts = list(hosts)
+        elif key == "xdpMode":
+            try:
+                cfg.xdp_mode = XdpMode(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {value!r} is not one of auto, native, skb") from None
+        elif key == "socketMode":
+            cfg.socket_mode = parse_mode(value, where)
+        elif key == "socketOwner":
+            cfg.socket_uid, cfg.socket_gid = parse_owner(str(value), where)
+        elif key in ("pinDir", "bpfObject", "readyFile", "controlSocket"):
+            setattr(cfg, known[key], _path(value, where))
+        elif key in ("forceReplace", "checkPeerNetns"):
+            setattr(cfg, known[key], _want(value, bool, where, "true or false"))
+        elif key == "idleTimeout":
+            cfg.idle_timeout = float(_positive(value, where, real=True))
+        elif key in ("maxConnections", "maxConnectionsPerSocket"):
+            setattr(cfg, known[key], _positive(value, where))
+        elif key == "logLevel":
+            if value not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"{where}: {value!r} is not one of debug, info, warning, error")
+            cfg.log_level = value
+        elif key == "logFormat":
+            if value not in ("kv", "json"):
+                raise ConfigError(f"{where}: {value!r} is not one of kv, json")
+            cfg.log_format = value
+        elif key in ("socketUid", "socketGid"):
+            setattr(cfg, known[key], _want(value, int, where, "an integer id"))
+    if cfg.max_connections_per_socket > cfg.max_connections:
+        raise ConfigError(
+            f"maxConnectionsPerSocket: {cfg.max_connections_per_socket} exceeds "
+            f"maxConnections ({cfg.max_connections})"
+        )
+    return cfg
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (validation happens in :func:`validate`)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data

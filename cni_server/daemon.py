@@ -1,0 +1,220 @@
+"""The standalone daemon: attach the program to netdevs, serve one handout socket each.
+
+Start-up is all-or-nothing: if any netdev cannot be set up, whatever was done
+for the others is undone and the daemon exits with the reason.  On SIGTERM or
+SIGINT it stops accepting, closes connections, removes its sockets and pins,
+detaches the programs it manages and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpf import bpffs
+from bpf.program import NetdevProgram, ensure_attached
+from cni_server.allocation import AllocatedDevice, Allocation
+from cni_server.config import StandaloneConfig
+from cni_server.control import ControlServer
+from cni_server.netdev import link_info
+from cni_server.netns import Netns
+from cni_server.server import HandoutServer, Limits
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "afxdp.sock"
+PIN_NAME = "xsks_map"
+
+
+class DaemonError(Exception):
+    """Start-up failed; the message says what and where."""
+
+
+@dataclass
+class _Managed:
+    """What the daemon set up for one netdev, to undo on stop."""
+
+    program: NetdevProgram
+    socket_dir: Path
+    created_dir: bool
+    pin: Path | None = None
+
+
+@dataclass
+class StandaloneDaemon:
+    cfg: StandaloneConfig
+    server: HandoutServer = field(init=False)
+    netns: Netns | None = None
+    _managed: dict[str, _Managed] = field(default_factory=dict)
+    _created_dirs: list[Path] = field(default_factory=list)
+    _bpffs_mount: Path | None = None
+    _control: ControlServer | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.server = HandoutServer(limits=Limits(
+            idle_timeout=self.cfg.idle_timeout,
+            max_connections=self.cfg.max_connections,
+            max_connections_per_socket=self.cfg.max_connections_per_socket,
+        ))
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        _raise_fd_limit(self.cfg.max_connections + 256)
+        self.netns = Netns.current()
+        try:
+            self._prepare_dirs()
+            for netdev in self.cfg.netdevs:
+                await self._setup_netdev(netdev)
+            if self.cfg.control_socket is not None:
+                self._control = ControlServer(self.cfg.control_socket)
+                self._control.register("status", self._status_op)
+                await self._control.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._report_ready()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        try:
+            await self._stop.wait()
+            log.info("event=stopping reason=signal")
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Undo everything start() did, in reverse; safe to call on a partial start."""
+        self.server.close()
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        for netdev in reversed(list(self._managed)):
+            m = self._managed.pop(netdev)
+            if m.pin is not None:
+                bpffs.unpin(m.pin)
+                with contextlib.suppress(OSError):
+                    m.pin.parent.rmdir()
+            detached = m.program.detach()
+            log.info("event=xdp_detached netdev=%s ok=%s", netdev, detached)
+            if m.created_dir:
+                with contextlib.suppress(OSError):
+                    m.socket_dir.rmdir()
+        if self._bpffs_mount is not None:
+            bpffs.unmount(self._bpffs_mount)
+            self._bpffs_mount = None
+        for d in reversed(self._created_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._created_dirs.clear()
+        if self.cfg.ready_file is not None:
+            self.cfg.ready_file.unlink(missing_ok=True)
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        if not self.cfg.socket_dir.exists():
+            self.cfg.socket_dir.mkdir(parents=True, mode=0o755)
+            self._created_dirs.append(self.cfg.socket_dir)
+        if self.cfg.pin_dir is not None:
+            existed = self.cfg.pin_dir.exists()
+            try:
+                self._bpffs_mount = bpffs.ensure_bpffs(self.cfg.pin_dir)
+            except (OSError, bpffs.BpffsError) as e:
+                raise DaemonError(f"pin directory {self.cfg.pin_dir}: {e}") from e
+            if not existed:
+                self._created_dirs.append(self.cfg.pin_dir)
+
+    async def _setup_netdev(self, netdev: str) -> None:
+        assert self.netns is not None
+        try:
+            info = await asyncio.to_thread(link_info, netdev)
+        except LookupError as e:
+            raise DaemonError(str(e)) from e
+        program = ensure_attached(netdev, info.ifindex, info.queue_slots, self.cfg.xdp_mode,
+                                  force=self.cfg.force_replace, object_path=self.cfg.bpf_object)
+        sock_dir = self.cfg.socket_dir / netdev
+        created = not sock_dir.exists()
+        managed = _Managed(program, sock_dir, created)
+        self._managed[netdev] = managed
+        uid, gid = self.cfg.socket_uid, self.cfg.socket_gid
+        sock_dir.mkdir(mode=0o750, exist_ok=True)
+        os.chown(sock_dir, uid, gid)
+        if self.cfg.pin_dir is not None:
+            pin_dir = self.cfg.pin_dir / netdev
+            pin_dir.mkdir(exist_ok=True)
+            os.chown(pin_dir, uid, gid)
+            os.chmod(pin_dir, 0o750)
+            managed.pin = pin_dir / PIN_NAME
+            bpffs.pin(program.map_fd, managed.pin, uid=uid, gid=gid, mode=self.cfg.socket_mode)
+            log.info("event=map_pinned netdev=%s path=%s", netdev, managed.pin)
+        allocation = Allocation(
+            id=netdev,
+            netdevs={netdev: AllocatedDevice(netdev, program, self.netns)},
+            hostnames_allowed=frozenset(self.cfg.allow_hosts),
+            socket_path=sock_dir / SOCKET_NAME,
+            check_peer_netns=self.cfg.check_peer_netns,
+        )
+        self.server.serve(allocation, mode=self.cfg.socket_mode, uid=uid, gid=gid)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "netns": self.netns.inode if self.netns else None,
+            "allocations": [l.allocation.describe() | {"connections": len(l.connections)}
+                            for l in self.server.listeners.values()],
+            "pins": {n: str(m.pin) for n, m in self._managed.items() if m.pin},
+            "server": self.server.stats(),
+        }
+
+    async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}
+
+    def _report_ready(self) -> None:
+        status = self.status()
+        if self.cfg.ready_file is not None:
+            tmp = self.cfg.ready_file.with_name(self.cfg.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(status))
+            tmp.replace(self.cfg.ready_file)
+        _sd_notify(b"READY=1")
+        log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
+                 ",".join(str(l.path) for l in self.server.listeners.values()))
+
+
+def _raise_fd_limit(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _sd_notify(message: bytes) -> None:
+    """Tell systemd (Type=notify) we are ready, when it asked us to."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message, addr)

@@ -1,0 +1,55 @@
+"""Facts about a netdev, read over rtnetlink (pyroute2) in the calling thread's netns.
+
+pyroute2's synchronous API refuses to run inside a running event loop; call
+these from a worker thread (``asyncio.to_thread`` or ``Netns.run_async``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+class NetdevMissing(LookupError):
+    """No netdev of that name in this network namespace."""
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    ifindex: int
+    mac: str
+    num_rx_queues: int
+    num_tx_queues: int
+    up: bool
+
+    @property
+    def queue_slots(self) -> int:
+        """XSKMAP slots to cover every queue an AF_XDP socket may bind to.
+
+        num_rx/tx_queues are the counts the driver allocated (its maximum), so
+        they cover the current and any later combined channel count.
+        """
+        return max(self.num_rx_queues, self.num_tx_queues, 1)
+
+
+def link_info(name: str) -> LinkInfo:
+    """Look up ``name``; raises NetdevMissing when there is no such link here."""
+    with IPRoute() as ipr:
+        try:
+            links = ipr.link("get", ifname=name)
+        except NetlinkError as e:
+            if e.code == 19:  # ENODEV
+                raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
+            raise
+        link = links[0]
+        return LinkInfo(
+            name=link.get("ifname"),
+            ifindex=int(link["index"]),
+            mac=str(link.get("address") or ""),
+            num_rx_queues=int(link.get("num_rx_queues") or 1),
+            num_tx_queues=int(link.get("num_tx_queues") or 1),
+            up=bool(link["flags"] & 1),
+        )

@@ -1,0 +1,207 @@
+"""A minimal AF_XDP receiver: UMEM, fill/completion/RX/TX rings over mmap.
+
+Enough to prove a handed-out fd works and to count (or keep) received frames.
+It can start from its own socket (needs CAP_NET_RAW) or from one the daemon
+created (``/xsk_socket``: needs no capability).  Setting up UMEM and rings needs
+no privilege; the UMEM is charged to RLIMIT_MEMLOCK unless the process has
+CAP_IPC_LOCK, so the defaults stay small (2048 x 2048-byte frames = 4 MiB).
+
+Ring protocol (Documentation/networking/af_xdp.rst): the producer index is
+written after the descriptors, the consumer index after reading them; both
+are free-running u32 counters.  Python's struct/memoryview stores are plain
+memory writes, ordered on x86-64; this is a test and demo tool, not a data path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import select
+import struct
+import time
+from dataclasses import dataclass
+
+from cni_server import xsk
+from cni_server.fds import OwnedFd
+
+_OFFSETS = struct.Struct("=16Q")  # struct xdp_mmap_offsets: rx, tx, fr, cr x (producer, consumer, desc, flags)
+_UMEM_REG = struct.Struct("=QQIIII")  # addr, len, chunk_size, headroom, flags, tx_metadata_len
+_STATS = struct.Struct("=6Q")
+_U32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class RingOffsets:
+    producer: int
+    consumer: int
+    desc: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class XskStats:
+    rx_dropped: int
+    rx_invalid_descs: int
+    tx_invalid_descs: int
+    rx_ring_full: int
+    rx_fill_ring_empty_descs: int
+    tx_ring_empty_descs: int
+
+
+class _Ring:
+    """One mmap'ed ring: u32 producer/consumer and a descriptor array."""
+
+    def __init__(self, fd: int, pgoff: int, off: RingOffsets, entries: int, desc_words: int) -> None:
+        self.entries = entries
+        self.mask = entries - 1
+        self.map = mmap.mmap(fd, off.desc + entries * desc_words * 8,
+                             mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+        view = memoryview(self.map)
+        self.producer = view[off.producer: off.producer + 4].cast("I")
+        self.consumer = view[off.consumer: off.consumer + 4].cast("I")
+        self.flags = view[off.flags: off.flags + 4].cast("I")
+        self.desc = view[off.desc: off.desc + entries * desc_words * 8].cast("Q")
+        self._views = [view, self.producer, self.consumer, self.flags, self.desc]
+
+    def close(self) -> None:
+        for v in reversed(self._views):
+            v.release()
+        self.map.close()
+
+
+class XskReceiver:
+    """An AF_XDP socket with UMEM and rings, ready to bind and receive."""
+
+    def __init__(self, sock: OwnedFd, *, frames: int = 2048, frame_size: int = 2048,
+                 ring_size: int = 2048) -> None:
+        if frames & (frames - 1) or ring_size & (ring_size - 1):
+            raise ValueError("frames and ring_size must be powers of two")
+        self.sock = sock
+        self.frame_size = frame_size
+        self.frames = frames
+        self._rings: list[_Ring] = []
+        self._umem: mmap.mmap | None = None
+        try:
+            self._setup(ring_size)
+        except BaseException:
+            self._unmap()
+            raise
+
+    @classmethod
+    def with_own_socket(cls, **kw: int) -> XskReceiver:
+        """Create the AF_XDP socket ourselves (needs CAP_NET_RAW)."""
+        sock = xsk.create_socket()
+        try:
+            return cls(sock, **kw)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _setup(self, ring_size: int) -> None:
+        fd = self.sock.fileno()
+        size = self.frames * self.frame_size
+        self._umem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+        anchor = (ctypes.c_char * size).from_buffer(self._umem)
+        addr = ctypes.addressof(anchor)
+        del anchor  # release the buffer export so the mmap can be closed later
+        xsk.setsockopt_bytes(fd, xsk.SOL_XDP, xsk.XDP_UMEM_REG,
+                             _UMEM_REG.pack(addr, size, self.frame_size, 0, 0, 0),
+                             "registering UMEM (RLIMIT_MEMLOCK too low without CAP_IPC_LOCK?)")
+        fill_size = max(ring_size, self.frames)
+        for name, entries in ((xsk.XDP_UMEM_FILL_RING, fill_size),
+                              (xsk.XDP_UMEM_COMPLETION_RING, ring_size),
+                              (xsk.XDP_RX_RING, ring_size), (xsk.XDP_TX_RING, ring_size)):
+            xsk.setsockopt_int(fd, xsk.SOL_XDP, name, entries, f"sizing ring {name}")
+        raw = xsk.getsockopt_bytes(fd, xsk.SOL_XDP, xsk.XDP_MMAP_OFFSETS, _OFFSETS.size,
+                                   "reading ring offsets")
+        v = _OFFSETS.unpack(raw)
+        rx, tx, fr, cr = (RingOffsets(*v[i: i + 4]) for i in range(0, 16, 4))
+        self.rx = self._map(fd, xsk.XDP_PGOFF_RX_RING, rx, ring_size, 2)
+        self.tx = self._map(fd, xsk.XDP_PGOFF_TX_RING, tx, ring_size, 2)
+        self.fill = self._map(fd, xsk.XDP_UMEM_PGOFF_FILL_RING, fr, fill_size, 1)
+        self.comp = self._map(fd, xsk.XDP_UMEM_PGOFF_COMPLETION_RING, cr, ring_size, 1)
+        # Give the kernel every frame to fill.
+        start = self.fill.producer[0]
+        for i in range(self.frames):
+            self.fill.desc[(start + i) & self.fill.mask] = i * self.frame_size
+        self.fill.producer[0] = (start + self.frames) & _U32
+        self._rx_cons = self.rx.consumer[0]
+
+    def _map(self, fd: int, pgoff: int, off: RingOffsets, entries: int, words: int) -> _Ring:
+        ring = _Ring(fd, pgoff, off, entries, words)
+        self._rings.append(ring)
+        return ring
+
+    def bind(self, ifindex: int, queue: int, flags: int = 0) -> None:
+        """Bind it ourselves (map mode; needs no capability once the socket exists)."""
+        xsk.bind(self.sock.fileno(), ifindex, queue, flags)
+
+    def insert(self, map_fd: int, queue: int) -> None:
+        """Put the socket into a handed-out XSKMAP at ``queue``."""
+        xsk.insert(map_fd, queue, self.sock.fileno())
+
+    def poll_batch(self, keep: list[bytes] | None = None) -> int:
+        """Consume what the RX ring holds, recycle the frames; returns how many."""
+        prod = self.rx.producer[0]
+        cons = self._rx_cons
+        n = (prod - cons) & _U32
+        if not n:
+            return 0
+        rx_desc, rx_mask = self.rx.desc, self.rx.mask
+        fill_desc, fill_mask = self.fill.desc, self.fill.mask
+        fp = self.fill.producer[0]
+        umem = self._umem
+        for i in range(n):
+            idx = ((cons + i) & rx_mask) * 2
+            addr = rx_desc[idx]
+            if keep is not None and umem is not None:
+                length = rx_desc[idx + 1] & _U32
+                keep.append(umem[addr: addr + length])
+            fill_desc[(fp + i) & fill_mask] = addr
+        self._rx_cons = (cons + n) & _U32
+        self.rx.consumer[0] = self._rx_cons
+        self.fill.producer[0] = (fp + n) & _U32
+        return n
+
+    def receive(self, count: int, timeout: float, keep: list[bytes] | None = None) -> int:
+        """Receive until ``count`` frames arrived or ``timeout`` seconds passed."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        deadline = time.monotonic() + timeout
+        got = 0
+        while got < count:
+            n = self.poll_batch(keep)
+            if n:
+                got += n
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            poller.poll(min(left, 0.1) * 1000)
+        return got
+
+    def stats(self) -> XskStats:
+        raw = xsk.getsockopt_bytes(self.sock.fileno(), xsk.SOL_XDP, xsk.XDP_STATISTICS,
+                                   _STATS.size, "reading XDP_STATISTICS")
+        return XskStats(*_STATS.unpack(raw.ljust(_STATS.size, b"\0")))
+
+    def _unmap(self) -> None:
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
+        if self._umem is not None:
+            self._umem.close()
+            self._umem = None
+
+    def close(self) -> None:
+        """Close the socket first (the kernel stops writing), then unmap."""
+        self.sock.close()
+        self._unmap()
+
+    def __enter__(self) -> XskReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

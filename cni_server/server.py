@@ -1,0 +1,365 @@
+"""The UDS fd-handout server: asyncio, one event loop, any number of sockets and clients.
+
+The I/O layer only: it accepts connections on each allocation's
+``SOCK_SEQPACKET`` socket, turns datagrams into :class:`protocol.Request`,
+lets the :class:`protocol.Session` decide, has the :class:`Broker` carry out
+granted steps, and sends the reply (with an fd when one is granted).
+
+Callbacks (``loop.add_reader``) instead of a coroutine per connection keep a
+handshake cheap; a periodic sweep enforces the idle timeout.  All methods must
+be called on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cni_server import peer as peer_mod
+from cni_server import protocol
+from cni_server.allocation import Allocation
+from cni_server.broker import Broker, Outcome
+from cni_server.fds import OwnedFd, close_all
+
+log = logging.getLogger(__name__)
+
+MAX_FDS_PER_REQUEST = 8  # more than this sets MSG_CTRUNC (the kernel drops the rest)
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
+_DATAGRAMS_PER_WAKEUP = 8  # fairness: a chatty client yields to others
+_SUN_PATH_MAX = 107
+
+
+class ServerError(Exception):
+    """A socket cannot be served (path in use, too long, not creatable)."""
+
+
+@dataclass
+class Limits:
+    """Protection against slow, silent or numerous clients."""
+
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_socket: int = 128
+
+
+@dataclass
+class Counters:
+    handshakes: dict[str, int] = field(default_factory=dict)  # by outcome
+    replies: dict[str, int] = field(default_factory=dict)  # by reply text/reason
+    fds_sent: int = 0
+    rejected_limit: int = 0
+    idle_closed: int = 0
+
+
+class Connection:
+    """One accepted client connection (owner of its socket)."""
+
+    __slots__ = ("last_active", "listener", "opened", "session", "sock")
+
+    def __init__(self, sock: socket.socket, listener: Listener, session: protocol.Session) -> None:
+        self.sock = sock
+        self.listener = listener
+        self.session = session
+        self.opened = self.last_active = time.monotonic()
+
+
+class Listener:
+    """One served socket path and the connections accepted on it."""
+
+    def __init__(self, allocation: Allocation, sock: socket.socket, inode: int) -> None:
+        self.allocation = allocation
+        self.sock = sock
+        self.inode = inode
+        self.connections: set[Connection] = set()
+
+    @property
+    def path(self) -> Path:
+        return self.allocation.socket_path
+
+
+class HandoutServer:
+    """Serves the fd-handout protocol for any number of allocations."""
+
+    def __init__(self, broker: Broker | None = None, limits: Limits | None = None) -> None:
+        self.broker = broker or Broker()
+        self.limits = limits or Limits()
+        self.counters = Counters()
+        self._listeners: dict[str, Listener] = {}
+        self._connections = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._last_limit_log = 0.0
+
+    # -- serving sockets -----------------------------------------------------
+
+    def serve(self, allocation: Allocation, *, mode: int = 0o660, uid: int = -1,
+              gid: int = -1) -> Listener:
+        """Create ``allocation.socket_path`` and start accepting on it."""
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        if allocation.id in self._listeners:
+            raise ServerError(f"allocation {allocation.id} is already served")
+        path = allocation.socket_path
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise ServerError(f"socket path too long for a Unix socket (max 107 bytes): {path}")
+        _clear_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(path))
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+            inode = os.stat(path).st_ino
+        except OSError as e:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise ServerError(f"cannot serve {path}: {e.strerror or e}") from e
+        listener = Listener(allocation, sock, inode)
+        self._listeners[allocation.id] = listener
+        loop.add_reader(sock.fileno(), self._on_acceptable, listener)
+        self._schedule_sweep()
+        log.info("event=serving allocation=%s socket=%s netdevs=%s", allocation.id, path,
+                 ",".join(allocation.netdevs))
+        return listener
+
+    def stop_serving(self, allocation_id: str) -> None:
+        """Stop accepting, close its connections, remove its socket file (if still ours)."""
+        listener = self._listeners.pop(allocation_id, None)
+        if listener is None:
+            return
+        assert self._loop is not None
+        self._loop.remove_reader(listener.sock.fileno())
+        for conn in list(listener.connections):
+            self._close(conn, "socket withdrawn")
+        listener.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(listener.path).st_ino == listener.inode:
+                listener.path.unlink()
+        log.info("event=stopped_serving allocation=%s socket=%s", allocation_id, listener.path)
+
+    def close(self) -> None:
+        for allocation_id in list(self._listeners):
+            self.stop_serving(allocation_id)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    @property
+    def listeners(self) -> dict[str, Listener]:
+        return self._listeners
+
+    @property
+    def connection_count(self) -> int:
+        return self._connections
+
+    # -- accepting -------------------------------------------------------------
+
+    def _on_acceptable(self, listener: Listener) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE/ENFILE/ENOBUFS: keep serving what we have; retry on next wakeup.
+                log.error("event=accept_failed socket=%s error=%r", listener.path, e.strerror)
+                return
+            if (self._connections >= self.limits.max_connections
+                    or len(listener.connections) >= self.limits.max_connections_per_socket):
+                sock.close()
+                self.counters.rejected_limit += 1
+                self._log_limit(listener)
+                continue
+            self._open(sock, listener)
+
+    def _open(self, sock: socket.socket, listener: Listener) -> None:
+        sock.setblocking(False)
+        try:
+            peer = peer_mod.identify(sock)
+        except OSError as e:
+            peer = protocol.Peer(0, -1, -1, None, f"SO_PEERCRED: {e.strerror}")
+        conn = Connection(sock, listener, protocol.Session(listener.allocation, peer))
+        listener.connections.add(conn)
+        self._connections += 1
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_readable, conn)
+
+    def _log_limit(self, listener: Listener) -> None:
+        now = time.monotonic()
+        if now - self._last_limit_log >= 1.0:
+            self._last_limit_log = now
+            log.warning(
+                "event=connection_rejected reason=limit socket=%s socket_connections=%d "
+                "total_connections=%d rejected_so_far=%d", listener.path,
+                len(listener.connections), self._connections, self.counters.rejected_limit)
+
+    # -- one connection ---------------------------------------------------------
+
+    def _on_readable(self, conn: Connection) -> None:
+        for _ in range(_DATAGRAMS_PER_WAKEUP):
+            try:
+                data, anc, flags, _ = conn.sock.recvmsg(protocol.MAX_REQUEST_BYTES + 1, _ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._close(conn, f"recv error: {e.strerror}")
+                return
+            fds = _take_fds(anc)
+            if not data and not fds:
+                self._close(conn, "peer closed")
+                return
+            conn.last_active = time.monotonic()
+            try:
+                keep_going = self._answer(conn, protocol.Request(
+                    data, len(fds),
+                    truncated=bool(flags & socket.MSG_TRUNC),
+                    ctrl_truncated=bool(flags & socket.MSG_CTRUNC),
+                ), fds)
+            finally:
+                close_all(fds)
+            if not keep_going:
+                return
+
+    def _answer(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> bool:
+        """Decide, act, reply.  Returns False once the connection is closed."""
+        session = conn.session
+        try:
+            decision = session.handle(request)
+        except Exception:  # a bug in the protocol code must not take the daemon down
+            log.exception("event=session_error socket=%s", conn.listener.path)
+            self._close(conn, "internal error")
+            return False
+        outcome: Outcome | None = None
+        if isinstance(decision, protocol.Grant):
+            outcome = self.broker.perform(conn.listener.allocation, decision, fds)
+            reply = session.grant_done(decision, outcome.ok, outcome.reason)
+        else:
+            reply = decision
+        try:
+            fd = outcome.fd if outcome is not None and outcome.ok else None
+            sent = self._send(conn, reply.text, fd)
+        finally:
+            if outcome is not None and outcome.created is not None:
+                outcome.created.close()
+        key = reply.reason or reply.text
+        self.counters.replies[key] = self.counters.replies.get(key, 0) + 1
+        if not sent:
+            return False
+        if reply.close:
+            self._close(conn, "")
+            return False
+        return True
+
+    def _send(self, conn: Connection, text: str, fd: int | None) -> bool:
+        payload = text.encode()
+        try:
+            if fd is None:
+                conn.sock.send(payload)
+            else:
+                conn.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [fd]))])
+                self.counters.fds_sent += 1
+        except BlockingIOError:
+            # A well-behaved client has one request in flight; a full queue means it
+            # sends without reading replies.
+            self._close(conn, "client not reading replies")
+            return False
+        except OSError as e:
+            self._close(conn, f"send error: {e.strerror}")
+            return False
+        return True
+
+    def _close(self, conn: Connection, why: str) -> None:
+        listener = conn.listener
+        if conn not in listener.connections:
+            return
+        listener.connections.discard(conn)
+        self._connections -= 1
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(conn.sock.fileno())
+        conn.sock.close()
+        s = conn.session
+        outcome = s.outcome()
+        self.counters.handshakes[outcome] = self.counters.handshakes.get(outcome, 0) + 1
+        log.info(
+            "event=handshake socket=%s peer_pid=%d peer_uid=%d peer_netns=%s host=%s "
+            "result=%s steps=%s duration_ms=%.2f%s",
+            listener.path, s.peer.pid, s.peer.uid, s.peer.netns or "unknown",
+            s.hostname or "-", outcome,
+            ",".join(f"{st.verb}{'(' + st.arg + ')' if st.arg else ''}={st.result}"
+                     .replace(" ", "_") for st in s.steps) or "-",
+            (time.monotonic() - conn.opened) * 1000.0,
+            f" closed_because={why.replace(' ', '_')}" if why else "",
+        )
+
+    # -- idle timeout ------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None and self._loop is not None:
+            interval = max(0.05, min(1.0, self.limits.idle_timeout / 4))
+            self._sweeper = self._loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = time.monotonic() - self.limits.idle_timeout
+        for listener in list(self._listeners.values()):
+            for conn in [c for c in listener.connections if c.last_active < deadline]:
+                self.counters.idle_closed += 1
+                self._close(conn, "idle timeout")
+        self._schedule_sweep()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "sockets": len(self._listeners),
+            "connections": self._connections,
+            "handshakes": dict(self.counters.handshakes),
+            "replies": dict(self.counters.replies),
+            "fds_sent": self.counters.fds_sent,
+            "rejected_limit": self.counters.rejected_limit,
+            "idle_closed": self.counters.idle_closed,
+        }
+
+
+def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
+    """Own every fd that arrived in SCM_RIGHTS messages (each closed by the caller)."""
+    fds: list[OwnedFd] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(OwnedFd(fd) for fd in arr)
+    return fds
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a leftover socket file, refusing if a live server still answers there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ServerError(f"cannot check existing socket {path}: {e.strerror}") from e
+        path.unlink(missing_ok=True)
+        log.info("event=stale_socket_removed socket=%s", path)
+        return
+    finally:
+        probe.close()
+    raise ServerError(f"another server is already serving {path}")

@@ -1,0 +1,138 @@
+"""AF_XDP socket primitives: create, identify, bind, insert into an XSKMAP, busy-poll.
+
+Raw fds are used through libc (ctypes) because Python's socket module knows no
+``sockaddr_xdp``.  Constants are from ``uapi/linux/if_xdp.h`` and
+``uapi/asm-generic/socket.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+
+from bpf import libbpf
+from cni_server.fds import OwnedFd
+
+AF_XDP = 44
+SOL_XDP = 283
+
+# setsockopt/getsockopt names at SOL_XDP
+XDP_MMAP_OFFSETS = 1
+XDP_RX_RING = 2
+XDP_TX_RING = 3
+XDP_UMEM_REG = 4
+XDP_UMEM_FILL_RING = 5
+XDP_UMEM_COMPLETION_RING = 6
+XDP_STATISTICS = 7
+
+# sockaddr_xdp.sxdp_flags
+XDP_SHARED_UMEM = 1 << 0
+XDP_COPY = 1 << 1
+XDP_ZEROCOPY = 1 << 2
+XDP_USE_NEED_WAKEUP = 1 << 3
+
+# mmap offsets of the four rings
+XDP_PGOFF_RX_RING = 0
+XDP_PGOFF_TX_RING = 0x80000000
+XDP_UMEM_PGOFF_FILL_RING = 0x100000000
+XDP_UMEM_PGOFF_COMPLETION_RING = 0x180000000
+
+XDP_RING_NEED_WAKEUP = 1 << 0
+
+SO_DOMAIN = 39
+SO_BUSY_POLL = 46
+SO_PREFER_BUSY_POLL = 69
+SO_BUSY_POLL_BUDGET = 70
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.socket.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_libc.bind.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32)]
+_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_uint32]
+
+
+class XskError(OSError):
+    """An AF_XDP socket operation failed (errno and what was being done)."""
+
+
+def _raise(what: str) -> None:
+    err = ctypes.get_errno() or errno.EIO
+    raise XskError(err, f"{what}: {os.strerror(err)}")
+
+
+def create_socket() -> OwnedFd:
+    """socket(AF_XDP, SOCK_RAW) in the calling thread's netns; needs CAP_NET_RAW."""
+    fd = _libc.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    if fd < 0:
+        _raise("creating an AF_XDP socket")
+    return OwnedFd(fd)
+
+
+def socket_domain(fd: int) -> int | None:
+    """The address family of socket ``fd``; None if ``fd`` is not a socket."""
+    val = ctypes.c_int(0)
+    size = ctypes.c_uint32(ctypes.sizeof(val))
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_DOMAIN, ctypes.byref(val), ctypes.byref(size)):
+        err = ctypes.get_errno()
+        if err in (errno.ENOTSOCK, errno.EBADF):
+            return None
+        _raise("reading SO_DOMAIN")
+    return val.value
+
+
+def is_xdp_socket(fd: int) -> bool:
+    return socket_domain(fd) == AF_XDP
+
+
+def inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def setsockopt_int(fd: int, level: int, name: int, value: int, what: str) -> None:
+    val = ctypes.c_int(value)
+    if _libc.setsockopt(fd, level, name, ctypes.byref(val), ctypes.sizeof(val)):
+        _raise(what)
+
+
+def getsockopt_bytes(fd: int, level: int, name: int, size: int, what: str) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if _libc.getsockopt(fd, level, name, buf, ctypes.byref(length)):
+        _raise(what)
+    return buf.raw[: length.value]
+
+
+def setsockopt_bytes(fd: int, level: int, name: int, data: bytes, what: str) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    if _libc.setsockopt(fd, level, name, buf, len(data)):
+        _raise(what)
+
+
+_SOCKADDR_XDP = struct.Struct("=HHIII")  # family, flags, ifindex, queue_id, shared_umem_fd
+
+
+def bind(fd: int, ifindex: int, queue: int, flags: int = 0, shared_umem_fd: int = 0) -> None:
+    """bind(2) an AF_XDP socket to (ifindex, queue) in the socket's own netns."""
+    addr = ctypes.create_string_buffer(
+        _SOCKADDR_XDP.pack(AF_XDP, flags, ifindex, queue, shared_umem_fd), _SOCKADDR_XDP.size
+    )
+    if _libc.bind(fd, addr, _SOCKADDR_XDP.size):
+        _raise(f"binding AF_XDP socket to ifindex {ifindex} queue {queue}")
+
+
+def insert(map_fd: int, queue: int, xsk_fd: int) -> None:
+    """Put the AF_XDP socket into XSKMAP slot ``queue`` (needs no capability)."""
+    libbpf.map_update_u32(map_fd, queue, xsk_fd, f"inserting AF_XDP socket into XSKMAP slot {queue}")
+
+
+def set_busy_poll(fd: int, timeout_us: int, budget: int) -> None:
+    """Preferred busy polling, as DPDK's busy_budget configures it (needs CAP_NET_ADMIN)."""
+    setsockopt_int(fd, socket.SOL_SOCKET, SO_PREFER_BUSY_POLL, 1, "setting SO_PREFER_BUSY_POLL")
+    setsockopt_int(fd, socket.SOL_SOCKET, SO_BUSY_POLL, timeout_us, "setting SO_BUSY_POLL")
+    setsockopt_int(fd, socket.SOL_SOCKET, SO_BUSY_POLL_BUDGET, budget,
+                   "setting SO_BUSY_POLL_BUDGET")
