@@ -36,6 +36,11 @@ MAX_FDS_PER_REQUEST = 8  # more than this sets MSG_CTRUNC (the kernel drops the 
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
 _DATAGRAMS_PER_WAKEUP = 8  # fairness: a chatty client yields to others
 _SUN_PATH_MAX = 107
+# A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
+# are bounded only by the sender's SO_SNDBUF (default ~208 KiB), so a client
+# that never reads would pin that much daemon memory; the kernel doubles this
+# value, which still holds dozens of replies.
+_CONN_SNDBUF = 16 * 1024
 
 
 class ServerError(Exception):
@@ -184,6 +189,7 @@ class HandoutServer:
 
     def _open(self, sock: socket.socket, listener: Listener) -> None:
         sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONN_SNDBUF)
         try:
             peer = peer_mod.identify(sock)
         except OSError as e:
@@ -219,32 +225,34 @@ class HandoutServer:
                 self._close(conn, "peer closed")
                 return
             conn.last_active = time.monotonic()
-            try:
-                keep_going = self._answer(conn, protocol.Request(
-                    data, len(fds),
-                    truncated=bool(flags & socket.MSG_TRUNC),
-                    ctrl_truncated=bool(flags & socket.MSG_CTRUNC),
-                ), fds)
-            finally:
-                close_all(fds)
-            if not keep_going:
+            request = protocol.Request(data, len(fds), truncated=bool(flags & socket.MSG_TRUNC),
+                                       ctrl_truncated=bool(flags & socket.MSG_CTRUNC))
+            if not self._answer(conn, request, fds):
                 return
 
     def _answer(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> bool:
-        """Decide, act, reply.  Returns False once the connection is closed."""
+        """Decide, act, close the received fds, reply.  Returns False once the connection is closed.
+
+        Received fds are closed *before* the reply is sent, so a client that has
+        its answer can rely on the daemon holding none of what it sent.
+        """
         session = conn.session
+        outcome: Outcome | None = None
         try:
             decision = session.handle(request)
-        except Exception:  # a bug in the protocol code must not take the daemon down
+            if isinstance(decision, protocol.Grant):
+                outcome = self.broker.perform(conn.listener.allocation, decision, fds)
+                reply = session.grant_done(decision, outcome.ok, outcome.reason)
+            else:
+                reply = decision
+        except Exception:  # a bug in our code must not take the daemon down
             log.exception("event=session_error socket=%s", conn.listener.path)
+            if outcome is not None and outcome.created is not None:
+                outcome.created.close()
             self._close(conn, "internal error")
             return False
-        outcome: Outcome | None = None
-        if isinstance(decision, protocol.Grant):
-            outcome = self.broker.perform(conn.listener.allocation, decision, fds)
-            reply = session.grant_done(decision, outcome.ok, outcome.reason)
-        else:
-            reply = decision
+        finally:
+            close_all(fds)
         try:
             fd = outcome.fd if outcome is not None and outcome.ok else None
             sent = self._send(conn, reply.text, fd)

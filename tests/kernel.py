@@ -1,0 +1,188 @@
+"""Real-kernel test fixtures: network namespaces, veth pairs, daemons, unprivileged clients.
+
+Everything created here is removed in ``finally`` blocks, so a failing test
+leaves no netns, veth, XDP program, bpffs mount or process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cni_server.netns import Netns, setns
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+UNPRIV = 65534
+
+# setpriv arguments: uid/gid 65534, no supplementary groups, only these capabilities.
+def setpriv(*caps: str) -> list[str]:
+    keep = ",".join(f"+{c}" for c in caps)
+    args = ["setpriv", f"--reuid={UNPRIV}", f"--regid={UNPRIV}", "--clear-groups"]
+    if caps:
+        args += [f"--inh-caps=-all,{keep}", f"--ambient-caps=-all,{keep}",
+                 f"--bounding-set=-all,{keep}"]
+    else:
+        args += ["--inh-caps=-all", "--bounding-set=-all"]
+    return [*args, "--"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid() % 100000}x{next(_counter)}"
+
+
+@dataclass
+class NsFixture:
+    """A named netns (``ip netns``) holding veth pairs for one test."""
+
+    name: str
+    links: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path("/run/netns") / self.name
+
+    def veth(self, a: str = "va", b: str = "vb", queues: int = 1) -> tuple[str, str]:
+        """A veth pair a<->b inside the netns, both up, with ``queues`` RX/TX queues each."""
+        q = ["numrxqueues", str(queues), "numtxqueues", str(queues)]
+        run("ip", "-n", self.name, "link", "add", a, *q, "type", "veth", "peer", b, *q)
+        for dev in (a, b):
+            run("ip", "-n", self.name, "link", "set", dev, "up")
+        self.links += [a, b]
+        return a, b
+
+    def cmd(self, *args: str) -> list[str]:
+        """argv that runs ``args`` in this netns (same mount namespace: bpffs mounts are shared)."""
+        return ["nsenter", f"--net={self.path}", "--", *args]
+
+    def xdp_prog_id(self, dev: str) -> int:
+        out = run("ip", "-n", self.name, "-j", "-d", "link", "show", dev).stdout
+        xdp = json.loads(out)[0].get("xdp", {})
+        return int(xdp.get("prog", {}).get("id", 0)) if xdp else 0
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Move this (main) thread into the netns for the block, then back."""
+        with Netns.current() as home, Netns.open(self.path) as target:
+            setns(target.fileno())
+            try:
+                yield
+            finally:
+                setns(home.fileno())
+
+
+@contextlib.contextmanager
+def make_netns() -> Iterator[NsFixture]:
+    ns = NsFixture(unique("afxt"))
+    run("ip", "netns", "add", ns.name)
+    try:
+        run("ip", "-n", ns.name, "link", "set", "lo", "up")
+        yield ns
+    finally:
+        # Kill anything still running inside, then delete (veths go with it).
+        pids = run("ip", "netns", "pids", ns.name, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        run("ip", "netns", "del", ns.name, check=False)
+
+
+class ClientRuntime:
+    """A world-readable copy of the client code, so uid 65534 can run it.
+
+    The checkout (and its venv) may live where uid 65534 cannot read, e.g.
+    under /root; the copy holds our two packages and the libraries they import.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="afxdp-client-"))
+        os.chmod(self.dir, 0o755)
+        import pyroute2
+        import yaml
+
+        for pkg in (ROOT / "bpf", ROOT / "cni_server", Path(yaml.__file__).parent,
+                    Path(pyroute2.__file__).parent):
+            shutil.copytree(pkg, self.dir / pkg.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.o"))
+        for p in self.dir.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        self.python = os.path.realpath(sys.executable)
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.python, "-s", "-B", "-m", "cni_server.cli", *args]
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(self.dir),
+                "HOME": "/"}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Daemon:
+    """``afxdp serve`` as a child process inside a netns."""
+
+    def __init__(self, ns: NsFixture, workdir: Path, *args: str, wait: bool = True) -> None:
+        self.ns = ns
+        self.ready = workdir / f"ready-{next(_counter)}.json"
+        self.log_path = workdir / f"daemon-{next(_counter)}.log"
+        self.control = workdir / f"control-{next(_counter)}.sock"
+        argv = ns.cmd(sys.executable, "-m", "cni_server.cli", "serve", "--ready-file",
+                      str(self.ready), "--control-socket", str(self.control), *args)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready.exists():
+                status: dict[str, object] = json.loads(self.ready.read_text())
+                return status
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def wait_for(path: Path, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise RuntimeError(f"process exited with {proc.returncode}: {out}{err}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.02)

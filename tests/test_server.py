@@ -1,0 +1,442 @@
+"""The asyncio handout server on the real kernel: many clients, hostile clients, limits, no leaks.
+
+The server runs in-process on an event-loop thread, serving a real veth with
+our program attached, inside a test netns that this (main) thread enters, so
+client sockets opened here pass the peer-netns check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from bpf import libbpf
+from bpf.program import NetdevProgram, ensure_attached
+from cni_server import xsk
+from cni_server.allocation import AllocatedDevice, Allocation
+from cni_server.client import Client, HandshakeError, fetch_map_fd
+from cni_server.netdev import link_info
+from cni_server.netns import Netns
+from cni_server.receiver import XskReceiver
+from cni_server.server import HandoutServer, Limits, ServerError
+from tests.kernel import NsFixture
+
+pytestmark = pytest.mark.kernel
+T = TypeVar("T")
+HOST = socket.gethostname()
+
+
+@dataclass
+class Served:
+    path: Path
+    server: HandoutServer
+    loop: asyncio.AbstractEventLoop
+    allocation: Allocation
+
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(10)
+
+    def stats(self) -> dict[str, object]:
+        return self.on_loop(self.server.stats)
+
+
+@contextlib.contextmanager
+def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), queues: int = 1,
+          limits: Limits | None = None) -> Iterator[Served]:
+    peers = {"va": "vb", "vc": "vd"}
+    for dev in netdevs:
+        ns.veth(dev, peers[dev], queues=queues)
+    with ns.entered():
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        programs: list[NetdevProgram] = []
+        here = Netns.current()
+        server = HandoutServer(limits=limits or Limits())
+        try:
+            for dev in netdevs:
+                info = link_info(dev)
+                programs.append(ensure_attached(dev, info.ifindex, info.queue_slots))
+            alloc = Allocation(
+                id="test", socket_path=sockdir / "afxdp.sock",
+                netdevs={p.netdev: AllocatedDevice(p.netdev, p, here) for p in programs},
+                hostnames_allowed=frozenset({HOST}),
+            )
+            served = Served(alloc.socket_path, server, loop, alloc)
+            served.on_loop(lambda: server.serve(alloc, mode=0o666))
+            yield served
+        finally:
+            with contextlib.suppress(Exception):
+                Served(sockdir, server, loop, None).on_loop(server.close)  # type: ignore[arg-type]
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+            for p in programs:
+                p.detach()
+            here.close()
+
+
+@pytest.fixture
+def served(netns: NsFixture, tmp_path: Path) -> Iterator[Served]:
+    with serve(netns, tmp_path) as s:
+        yield s
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def raw(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s
+
+
+def ask(s: socket.socket, data: bytes, fds: list[int] | None = None) -> bytes:
+    if fds:
+        s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+            __import__("array").array("i", fds))))])
+    else:
+        s.send(data)
+    reply, anc, _, _ = s.recvmsg(256, socket.CMSG_SPACE(16))
+    assert not anc, "no fd may come with this reply"
+    return reply
+
+
+# -- many clients ---------------------------------------------------------------------------
+
+
+def test_dpdk_pattern_two_netdevs_four_queues_eight_handshakes_on_one_socket(
+        netns: NsFixture, tmp_path: Path) -> None:
+    with serve(netns, tmp_path, netdevs=("va", "vc"), queues=4) as s, netns.entered():
+        ids = set()
+        for netdev in ("va", "vc"):
+            for _queue in range(4):
+                with fetch_map_fd(s.path, netdev) as fd:
+                    info = libbpf.map_info(fd.fileno())
+                    assert info.type == libbpf.BPF_MAP_TYPE_XSKMAP and info.max_entries == 4
+                    ids.add((netdev, info.id))
+        assert len({i for _, i in ids}) == 2  # one map per netdev, the same each time
+        assert s.stats()["handshakes"] == {"granted": 8}
+
+
+def test_fifty_concurrent_clients_all_get_the_map(served: Served, netns: NsFixture) -> None:
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(10):
+                with fetch_map_fd(served.path, "va") as fd:
+                    assert libbpf.map_info(fd.fileno()).type == libbpf.BPF_MAP_TYPE_XSKMAP
+        except BaseException as e:
+            errors.append(e)
+
+    with netns.entered():
+        threads = [threading.Thread(target=worker) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[:3]
+    assert served.stats()["handshakes"] == {"granted": 500}
+
+
+def test_connections_held_open_do_not_block_new_ones(served: Served, netns: NsFixture) -> None:
+    with netns.entered():
+        held = [raw(served.path) for _ in range(20)]
+        try:
+            held[0].send(b"/connect,")  # a half-finished handshake
+            for _ in range(5):
+                with fetch_map_fd(served.path, "va", timeout=2):
+                    pass
+        finally:
+            for h in held:
+                h.close()
+
+
+# -- hostile and broken clients ---------------------------------------------------------------
+
+
+def test_garbage_gets_nak_and_the_connection_stays_usable(served: Served, netns: NsFixture
+                                                          ) -> None:
+    with netns.entered(), raw(served.path) as s:
+        assert ask(s, f"/connect,{HOST}".encode()) == b"/host_ok"
+        for junk in (b"\xff\xfe\x00", b"/version\x00", b"/nope", b"A" * 200, b"/xsk_map_fd,"):
+            assert ask(s, junk) == b"/nak"
+        assert ask(s, b"/version") == b"0.1"
+
+
+def test_oversized_datagram_gets_nak(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), raw(served.path) as s:
+        assert ask(s, b"/connect," + b"x" * 60000) == b"/nak"
+        assert ask(s, f"/connect,{HOST}".encode()) == b"/host_ok"
+
+
+def test_extra_fds_get_nak_and_are_closed_by_the_server(served: Served, netns: NsFixture
+                                                        ) -> None:
+    r, w = os.pipe()
+    try:
+        with netns.entered(), raw(served.path) as s:
+            assert ask(s, f"/connect,{HOST}".encode()) == b"/host_ok"
+            assert ask(s, b"/version", [r, r, r]) == b"/nak"
+            os.close(r)
+            r = -1
+            # Every read end (ours and the copies the server received) is closed now.
+            with pytest.raises(BrokenPipeError):
+                os.write(w, b"x")
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
+
+
+def test_more_fds_than_accepted_truncates_and_gets_nak(served: Served, netns: NsFixture) -> None:
+    pipes = [os.pipe() for _ in range(12)]
+    try:
+        with netns.entered(), raw(served.path) as s:
+            assert ask(s, f"/connect,{HOST}".encode()) == b"/host_ok"
+            assert ask(s, b"/version", [r for r, _ in pipes]) == b"/nak"
+            assert ask(s, b"/version") == b"0.1"
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_requests_before_connect_get_nak(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), raw(served.path) as s:
+        assert ask(s, b"/version") == b"/nak"
+        assert ask(s, b"/xsk_map_fd,va") == b"/nak"
+
+
+def test_wrong_hostname_and_foreign_netdev_are_refused(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), Client(served.path) as c:
+        with pytest.raises(HandshakeError, match="/host_nak"):
+            c.connect("someone-else")
+        c.connect(HOST)
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("vb")
+        assert c.xsk_map_fd("va").fileno() >= 0
+
+
+def test_abrupt_close_mid_handshake_is_cleaned_up(served: Served, netns: NsFixture) -> None:
+    with netns.entered():
+        for _ in range(50):
+            s = raw(served.path)
+            s.send(f"/connect,{HOST}".encode())
+            s.close()
+    deadline = time.monotonic() + 5
+    while served.stats()["connections"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served.stats()["connections"] == 0
+
+
+def test_client_that_never_reads_is_disconnected(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), raw(served.path) as s:
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+            for _ in range(100000):  # until our own send buffer is full
+                s.send(b"/version")
+        deadline = time.monotonic() + 5
+        while served.stats()["connections"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.stats()["connections"] == 0
+        with fetch_map_fd(served.path, "va"):
+            pass  # others still served
+
+
+def test_idle_connections_are_dropped_at_the_timeout(netns: NsFixture, tmp_path: Path) -> None:
+    with serve(netns, tmp_path, limits=Limits(idle_timeout=0.3)) as s, netns.entered():
+        idle = raw(s.path)
+        active = raw(s.path)
+        try:
+            t0 = time.monotonic()
+            assert idle.recv(64) == b""  # closed by the server
+            waited = time.monotonic() - t0
+            assert 0.25 <= waited < 2.0
+            assert s.stats()["idle_closed"] >= 1
+        finally:
+            idle.close()
+            active.close()
+
+
+def test_connection_limit_per_socket_closes_extra_connections_at_once(
+        netns: NsFixture, tmp_path: Path) -> None:
+    limits = Limits(max_connections=100, max_connections_per_socket=3)
+    with serve(netns, tmp_path, limits=limits) as s, netns.entered():
+        held = [raw(s.path) for _ in range(3)]
+        try:
+            for h in held:
+                assert ask(h, f"/connect,{HOST}".encode()) == b"/host_ok"
+            extra = raw(s.path)
+            with extra:
+                assert extra.recv(64) == b""
+            assert s.stats()["rejected_limit"] == 1
+        finally:
+            for h in held:
+                h.close()
+        deadline = time.monotonic() + 5
+        while s.stats()["connections"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with fetch_map_fd(s.path, "va"):
+            pass
+
+
+# -- our extension and busy poll -------------------------------------------------------------------
+
+
+def test_xsk_socket_then_bind_inserts_the_daemons_socket(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), Client(served.path) as c:
+        c.connect()
+        sock = c.xsk_socket("va", 0)
+        assert xsk.is_xdp_socket(sock.fileno())
+        with XskReceiver(sock, frames=64, ring_size=64) as rx:
+            c.xsk_bind("va", 0, rx.sock.fileno())
+            with pytest.raises(HandshakeError, match="/xsk_bind_nak"):
+                c.xsk_bind("va", 0, rx.sock.fileno())  # already bound
+
+
+def test_xsk_bind_refuses_a_socket_it_did_not_hand_out(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), Client(served.path) as c:
+        c.connect()
+        c.xsk_socket("va", 0).close()
+        with XskReceiver.with_own_socket(frames=64, ring_size=64) as own:
+            with pytest.raises(HandshakeError, match="/xsk_bind_nak"):
+                c.xsk_bind("va", 0, own.sock.fileno())
+        r, w = os.pipe()
+        try:
+            with pytest.raises(HandshakeError, match="/xsk_bind_nak"):
+                c.xsk_bind("va", 0, r)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_busy_poll_is_set_on_an_af_xdp_socket_only(served: Served, netns: NsFixture) -> None:
+    with netns.entered(), Client(served.path) as c:
+        c.connect()
+        sock = c.xsk_socket("va", 0)
+        with sock:
+            c.config_busy_poll(sock.fileno(), 20, 64)
+            s = socket.socket(xsk.AF_XDP, socket.SOCK_RAW, 0, fileno=os.dup(sock.fileno()))
+            with s:
+                assert s.getsockopt(socket.SOL_SOCKET, xsk.SO_BUSY_POLL) == 20
+                assert s.getsockopt(socket.SOL_SOCKET, xsk.SO_PREFER_BUSY_POLL) == 1
+                # SO_BUSY_POLL_BUDGET cannot be read back (the kernel has no getsockopt for it).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(
+                HandshakeError, match="/config_busy_poll_nak"):
+            c.config_busy_poll(udp.fileno(), 20, 64)
+
+
+# -- socket files ------------------------------------------------------------------------------
+
+
+def test_a_live_socket_is_not_taken_over(served: Served) -> None:
+    dup = Allocation(id="other", netdevs={}, hostnames_allowed=frozenset(),
+                     socket_path=served.path)
+    with pytest.raises(ServerError, match="already serving"):
+        served.on_loop(lambda: served.server.serve(dup))
+
+
+def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "afxdp.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(str(path))
+    s.close()  # leaves the file, nobody listening
+
+    async def main() -> None:
+        server = HandoutServer()
+        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_path=path)
+        server.serve(alloc)
+        try:
+            with raw(path):
+                pass
+        finally:
+            server.close()
+        assert not path.exists()
+
+    asyncio.run(main())
+
+
+def test_regular_file_at_the_socket_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "afxdp.sock"
+    path.write_text("not a socket")
+
+    async def main() -> None:
+        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_path=path)
+        with pytest.raises(ServerError, match="not a socket"):
+            HandoutServer().serve(alloc)
+
+    asyncio.run(main())
+    assert path.read_text() == "not a socket"
+
+
+# -- fds ----------------------------------------------------------------------------------------------
+
+
+def test_no_fd_leak_after_thousands_of_good_and_bad_sessions(served: Served, netns: NsFixture
+                                                             ) -> None:
+    def round_of_sessions() -> None:
+        for i in range(250):
+            with fetch_map_fd(served.path, "va"):
+                pass
+            with Client(served.path) as c:  # daemon-made socket, never bound
+                c.connect()
+                c.xsk_socket("va", 0).close()
+            with raw(served.path) as s:
+                kind = i % 5
+                if kind == 0:
+                    ask(s, b"\xff" * 100)
+                elif kind == 1:
+                    r, w = os.pipe()
+                    ask(s, b"/version", [r, w])
+                    os.close(r)
+                    os.close(w)
+                elif kind == 2:
+                    ask(s, b"/connect,intruder")
+                elif kind == 3:
+                    ask(s, f"/connect,{HOST}".encode())
+                    r, w = os.pipe()
+                    ask(s, b"/config_busy_poll,1,1", [r])
+                    os.close(r)
+                    os.close(w)
+                else:
+                    s.send(f"/connect,{HOST}".encode())  # and hang up without reading
+
+    with netns.entered():
+        round_of_sessions()  # warm-up: lazily opened fds (libbpf, /proc) settle
+        deadline = time.monotonic() + 5
+        while served.stats()["connections"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = open_fds()
+        for _ in range(4):
+            round_of_sessions()
+        deadline = time.monotonic() + 5
+        while served.stats()["connections"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = open_fds()
+    stats = served.stats()
+    assert stats["connections"] == 0
+    assert after == before, f"{after - before} fds leaked"
+    assert sum(stats["handshakes"].values()) >= 3750  # type: ignore[attr-defined]
