@@ -102,6 +102,21 @@ def served(netns: NsFixture, tmp_path: Path) -> Iterator[Served]:
         yield s
 
 
+def settle(served: Served, handshakes: int, timeout: float = 5.0) -> dict[str, object]:
+    """Wait until the server has finished ``handshakes`` connections and holds none open.
+
+    Waiting for "no connections" alone races with accept: a count of zero can
+    mean the server has not accepted the clients yet.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = served.stats()
+        done = sum(stats["handshakes"].values())  # type: ignore[attr-defined]
+        if (done >= handshakes and not stats["connections"]) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -246,10 +261,9 @@ def test_abrupt_close_mid_handshake_is_cleaned_up(served: Served, netns: NsFixtu
             s = raw(served.path)
             s.send(f"/connect,{HOST}".encode())
             s.close()
-    deadline = time.monotonic() + 5
-    while served.stats()["connections"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert served.stats()["connections"] == 0
+    stats = settle(served, 50)
+    assert stats["connections"] == 0
+    assert sum(stats["handshakes"].values()) == 50  # type: ignore[attr-defined]
 
 
 def test_client_that_never_reads_is_disconnected(served: Served, netns: NsFixture) -> None:
@@ -258,10 +272,7 @@ def test_client_that_never_reads_is_disconnected(served: Served, netns: NsFixtur
         with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
             for _ in range(100000):  # until our own send buffer is full
                 s.send(b"/version")
-        deadline = time.monotonic() + 5
-        while served.stats()["connections"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert served.stats()["connections"] == 0
+        assert settle(served, 1)["connections"] == 0
         with fetch_map_fd(served.path, "va"):
             pass  # others still served
 
@@ -296,9 +307,7 @@ def test_connection_limit_per_socket_closes_extra_connections_at_once(
         finally:
             for h in held:
                 h.close()
-        deadline = time.monotonic() + 5
-        while s.stats()["connections"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert settle(s, 3)["connections"] == 0  # the rejected one is no handshake
         with fetch_map_fd(s.path, "va"):
             pass
 
@@ -426,15 +435,11 @@ def test_no_fd_leak_after_thousands_of_good_and_bad_sessions(served: Served, net
 
     with netns.entered():
         round_of_sessions()  # warm-up: lazily opened fds (libbpf, /proc) settle
-        deadline = time.monotonic() + 5
-        while served.stats()["connections"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        settle(served, 750)
         before = open_fds()
         for _ in range(4):
             round_of_sessions()
-        deadline = time.monotonic() + 5
-        while served.stats()["connections"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        settle(served, 3750)
         after = open_fds()
     stats = served.stats()
     assert stats["connections"] == 0
