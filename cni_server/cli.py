@@ -141,7 +141,6 @@ def cmd_request(a: argparse.Namespace) -> int:
     except OSError as e:
         os.close(raw)
         return _fail(127 if isinstance(e, FileNotFoundError) else 126, f"{cmd[0]}: {e.strerror}")
-    return 0  # not reached
 
 
 def _print_steps(a: argparse.Namespace, steps: list[dict[str, Any]],
@@ -184,8 +183,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def _kernel_view() -> list[dict[str, Any]]:
     """XDP programs attached in this netns, marked ours or foreign."""
-    from bpf.program import query
     from pyroute2 import IPRoute
+
+    from bpf.program import query
 
     rows = []
     with IPRoute() as ipr:
@@ -249,13 +249,14 @@ def cmd_receive(a: argparse.Namespace) -> int:
                 receivers.append(r)
                 client_mod.bind_xsk_socket(path, a.netdev, q, r.sock.fileno(), a.hostname)
         else:
-            if a.mode == "pinned":
-                map_fd = OwnedFd(bpffs.open_pinned(Path(a.pin)))
-            else:
-                map_fd = client_mod.fetch_map_fd(path, a.netdev, a.hostname)
-            with map_fd:
-                ifindex = socket.if_nametoindex(a.netdev)
-                for q in queues:
+            ifindex = socket.if_nametoindex(a.netdev)
+            for q in queues:
+                # One handshake per queue, as DPDK does in rte_eth_rx_queue_setup.
+                if a.mode == "pinned":
+                    map_fd = OwnedFd(bpffs.open_pinned(Path(a.pin)))
+                else:
+                    map_fd = client_mod.fetch_map_fd(path, a.netdev, a.hostname)
+                with map_fd:
                     r = XskReceiver.with_own_socket(**kw)
                     receivers.append(r)
                     r.bind(ifindex, q)

@@ -68,7 +68,7 @@ class ControlServer:
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), timeout=30)
-                except (asyncio.TimeoutError, ValueError, ConnectionError):
+                except (TimeoutError, ValueError, ConnectionError):
                     return
                 if not line:
                     return

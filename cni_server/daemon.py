@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import bpffs
+from bpf.errors import BpffsError
 from bpf.program import NetdevProgram, ensure_attached
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.config import StandaloneConfig
@@ -140,7 +141,7 @@ class StandaloneDaemon:
             existed = self.cfg.pin_dir.exists()
             try:
                 self._bpffs_mount = bpffs.ensure_bpffs(self.cfg.pin_dir)
-            except (OSError, bpffs.BpffsError) as e:
+            except (OSError, BpffsError) as e:
                 raise DaemonError(f"pin directory {self.cfg.pin_dir}: {e}") from e
             if not existed:
                 self._created_dirs.append(self.cfg.pin_dir)
@@ -182,8 +183,8 @@ class StandaloneDaemon:
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "netns": self.netns.inode if self.netns else None,
-            "allocations": [l.allocation.describe() | {"connections": len(l.connections)}
-                            for l in self.server.listeners.values()],
+            "allocations": [lst.allocation.describe() | {"connections": len(lst.connections)}
+                            for lst in self.server.listeners.values()],
             "pins": {n: str(m.pin) for n, m in self._managed.items() if m.pin},
             "server": self.server.stats(),
         }
@@ -199,7 +200,7 @@ class StandaloneDaemon:
             tmp.replace(self.cfg.ready_file)
         _sd_notify(b"READY=1")
         log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
-                 ",".join(str(l.path) for l in self.server.listeners.values()))
+                 ",".join(str(lst.path) for lst in self.server.listeners.values()))
 
 
 def _raise_fd_limit(want: int) -> None:

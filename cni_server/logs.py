@@ -9,9 +9,17 @@ import time
 
 
 class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=... logger=... <message>``; the message is already key=value."""
+
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = (f"ts={self._stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
                 f"logger={record.name} {record.getMessage()}")
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))
@@ -32,6 +40,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "info", fmt: str = "kv") -> None:
+    # The daemon logs a line per handshake; skip what we never print (see the
+    # "Optimization" section of the logging docs): caller lookup, thread and
+    # process names.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()

@@ -350,12 +350,13 @@ class Session:
         parts = arg.split(",") if arg is not None else []
         if len(parts) != 2 or not all(_UINT_RE.fullmatch(p) for p in parts):
             return self._note(BUSY_POLL, Reply(NAK, reason="malformed"), arg or "")
+        label = f"{parts[0]},{parts[1]}"
         timeout_us, budget = int(parts[0]), int(parts[1])
         if timeout_us > INT_MAX or budget > U16_MAX:
-            return self._note(BUSY_POLL, Reply(BUSY_POLL_NAK, reason="value out of range"), arg)
+            return self._note(BUSY_POLL, Reply(BUSY_POLL_NAK, reason="value out of range"), label)
         if request.nfds != 1:
             why = "no socket fd" if request.nfds == 0 else "more than one fd"
-            return self._note(BUSY_POLL, Reply(BUSY_POLL_NAK, reason=why), arg)
+            return self._note(BUSY_POLL, Reply(BUSY_POLL_NAK, reason=why), label)
         return Grant(Op.BUSY_POLL, Reply(BUSY_POLL_ACK), Reply(BUSY_POLL_NAK),
                      timeout_us=timeout_us, budget=budget)
 

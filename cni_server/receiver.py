@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from cni_server import xsk
 from cni_server.fds import OwnedFd
 
-_OFFSETS = struct.Struct("=16Q")  # struct xdp_mmap_offsets: rx, tx, fr, cr x (producer, consumer, desc, flags)
+# struct xdp_mmap_offsets: rx, tx, fr, cr rings, each (producer, consumer, desc, flags)
+_OFFSETS = struct.Struct("=16Q")
 _UMEM_REG = struct.Struct("=QQIIII")  # addr, len, chunk_size, headroom, flags, tx_metadata_len
 _STATS = struct.Struct("=6Q")
 _U32 = 0xFFFFFFFF

@@ -25,7 +25,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def udp_frame(*, src_mac: str, dst_mac: str = BROADCAST, src_ip: str = "192.0.2.1",

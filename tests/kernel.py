@@ -162,7 +162,8 @@ class Daemon:
         raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:

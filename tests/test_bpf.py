@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bpf import bpffs, libbpf
-from bpf.errors import ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
+from bpf.errors import BpffsError, ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
 from bpf.program import LoadedProgram, XdpMode, attach, detach, ensure_attached, query
 from cni_server.netdev import link_info
 from tests.kernel import ROOT, NsFixture
@@ -112,7 +112,7 @@ def test_foreign_program_is_refused_unless_forced(veth: tuple[NsFixture, int],
         foreign = LoadedProgram.load(1, test_objects["foreign_pass"], "fw_pass")
         try:
             attach(ifindex, foreign, XdpMode.SKB, ifname="va")
-            with pytest.raises(ForeignProgram, match="not ours.*--force"):
+            with pytest.raises(ForeignProgram, match=r"not ours.*--force"):
                 ensure_attached("va", ifindex, 4)
             assert query(ifindex).prog_id == foreign.prog_id
             ours = ensure_attached("va", ifindex, 4, force=True)
@@ -192,7 +192,7 @@ def test_pin_in_a_bpffs_we_mount_then_unpin_and_unmount() -> None:
 def test_pin_outside_bpffs_is_refused(tmp_path: Path) -> None:
     fd = libbpf.xskmap_create(1)
     try:
-        with pytest.raises(bpffs.BpffsError, match="not on a bpffs"):
+        with pytest.raises(BpffsError, match="not on a bpffs"):
             bpffs.pin(fd, tmp_path / "xsks_map")
     finally:
         os.close(fd)
