@@ -43,7 +43,7 @@ def setup(level: str = "info", fmt: str = "kv") -> None:
     # The daemon logs a line per handshake; skip what we never print (see the
     # "Optimization" section of the logging docs): caller lookup, thread and
     # process names.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -1,0 +1,35 @@
+# The image the node daemon runs in.  No Docker engine is used in this
+# project's CI; the build steps are the same commands scripts/setup.sh and the
+# Makefile run (make bpf, then a wheel), which the test suite exercises.
+
+# -- build: compile the BPF object, build the wheel that carries it -------------
+FROM debian:12-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      clang llvm libbpf-dev linux-libc-dev gcc make \
+      python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml Makefile README.md ./
+COPY bpf/ bpf/
+COPY cni_server/ cni_server/
+COPY plugin/ plugin/
+RUN make bpf \
+ && python3 -m venv /build-venv \
+ && /build-venv/bin/pip install --no-cache-dir build \
+ && /build-venv/bin/python -m build --wheel --outdir /dist .
+
+# -- runtime: Python, libbpf1, the package; no compiler ----------------------------
+FROM debian:12-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv libbpf1 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /dist/ /tmp/dist/
+RUN python3 -m venv /opt/afxdp \
+ && /opt/afxdp/bin/pip install --no-cache-dir /tmp/dist/*.whl \
+ && rm -rf /tmp/dist
+ENV PATH=/opt/afxdp/bin:$PATH
+# Runs as root only because attaching XDP programs and creating AF_XDP sockets
+# need CAP_BPF/CAP_NET_ADMIN/CAP_NET_RAW; the DaemonSet (issue 5) grants only those.
+ENTRYPOINT ["afxdp"]
+CMD ["serve", "--config", "/etc/afxdp/config.yaml"]
