@@ -96,6 +96,41 @@ def c_concurrent(client: Path, path: Path, clients: int, seconds: float) -> dict
     return summary(lat, seconds, clients=clients)
 
 
+def _bare_server(path: str) -> None:
+    """Reference: the same four round trips and fd pass, no checks, blocking, one client."""
+    import array
+    import socket
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(128)
+    r, _w = os.pipe()
+    fds = array.array("i", [r])
+    while True:
+        c, _ = srv.accept()
+        for reply in (b"/host_ok", b"0.1", None, b"/fin_ack"):
+            c.recvmsg(256, 64)
+            if reply is None:
+                c.sendmsg([b"/fd_ack"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            else:
+                c.send(reply)
+        c.close()
+
+
+def reference(client: Path, work: Path, n: int) -> dict[str, float]:
+    """Rate of a bare Python server on this machine right now (the machine may be noisy)."""
+    path = work / "bare.sock"
+    proc = mp.Process(target=_bare_server, args=(str(path),), daemon=True)
+    proc.start()
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        return c_sequential(client, path, n)
+    finally:
+        proc.kill()
+        proc.join()
+
+
 def sequential(path: Path, n: int) -> dict[str, float]:
     for _ in range(200):
         one(path)  # warm-up
@@ -164,6 +199,7 @@ def main() -> int:
                 results[name] = r
 
             client = build_c_client(work)
+            results["reference"] = reference(client, work, a.sequential)
             with ns.entered():
                 measured("c_sequential", lambda: c_sequential(client, path, a.sequential))
                 measured("c_concurrent", lambda: c_concurrent(client, path, a.clients, a.seconds))
@@ -183,8 +219,10 @@ def main() -> int:
         print(f"{name:18s} {who:>10s}: {r['handshakes']:6d} handshakes {r['per_s']:6.0f}/s  "
               f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  max {r['max_ms']:6.2f} ms  "
               f"daemon CPU {r['daemon_cpu_us_per_handshake']:4.0f} us/handshake")
-    seq, conc = results["c_sequential"], results["c_concurrent"]
-    assert isinstance(seq, dict) and isinstance(conc, dict)
+    seq, conc, ref = results["c_sequential"], results["c_concurrent"], results["reference"]
+    assert isinstance(seq, dict) and isinstance(conc, dict) and isinstance(ref, dict)
+    print(f"reference (bare blocking Python server, no checks, same C client): {ref['per_s']:.0f}/s;"
+          f" the daemon reaches {100 * seq['per_s'] / ref['per_s']:.0f}% of it")
     print("targets (C client, DPDK's sequence): sequential >= 5000/s: "
           + ("met" if seq["per_s"] >= 5000 else "NOT met")
           + f"; p99 < 20 ms with {a.clients} clients: " + ("met" if conc["p99_ms"] < 20 else "NOT met"))

@@ -30,11 +30,13 @@ PIDFD_GET_NET_NAMESPACE = 0xFF04  # _IO(PIDFS_IOCTL_MAGIC=0xFF, 4)
 _UCRED = struct.Struct("iII")
 
 
-def identify(sock: socket.socket) -> Peer:
-    """Who is connected on ``sock``: pid/uid/gid from SO_PEERCRED, plus their netns."""
+def identify(sock: socket.socket, *, netns: bool = True) -> Peer:
+    """Who is connected on ``sock``: pid/uid/gid from SO_PEERCRED, plus (if asked) their netns."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    netns, why = _netns(sock, pid)
-    return Peer(pid=pid, uid=uid, gid=gid, netns=netns, netns_error=why)
+    if not netns:
+        return Peer(pid=pid, uid=uid, gid=gid, netns=None, netns_error="not checked")
+    inode, why = _netns(sock, pid)
+    return Peer(pid=pid, uid=uid, gid=gid, netns=inode, netns_error=why)
 
 
 def _netns(sock: socket.socket, pid: int) -> tuple[int | None, str]:

@@ -215,7 +215,7 @@ class HandoutServer:
         # which saves the fcntl/ioctl that setblocking(False) costs per connection.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONN_SNDBUF)
         try:
-            peer = peer_mod.identify(sock)
+            peer = peer_mod.identify(sock, netns=listener.allocation.check_peer_netns)
         except OSError as e:
             peer = protocol.Peer(0, -1, -1, None, f"SO_PEERCRED: {e.strerror}")
         conn = Connection(sock, listener, protocol.Session(listener.allocation, peer))
@@ -354,7 +354,9 @@ class HandoutServer:
             return
         listener.connections.discard(conn)
         self._connections -= 1
-        self._unwatch(conn.sock.fileno())
+        # Closing the only reference to the socket also removes it from our
+        # epoll set (we never dup accepted sockets): no EPOLL_CTL_DEL needed.
+        self._handlers.pop(conn.sock.fileno(), None)
         conn.sock.close()
         s = conn.session
         outcome = s.outcome()

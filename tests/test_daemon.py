@@ -144,6 +144,14 @@ def test_peer_in_another_netns_is_refused_and_others_still_served(
         fetch_map_fd(sock, "va").close()
 
 
+def test_operator_can_turn_the_netns_check_off(
+        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
+    netns.veth()
+    start_daemon(*serve_args(workdir, "va", extra=("--no-peer-netns-check",)))
+    # From the host netns: refused by default (see above), accepted now.
+    fetch_map_fd(workdir / "sock" / "va" / "afxdp.sock", "va").close()
+
+
 def test_refusals_get_their_documented_answers_and_the_daemon_keeps_serving(
         netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
     netns.veth()
