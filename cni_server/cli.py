@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -231,7 +230,7 @@ def _print_status(doc: dict[str, Any], error: str) -> None:
 def cmd_receive(a: argparse.Namespace) -> int:
     from bpf import bpffs
     from cni_server import client as client_mod
-    from cni_server.receiver import XskReceiver
+    from cni_server.receiver import XskReceiver, receive_all
 
     path = a.socket or _default_socket(a.netdev)
     queues = a.queue or [0]
@@ -263,7 +262,7 @@ def cmd_receive(a: argparse.Namespace) -> int:
                     r.insert(map_fd.fileno(), q)
         if a.ready_file:
             Path(a.ready_file).write_text("ready\n")
-        got = _receive_all(receivers, a.count, a.timeout)
+        got = receive_all(receivers, a.count, a.timeout)
         stats = [r.stats().__dict__ for r in receivers]
     except HandshakeError as e:
         return _fail(EXIT_REFUSED, f"{path}: {e}")
@@ -277,26 +276,6 @@ def cmd_receive(a: argparse.Namespace) -> int:
     print(json.dumps(doc) if a.json else f"received {got} of {a.count} frames on "
           f"{a.netdev} queues {queues} ({a.mode} mode)")
     return 0 if got >= a.count else EXIT_SHORT
-
-
-def _receive_all(receivers: Sequence[Any], count: int, timeout: float) -> int:
-    import select
-
-    poller = select.poll()
-    for r in receivers:
-        poller.register(r.sock.fileno(), select.POLLIN)
-    deadline = time.monotonic() + timeout
-    got = 0
-    while got < count:
-        n = sum(r.poll_batch() for r in receivers)
-        got += n
-        if n:
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        poller.poll(min(left, 0.1) * 1000)
-    return got
 
 
 def cmd_send(a: argparse.Namespace) -> int:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import array
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from cni_server import protocol as p
-from cni_server.fds import OwnedFd
+from cni_server.fds import OwnedFd, fds_from_ancillary
 
 _ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
@@ -56,12 +57,7 @@ class Client:
         else:
             self.sock.send(data)
         reply, anc, _flags, _ = self.sock.recvmsg(p.MAX_REPLY_BYTES + 1, _ANC)
-        got: list[OwnedFd] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                got.extend(OwnedFd(fd) for fd in arr)
+        got = fds_from_ancillary(anc)
         if not reply and not got:
             raise HandshakeError(data.decode("ascii", "replace"), "", "server closed the connection")
         first = got[0] if got else None
@@ -115,33 +111,35 @@ class Client:
             fd.close()
 
 
-def fetch_map_fd(path: str | Path, netdev: str, hostname: str | None = None,
-                 timeout: float = 5.0) -> OwnedFd:
-    """DPDK's handshake: connect, version, xsk_map_fd, fin.  Returns the XSKMAP fd."""
+def _fetch_fd(path: str | Path, hostname: str | None, timeout: float,
+              step: Callable[[Client], OwnedFd]) -> OwnedFd:
+    """connect, one fd-granting step, fin; the fd is closed if anything after it fails."""
     with Client(path, timeout) as c:
         c.connect(hostname)
-        c.version()
-        fd = c.xsk_map_fd(netdev)
+        fd = step(c)
         try:
             c.fin()
         except BaseException:
             fd.close()
             raise
         return fd
+
+
+def fetch_map_fd(path: str | Path, netdev: str, hostname: str | None = None,
+                 timeout: float = 5.0) -> OwnedFd:
+    """DPDK's handshake: connect, version, xsk_map_fd, fin.  Returns the XSKMAP fd."""
+
+    def step(c: Client) -> OwnedFd:
+        c.version()
+        return c.xsk_map_fd(netdev)
+
+    return _fetch_fd(path, hostname, timeout, step)
 
 
 def fetch_xsk_socket(path: str | Path, netdev: str, queue: int, hostname: str | None = None,
                      timeout: float = 5.0) -> OwnedFd:
     """Our extension, step 1: an AF_XDP socket created by the daemon (not yet bound)."""
-    with Client(path, timeout) as c:
-        c.connect(hostname)
-        fd = c.xsk_socket(netdev, queue)
-        try:
-            c.fin()
-        except BaseException:
-            fd.close()
-            raise
-        return fd
+    return _fetch_fd(path, hostname, timeout, lambda c: c.xsk_socket(netdev, queue))
 
 
 def bind_xsk_socket(path: str | Path, netdev: str, queue: int, sock_fd: int,

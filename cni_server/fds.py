@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import os
+import socket
 import warnings
 
 
@@ -67,3 +69,17 @@ def close_all(fds: list[OwnedFd]) -> None:
             errors.append(e)
     if errors:
         raise errors[0]
+
+
+def fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
+    """Own every fd that arrived in SCM_RIGHTS control messages (from ``recvmsg``).
+
+    The caller closes them; a partial trailing int (truncated control data) is ignored.
+    """
+    fds: list[OwnedFd] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(OwnedFd(fd) for fd in arr)
+    return fds

@@ -19,6 +19,7 @@ import mmap
 import select
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cni_server import xsk
@@ -168,20 +169,7 @@ class XskReceiver:
 
     def receive(self, count: int, timeout: float, keep: list[bytes] | None = None) -> int:
         """Receive until ``count`` frames arrived or ``timeout`` seconds passed."""
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        deadline = time.monotonic() + timeout
-        got = 0
-        while got < count:
-            n = self.poll_batch(keep)
-            if n:
-                got += n
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            poller.poll(min(left, 0.1) * 1000)
-        return got
+        return receive_all([self], count, timeout, keep)
 
     def stats(self) -> XskStats:
         raw = xsk.getsockopt_bytes(self.sock.fileno(), xsk.SOL_XDP, xsk.XDP_STATISTICS,
@@ -206,3 +194,23 @@ class XskReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def receive_all(receivers: Sequence[XskReceiver], count: int, timeout: float,
+                keep: list[bytes] | None = None) -> int:
+    """Receive on several sockets (e.g. one per queue) until ``count`` frames in all, or timeout."""
+    poller = select.poll()
+    for r in receivers:
+        poller.register(r.sock.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < count:
+        n = sum(r.poll_batch(keep) for r in receivers)
+        if n:
+            got += n
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        poller.poll(min(left, 0.1) * 1000)
+    return got

@@ -34,7 +34,7 @@ from cni_server import peer as peer_mod
 from cni_server import protocol
 from cni_server.allocation import Allocation
 from cni_server.broker import Broker, Outcome
-from cni_server.fds import OwnedFd, close_all
+from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class HandoutServer:
         except OSError as e:
             self._close(conn, f"recv error: {e.strerror}")
             return
-        fds = _take_fds(anc)
+        fds = fds_from_ancillary(anc)
         if not data and not fds:
             self._close(conn, "peer closed")
             return
@@ -398,17 +398,6 @@ class HandoutServer:
             "rejected_limit": self.counters.rejected_limit,
             "idle_closed": self.counters.idle_closed,
         }
-
-
-def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
-    """Own every fd that arrived in SCM_RIGHTS messages (each closed by the caller)."""
-    fds: list[OwnedFd] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(OwnedFd(fd) for fd in arr)
-    return fds
 
 
 def _clear_stale_socket(path: Path) -> None:
