@@ -161,6 +161,7 @@ class StandaloneDaemon:
         uid, gid = self.cfg.socket_uid, self.cfg.socket_gid
         sock_dir.mkdir(mode=0o750, exist_ok=True)
         os.chown(sock_dir, uid, gid)
+        os.chmod(sock_dir, 0o750)  # mkdir's mode is filtered by the umask
         if self.cfg.pin_dir is not None:
             pin_dir = self.cfg.pin_dir / netdev
             pin_dir.mkdir(exist_ok=True)

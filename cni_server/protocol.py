@@ -144,13 +144,25 @@ class Allocation(Protocol):
     def devices(self) -> Iterable[Device]: ...
 
 
+# Replies without a reason are the same every time: built once, not per request.
+_HOST_OK = Reply(HOST_OK)
+_VERSION = Reply(PROTOCOL_VERSION)
+_FD_ACK = Reply(FD_ACK)
+_FD_NAK = Reply(FD_NAK)
+_XSK_BIND_ACK = Reply(XSK_BIND_ACK)
+_XSK_BIND_NAK = Reply(XSK_BIND_NAK)
+_BUSY_POLL_ACK = Reply(BUSY_POLL_ACK)
+_BUSY_POLL_NAK = Reply(BUSY_POLL_NAK)
+_FIN_ACK = Reply(FIN_ACK, close=True)
+
+
 class State(enum.Enum):
     NEW = "new"
     CONNECTED = "connected"
     CLOSED = "closed"
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One request and its outcome, for the per-handshake log line."""
 
@@ -272,7 +284,7 @@ class Session:
             return self._note(CONNECT, Reply(HOST_NAK, reason=why), arg)
         self.state = State.CONNECTED
         self.hostname = arg
-        return self._note(CONNECT, Reply(HOST_OK), arg)
+        return self._note(CONNECT, _HOST_OK, arg)
 
     def _host_matches(self, hostname: str, size: int) -> bool:
         if self.allocation.host_allowed(hostname):
@@ -286,7 +298,7 @@ class Session:
     def _version(self, arg: str | None, request: Request, size: int) -> Reply:
         if arg is not None or request.nfds:
             return self._note(VERSION, Reply(NAK, reason="malformed"))
-        return self._note(VERSION, Reply(PROTOCOL_VERSION))
+        return self._note(VERSION, _VERSION)
 
     def _netdev_check(self, name: str) -> tuple[Device | None, str]:
         device = self.allocation.device(name) if valid_netdev_name(name) else None
@@ -301,7 +313,7 @@ class Session:
         device, why = self._netdev_check(arg)
         if device is None:
             return self._note(XSK_MAP_FD, Reply(FD_NAK, reason=why), arg)
-        return Grant(Op.MAP_FD, Reply(FD_ACK), Reply(FD_NAK), netdev=device.name)
+        return Grant(Op.MAP_FD, _FD_ACK, _FD_NAK, netdev=device.name)
 
     def _netdev_queue(self, arg: str | None) -> tuple[str, int] | None:
         if arg is None:
@@ -329,7 +341,7 @@ class Session:
         checked = self._queue_check(XSK_SOCKET, f"{netdev}:{queue}", netdev, queue, FD_NAK)
         if isinstance(checked, Reply):
             return checked
-        return Grant(Op.XSK_SOCKET, Reply(FD_ACK), Reply(FD_NAK), netdev=netdev, queue=queue)
+        return Grant(Op.XSK_SOCKET, _FD_ACK, _FD_NAK, netdev=netdev, queue=queue)
 
     def _xsk_bind(self, arg: str | None, request: Request, size: int) -> Reply | Grant:
         parsed = self._netdev_queue(arg)
@@ -343,7 +355,7 @@ class Session:
         checked = self._queue_check(XSK_BIND, label, netdev, queue, XSK_BIND_NAK)
         if isinstance(checked, Reply):
             return checked
-        return Grant(Op.XSK_BIND, Reply(XSK_BIND_ACK), Reply(XSK_BIND_NAK),
+        return Grant(Op.XSK_BIND, _XSK_BIND_ACK, _XSK_BIND_NAK,
                      netdev=netdev, queue=queue)
 
     def _busy_poll(self, arg: str | None, request: Request, size: int) -> Reply | Grant:
@@ -357,7 +369,7 @@ class Session:
         if request.nfds != 1:
             why = "no socket fd" if request.nfds == 0 else "more than one fd"
             return self._note(BUSY_POLL, Reply(BUSY_POLL_NAK, reason=why), label)
-        return Grant(Op.BUSY_POLL, Reply(BUSY_POLL_ACK), Reply(BUSY_POLL_NAK),
+        return Grant(Op.BUSY_POLL, _BUSY_POLL_ACK, _BUSY_POLL_NAK,
                      timeout_us=timeout_us, budget=budget)
 
     def _fin(self, has_args: bool, request: Request) -> Reply:
@@ -365,7 +377,7 @@ class Session:
             return self._note(FIN, Reply(NAK, reason="malformed"))
         # /fin grants nothing, so it is answered in any state: a client that
         # gave up after /host_nak can still end the conversation cleanly.
-        return self._note(FIN, Reply(FIN_ACK, close=True))
+        return self._note(FIN, _FIN_ACK)
 
 
 _HANDLERS = {

@@ -329,3 +329,5 @@ def test_config_file_serves_like_flags(netns: NsFixture, workdir: Path,
     assert dev["mode"] == "skb"
     st = os.stat(workdir / "sock" / "va" / "afxdp.sock")
     assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o660)
+    st = os.stat(workdir / "sock" / "va")
+    assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o750)
