@@ -170,6 +170,11 @@ class Step:
     result: str
     arg: str = ""
 
+    def label(self) -> str:
+        """``/verb(arg)=result`` with no spaces (log values are space-separated)."""
+        arg = f"({self.arg})" if self.arg else ""
+        return f"{self.verb}{arg}={self.result}".replace(" ", "_")
+
 
 @dataclass
 class Session:

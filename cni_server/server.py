@@ -95,6 +95,7 @@ class Listener:
         self.allocation = allocation
         self.sock = sock
         self.inode = inode
+        self.path_text = str(allocation.socket_path)
         self.connections: set[Connection] = set()
 
     @property
@@ -361,16 +362,15 @@ class HandoutServer:
         s = conn.session
         outcome = s.outcome()
         self.counters.handshakes[outcome] = self.counters.handshakes.get(outcome, 0) + 1
-        log.info(
-            "event=handshake socket=%s peer_pid=%d peer_uid=%d peer_netns=%s host=%s "
-            "result=%s steps=%s duration_ms=%.2f%s",
-            listener.path, s.peer.pid, s.peer.uid, s.peer.netns or "unknown",
-            s.hostname or "-", outcome,
-            ",".join(f"{st.verb}{'(' + st.arg + ')' if st.arg else ''}={st.result}"
-                     .replace(" ", "_") for st in s.steps) or "-",
-            (time.monotonic() - conn.opened) * 1000.0,
-            f" closed_because={why.replace(' ', '_')}" if why else "",
-        )
+        if log.isEnabledFor(logging.INFO):
+            # One f-string, passed as a single argument: the handshake line is the
+            # daemon's most frequent log line.
+            steps = ",".join([st.label() for st in s.steps]) or "-"
+            extra = f" closed_because={why.replace(' ', '_')}" if why else ""
+            log.info("%s", f"event=handshake socket={listener.path_text} peer_pid={s.peer.pid} "
+                     f"peer_uid={s.peer.uid} peer_netns={s.peer.netns or 'unknown'} "
+                     f"host={s.hostname or '-'} result={outcome} steps={steps} "
+                     f"duration_ms={(time.monotonic() - conn.opened) * 1000.0:.2f}{extra}")
 
     # -- idle timeout ------------------------------------------------------------
 
