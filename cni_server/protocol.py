@@ -226,12 +226,7 @@ class Session:
     def grant_done(self, grant: Grant, ok: bool, reason: str = "") -> Reply:
         """Record the result of a performed grant; returns the reply to send."""
         reply = grant.ok if ok else Reply(grant.fail.text, reason=reason or "failed")
-        verb = {
-            Op.MAP_FD: XSK_MAP_FD,
-            Op.XSK_SOCKET: XSK_SOCKET,
-            Op.XSK_BIND: XSK_BIND,
-            Op.BUSY_POLL: BUSY_POLL,
-        }[grant.op]
+        verb = _GRANT_VERB[grant.op]
         arg = grant.netdev if grant.op is Op.MAP_FD else (
             f"{grant.netdev}:{grant.queue}" if grant.netdev else ""
         )
@@ -393,4 +388,6 @@ _HANDLERS = {
     XSK_BIND: Session._xsk_bind,
     BUSY_POLL: Session._busy_poll,
 }
-_GRANTING = {XSK_MAP_FD, XSK_SOCKET, XSK_BIND, BUSY_POLL}
+_GRANT_VERB = {Op.MAP_FD: XSK_MAP_FD, Op.XSK_SOCKET: XSK_SOCKET, Op.XSK_BIND: XSK_BIND,
+               Op.BUSY_POLL: BUSY_POLL}
+_GRANTING = set(_GRANT_VERB.values())
