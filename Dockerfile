@@ -16,7 +16,8 @@ COPY cni_server/ cni_server/
 COPY plugin/ plugin/
 RUN make bpf \
  && python3 -m venv /build-venv \
- && /build-venv/bin/pip install --no-cache-dir build \
+ && /build-venv/bin/pip install --no-cache-dir build grpcio-tools \
+ && make proto PY=/build-venv/bin/python \
  && /build-venv/bin/python -m build --wheel --outdir /dist .
 
 # -- runtime: Python, libbpf1, the package; no compiler ----------------------------

@@ -4,8 +4,10 @@ PY := .venv/bin/python
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH)
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(MULTIARCH)
 BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(wildcard bpf/*.bpf.c))
+PROTOS := $(wildcard plugin/api/*.proto)
+PROTO_PY := $(patsubst %.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup bpf demo test unit lint bench clean
+.PHONY: setup bpf proto demo test unit lint bench clean
 
 setup:
 	scripts/setup.sh
@@ -14,6 +16,12 @@ bpf: $(BPF_OBJS)
 
 bpf/%.bpf.o: bpf/%.bpf.c
 	clang $(BPF_CFLAGS) -c $< -o $@
+
+# kubelet's gRPC APIs: Python modules generated from our .proto files (not committed).
+proto: $(PROTO_PY)
+
+plugin/api/%_pb2.py: plugin/api/%.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $<
 
 demo: setup
 	$(PY) scripts/demo.py
@@ -32,4 +40,4 @@ bench: setup
 	$(PY) benchmarks/handshake.py
 
 clean:
-	rm -f bpf/*.bpf.o
+	rm -f bpf/*.bpf.o plugin/api/*_pb2*.py plugin/api/*_pb2.pyi

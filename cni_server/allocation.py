@@ -1,9 +1,10 @@
-"""Allocations: which client may have which netdevs, on which socket.
+"""Allocations: which client may have which netdevs, on which sockets.
 
-An allocation is what one handout socket serves.  In standalone mode there is
-one per configured netdev; in Kubernetes (issue 3) one per container
-allocation.  It implements :class:`cni_server.protocol.Allocation`, the view the
-protocol session decides against.
+An allocation is what a set of handout sockets serves.  In standalone mode
+there is one per configured netdev (one socket); in Kubernetes one per
+container allocation, with one socket per device directory.  It implements
+:class:`cni_server.protocol.Allocation`, the view the protocol session decides
+against.
 """
 
 from __future__ import annotations
@@ -25,20 +26,29 @@ class AllocatedDevice:
     name: str
     program: NetdevProgram
     netns: Netns  # the namespace holding the netdev (not owned here)
+    queues: int = 0  # queue slots clients may use; 0: all the XSKMAP has
+    pin: Path | None = None
+
+    @property
+    def queue_count(self) -> int:
+        slots = self.program.queue_slots
+        return min(self.queues, slots) if self.queues else slots
 
     def view(self) -> protocol.Device:
-        return protocol.Device(self.name, self.netns.inode, self.program.queue_slots)
+        return protocol.Device(self.name, self.netns.inode, self.queue_count)
 
 
 @dataclass
 class Allocation:
-    """A set of netdevs handed out on one socket to the holders of given hostnames."""
+    """A set of netdevs handed out on some sockets to the holders of given hostnames."""
 
     id: str
     netdevs: dict[str, AllocatedDevice]
     hostnames_allowed: frozenset[str]
-    socket_path: Path
+    socket_paths: tuple[Path, ...] = ()
     check_peer_netns: bool = True
+    pool: str = ""
+    owner: str = ""  # "namespace/pod/container" once known (Kubernetes)
     # (netdev, queue) -> inode of the AF_XDP socket last handed out for it by
     # /xsk_socket: /xsk_bind only binds that very socket.
     _xsk_handouts: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -68,10 +78,12 @@ class Allocation:
     def describe(self) -> dict[str, object]:
         return {
             "id": self.id,
-            "socket": str(self.socket_path),
+            "pool": self.pool,
+            "owner": self.owner,
+            "sockets": [str(p) for p in self.socket_paths],
             "hostnames": sorted(self.hostnames_allowed),
             "check_peer_netns": self.check_peer_netns,
-            "devices": {n: {"netns": d.netns.inode, **d.program.describe()}
+            "devices": {n: {"netns": d.netns.inode, "queues": d.queue_count,
+                            "pin": str(d.pin) if d.pin else None, **d.program.describe()}
                         for n, d in self.netdevs.items()},
         }
-

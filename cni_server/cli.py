@@ -210,12 +210,13 @@ def _print_status(doc: dict[str, Any], error: str) -> None:
               f"{srv['connections']} connection(s), fds sent {srv['fds_sent']}")
         print(f"  handshakes: {json.dumps(srv['handshakes'], sort_keys=True)}")
         for alloc in d["allocations"]:
+            owner = f" for {alloc['owner']}" if alloc.get("owner") else ""
+            print(f"  allocation {alloc['id']}{owner}: sockets {', '.join(alloc['sockets']) or '-'}"
+                  f" ({alloc['connections']} connection(s))")
             for name, dev in alloc["devices"].items():
-                print(f"  {name}: {alloc['socket']} ({dev['mode']} mode, prog {dev['prog_id']}, "
-                      f"map {dev['map_id']}, {dev['queue_slots']} queue slots, "
-                      f"{alloc['connections']} connection(s))")
-        for name, pin in d.get("pins", {}).items():
-            print(f"  {name}: pinned XSKMAP at {pin}")
+                pin = f", pinned XSKMAP at {dev['pin']}" if dev.get("pin") else ""
+                print(f"    {name}: {dev['mode']} mode, prog {dev['prog_id']}, map {dev['map_id']}, "
+                      f"{dev['queues']} queue(s){pin}")
     print("XDP programs in this network namespace:")
     if not doc["xdp"]:
         print("  none")

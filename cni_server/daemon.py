@@ -22,18 +22,13 @@ from typing import Any
 
 from bpf import bpffs
 from bpf.errors import BpffsError
-from bpf.program import NetdevProgram, ensure_attached
-from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.config import StandaloneConfig
 from cni_server.control import ControlServer
-from cni_server.netdev import link_info
 from cni_server.netns import Netns
+from cni_server.registry import AllocationSpec, ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
 
 log = logging.getLogger(__name__)
-
-SOCKET_NAME = "afxdp.sock"
-PIN_NAME = "xsks_map"
 
 
 class DaemonError(Exception):
@@ -41,21 +36,11 @@ class DaemonError(Exception):
 
 
 @dataclass
-class _Managed:
-    """What the daemon set up for one netdev, to undo on stop."""
-
-    program: NetdevProgram
-    socket_dir: Path
-    created_dir: bool
-    pin: Path | None = None
-
-
-@dataclass
 class StandaloneDaemon:
     cfg: StandaloneConfig
     server: HandoutServer = field(init=False)
+    registry: Registry | None = None
     netns: Netns | None = None
-    _managed: dict[str, _Managed] = field(default_factory=dict)
     _created_dirs: list[Path] = field(default_factory=list)
     _bpffs_mount: Path | None = None
     _control: ControlServer | None = None
@@ -73,14 +58,20 @@ class StandaloneDaemon:
     async def start(self) -> None:
         _raise_fd_limit(self.cfg.max_connections + 256)
         self.netns = Netns.current()
+        programs = ProgramTable(force_replace=self.cfg.force_replace,
+                                bpf_object=self.cfg.bpf_object)
+        self.registry = Registry(self.server, self.netns, programs)
         try:
             self._prepare_dirs()
             for netdev in self.cfg.netdevs:
-                await self._setup_netdev(netdev)
+                await self._serve_netdev(netdev)
             if self.cfg.control_socket is not None:
                 self._control = ControlServer(self.cfg.control_socket)
                 self._control.register("status", self._status_op)
                 await self._control.start()
+        except LookupError as e:  # a netdev that does not exist
+            await self.stop()
+            raise DaemonError(str(e)) from e
         except BaseException:
             await self.stop()
             raise
@@ -103,21 +94,12 @@ class StandaloneDaemon:
 
     async def stop(self) -> None:
         """Undo everything start() did, in reverse; safe to call on a partial start."""
-        self.server.close()
         if self._control is not None:
             await self._control.close()
             self._control = None
-        for netdev in reversed(list(self._managed)):
-            m = self._managed.pop(netdev)
-            if m.pin is not None:
-                bpffs.unpin(m.pin)
-                with contextlib.suppress(OSError):
-                    m.pin.parent.rmdir()
-            detached = m.program.detach()
-            log.info("event=xdp_detached netdev=%s ok=%s", netdev, detached)
-            if m.created_dir:
-                with contextlib.suppress(OSError):
-                    m.socket_dir.rmdir()
+        if self.registry is not None:
+            await self.registry.shutdown(release=True)
+        self.server.close()
         if self._bpffs_mount is not None:
             bpffs.unmount(self._bpffs_mount)
             self._bpffs_mount = None
@@ -146,47 +128,25 @@ class StandaloneDaemon:
             if not existed:
                 self._created_dirs.append(self.cfg.pin_dir)
 
-    async def _setup_netdev(self, netdev: str) -> None:
-        assert self.netns is not None
-        try:
-            info = await asyncio.to_thread(link_info, netdev)
-        except LookupError as e:
-            raise DaemonError(str(e)) from e
-        program = ensure_attached(netdev, info.ifindex, info.queue_slots, self.cfg.xdp_mode,
-                                  force=self.cfg.force_replace, object_path=self.cfg.bpf_object)
-        sock_dir = self.cfg.socket_dir / netdev
-        created = not sock_dir.exists()
-        managed = _Managed(program, sock_dir, created)
-        self._managed[netdev] = managed
-        uid, gid = self.cfg.socket_uid, self.cfg.socket_gid
-        sock_dir.mkdir(mode=0o750, exist_ok=True)
-        os.chown(sock_dir, uid, gid)
-        os.chmod(sock_dir, 0o750)  # mkdir's mode is filtered by the umask
-        if self.cfg.pin_dir is not None:
-            pin_dir = self.cfg.pin_dir / netdev
-            pin_dir.mkdir(exist_ok=True)
-            os.chown(pin_dir, uid, gid)
-            os.chmod(pin_dir, 0o750)
-            managed.pin = pin_dir / PIN_NAME
-            bpffs.pin(program.map_fd, managed.pin, uid=uid, gid=gid, mode=self.cfg.socket_mode)
-            log.info("event=map_pinned netdev=%s path=%s", netdev, managed.pin)
-        allocation = Allocation(
-            id=netdev,
-            netdevs={netdev: AllocatedDevice(netdev, program, self.netns)},
-            hostnames_allowed=frozenset(self.cfg.allow_hosts),
-            socket_path=sock_dir / SOCKET_NAME,
-            check_peer_netns=self.cfg.check_peer_netns,
-        )
-        self.server.serve(allocation, mode=self.cfg.socket_mode, uid=uid, gid=gid)
+    async def _serve_netdev(self, netdev: str) -> None:
+        """One allocation per netdev: DIR/<netdev>/afxdp.sock, for the allowed hosts."""
+        assert self.registry is not None
+        await self.registry.create(AllocationSpec(
+            id=netdev, netdevs=(netdev,), hostnames=frozenset(self.cfg.allow_hosts),
+            socket_base=self.cfg.socket_dir, pin_base=self.cfg.pin_dir,
+            xdp_mode=self.cfg.xdp_mode.value, uid=self.cfg.socket_uid, gid=self.cfg.socket_gid,
+            mode=self.cfg.socket_mode, check_peer_netns=self.cfg.check_peer_netns,
+        ))
 
     def status(self) -> dict[str, Any]:
+        allocations = self.registry.allocations.values() if self.registry else []
         return {
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "netns": self.netns.inode if self.netns else None,
-            "allocations": [lst.allocation.describe() | {"connections": len(lst.connections)}
-                            for lst in self.server.listeners.values()],
-            "pins": {n: str(m.pin) for n, m in self._managed.items() if m.pin},
+            "allocations": [a.describe() | {"connections": sum(
+                len(lst.connections) for lst in self.server.listeners.values()
+                if lst.allocation is a)} for a in allocations],
             "server": self.server.stats(),
         }
 
@@ -201,7 +161,7 @@ class StandaloneDaemon:
             tmp.replace(self.cfg.ready_file)
         _sd_notify(b"READY=1")
         log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
-                 ",".join(str(lst.path) for lst in self.server.listeners.values()))
+                 ",".join(str(p) for p in self.server.listeners))
 
 
 def _raise_fd_limit(want: int) -> None:

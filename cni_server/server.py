@@ -91,16 +91,13 @@ class Connection:
 class Listener:
     """One served socket path and the connections accepted on it."""
 
-    def __init__(self, allocation: Allocation, sock: socket.socket, inode: int) -> None:
+    def __init__(self, allocation: Allocation, path: Path, sock: socket.socket, inode: int) -> None:
         self.allocation = allocation
+        self.path = path
         self.sock = sock
         self.inode = inode
-        self.path_text = str(allocation.socket_path)
+        self.path_text = str(path)
         self.connections: set[Connection] = set()
-
-    @property
-    def path(self) -> Path:
-        return self.allocation.socket_path
 
 
 class HandoutServer:
@@ -110,7 +107,7 @@ class HandoutServer:
         self.broker = broker or Broker()
         self.limits = limits or Limits()
         self.counters = Counters()
-        self._listeners: dict[str, Listener] = {}
+        self._listeners: dict[Path, Listener] = {}
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._epoll: select.epoll | None = None
@@ -121,15 +118,36 @@ class HandoutServer:
     # -- serving sockets -----------------------------------------------------
 
     def serve(self, allocation: Allocation, *, mode: int = 0o660, uid: int = -1,
-              gid: int = -1) -> Listener:
-        """Create ``allocation.socket_path`` and start accepting on it."""
+              gid: int = -1) -> list[Listener]:
+        """Create every path in ``allocation.socket_paths`` and start accepting on them.
+
+        All or nothing: if one path cannot be served, the others are withdrawn.
+        """
         loop = self._loop = self._loop or asyncio.get_running_loop()
         if self._epoll is None:
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._on_events)
-        if allocation.id in self._listeners:
+        if any(lst.allocation.id == allocation.id for lst in self._listeners.values()):
             raise ServerError(f"allocation {allocation.id} is already served")
-        path = allocation.socket_path
+        made: list[Listener] = []
+        try:
+            for path in allocation.socket_paths:
+                made.append(self._listen(allocation, path, mode, uid, gid))
+        except BaseException:
+            for lst in made:
+                self._withdraw(lst)
+            raise
+        self._schedule_sweep()
+        for lst in made:
+            log.info("event=serving allocation=%s socket=%s netdevs=%s", allocation.id, lst.path,
+                     ",".join(allocation.netdevs))
+        return made
+
+    def _listen(self, allocation: Allocation, path: Path, mode: int, uid: int, gid: int
+                ) -> Listener:
+        if path in self._listeners:
+            raise ServerError(f"{path} is already served (allocation "
+                              f"{self._listeners[path].allocation.id})")
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             raise ServerError(f"socket path too long for a Unix socket (max 107 bytes): {path}")
         _clear_stale_socket(path)
@@ -146,19 +164,21 @@ class HandoutServer:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise ServerError(f"cannot serve {path}: {e.strerror or e}") from e
-        listener = Listener(allocation, sock, inode)
-        self._listeners[allocation.id] = listener
+        listener = Listener(allocation, path, sock, inode)
+        self._listeners[path] = listener
         self._watch(sock.fileno(), partial(self._on_acceptable, listener))
-        self._schedule_sweep()
-        log.info("event=serving allocation=%s socket=%s netdevs=%s", allocation.id, path,
-                 ",".join(allocation.netdevs))
         return listener
 
     def stop_serving(self, allocation_id: str) -> None:
-        """Stop accepting, close its connections, remove its socket file (if still ours)."""
-        listener = self._listeners.pop(allocation_id, None)
-        if listener is None:
-            return
+        """Stop accepting, close its connections, remove its socket files (if still ours)."""
+        for listener in [lst for lst in self._listeners.values()
+                         if lst.allocation.id == allocation_id]:
+            self._withdraw(listener)
+            log.info("event=stopped_serving allocation=%s socket=%s", allocation_id,
+                     listener.path)
+
+    def _withdraw(self, listener: Listener) -> None:
+        self._listeners.pop(listener.path, None)
         self._unwatch(listener.sock.fileno())
         for conn in list(listener.connections):
             self._close(conn, "socket withdrawn")
@@ -166,11 +186,10 @@ class HandoutServer:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(listener.path).st_ino == listener.inode:
                 listener.path.unlink()
-        log.info("event=stopped_serving allocation=%s socket=%s", allocation_id, listener.path)
 
     def close(self) -> None:
-        for allocation_id in list(self._listeners):
-            self.stop_serving(allocation_id)
+        for listener in list(self._listeners.values()):
+            self._withdraw(listener)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -181,8 +200,11 @@ class HandoutServer:
             self._epoll = None
 
     @property
-    def listeners(self) -> dict[str, Listener]:
+    def listeners(self) -> dict[Path, Listener]:
         return self._listeners
+
+    def served_paths(self, allocation_id: str) -> list[Path]:
+        return [p for p, lst in self._listeners.items() if lst.allocation.id == allocation_id]
 
     @property
     def connection_count(self) -> int:

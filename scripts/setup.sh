@@ -48,4 +48,4 @@ if [[ ! -f $stamp ]] || [[ "$(cat $stamp)" != "$want" ]]; then
   echo "$want" >"$stamp"
 fi
 
-make -s bpf
+make -s bpf proto

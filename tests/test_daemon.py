@@ -123,7 +123,7 @@ def test_multi_queue_netdev_every_queue_gets_a_socket_and_all_frames_arrive(
     netns.veth(queues=4)
     d = start_daemon(*serve_args(workdir, "va"))
     dev = d.wait_ready()["allocations"][0]["devices"]["va"]  # type: ignore[index]
-    assert dev["queue_slots"] == 4
+    assert dev["queue_slots"] == 4 and dev["queues"] == 4
     sock = workdir / "sock" / "va" / "afxdp.sock"
     r = receive_unprivileged(netns, client_runtime, workdir, MAP_CAPS, "--socket", str(sock),
                              "--frames", "512", flows=64, queues=(0, 1, 2, 3))

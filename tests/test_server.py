@@ -78,11 +78,11 @@ def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), q
                 info = link_info(dev)
                 programs.append(ensure_attached(dev, info.ifindex, info.queue_slots))
             alloc = Allocation(
-                id="test", socket_path=sockdir / "afxdp.sock",
+                id="test", socket_paths=(sockdir / "afxdp.sock",),
                 netdevs={p.netdev: AllocatedDevice(p.netdev, p, here) for p in programs},
                 hostnames_allowed=frozenset({HOST}),
             )
-            served = Served(alloc.socket_path, server, loop, alloc)
+            served = Served(sockdir / "afxdp.sock", server, loop, alloc)
             served.on_loop(lambda: server.serve(alloc, mode=0o666))
             yield served
         finally:
@@ -363,9 +363,13 @@ def test_busy_poll_is_set_on_an_af_xdp_socket_only(served: Served, netns: NsFixt
 
 def test_a_live_socket_is_not_taken_over(served: Served) -> None:
     dup = Allocation(id="other", netdevs={}, hostnames_allowed=frozenset(),
-                     socket_path=served.path)
+                     socket_paths=(served.path,))
+    other = HandoutServer()  # e.g. a second daemon
     with pytest.raises(ServerError, match="already serving"):
+        served.on_loop(lambda: other.serve(dup))
+    with pytest.raises(ServerError, match="already served"):
         served.on_loop(lambda: served.server.serve(dup))
+    served.on_loop(other.close)
 
 
 def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
@@ -376,7 +380,7 @@ def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
 
     async def main() -> None:
         server = HandoutServer()
-        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_path=path)
+        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_paths=(path,))
         server.serve(alloc)
         try:
             with raw(path):
@@ -393,7 +397,7 @@ def test_regular_file_at_the_socket_path_is_refused(tmp_path: Path) -> None:
     path.write_text("not a socket")
 
     async def main() -> None:
-        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_path=path)
+        alloc = Allocation(id="x", netdevs={}, hostnames_allowed=frozenset(), socket_paths=(path,))
         with pytest.raises(ServerError, match="not a socket"):
             HandoutServer().serve(alloc)
 

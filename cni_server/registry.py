@@ -1,0 +1,311 @@
+"""The allocation registry: create, serve, release, persist and restore allocations.
+
+One registry per daemon.  An allocation is created from an
+:class:`AllocationSpec` (the part that is persisted): the registry makes sure
+our program is attached to each netdev (shared, reference-counted programs),
+creates the socket and pin directories, pins XSKMAPs, and serves the sockets,
+all or nothing.  Releasing undoes it; a program is detached when the last
+allocation using its netdev is released (unless the caller keeps it).
+
+Layout of one allocation (``socket_base`` and ``pin_base`` come from the spec)::
+
+    <socket_base>/<netdev>/afxdp.sock    served socket (unless serve_socket is false)
+    <socket_base>/<netdev>/xsks_map      empty file: mount point for the pin (pin_placeholder)
+    <pin_base>/<netdev>/xsks_map         pinned XSKMAP (when pin_base is set)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bpf import bpffs
+from bpf.program import NetdevProgram, XdpMode, ensure_attached
+from cni_server.allocation import AllocatedDevice, Allocation
+from cni_server.netdev import link_info
+from cni_server.netns import Netns
+from cni_server.server import HandoutServer
+from cni_server.state import StateFile
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "afxdp.sock"
+PIN_NAME = "xsks_map"
+
+
+class RegistryError(Exception):
+    """An allocation cannot be created (nothing of it is left behind)."""
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """Everything needed to (re-)create an allocation; persisted as JSON."""
+
+    id: str
+    netdevs: tuple[str, ...]
+    hostnames: frozenset[str]
+    socket_base: Path
+    pin_base: Path | None = None
+    serve_socket: bool = True
+    pin_placeholder: bool = False
+    own_socket_base: bool = False  # socket_base is the allocation's own directory
+    xdp_mode: str = "auto"
+    queues: int = 0
+    uid: int = -1
+    gid: int = -1
+    mode: int = 0o660
+    check_peer_netns: bool = True
+    pool: str = ""
+    owner: str = ""
+
+    def socket_dir(self, netdev: str) -> Path:
+        return self.socket_base / netdev
+
+    def socket_paths(self) -> tuple[Path, ...]:
+        if not self.serve_socket:
+            return ()
+        return tuple(self.socket_dir(n) / SOCKET_NAME for n in self.netdevs)
+
+    def pin_path(self, netdev: str) -> Path | None:
+        return self.pin_base / netdev / PIN_NAME if self.pin_base else None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["netdevs"] = list(self.netdevs)
+        doc["hostnames"] = sorted(self.hostnames)
+        doc["socket_base"] = str(self.socket_base)
+        doc["pin_base"] = str(self.pin_base) if self.pin_base else None
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> AllocationSpec:
+        return cls(**{
+            **doc,
+            "netdevs": tuple(doc["netdevs"]),
+            "hostnames": frozenset(doc["hostnames"]),
+            "socket_base": Path(doc["socket_base"]),
+            "pin_base": Path(doc["pin_base"]) if doc.get("pin_base") else None,
+        })
+
+
+@dataclass
+class _Shared:
+    program: NetdevProgram
+    users: int = 0
+
+
+@dataclass
+class ProgramTable:
+    """Our program per netdev, shared by the allocations that use it."""
+
+    force_replace: bool = False
+    bpf_object: Path | None = None
+    _table: dict[str, _Shared] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def acquire(self, netdev: str, mode: XdpMode) -> NetdevProgram:
+        async with self._lock:
+            shared = self._table.get(netdev)
+            if shared is None:
+                info = await asyncio.to_thread(link_info, netdev)
+                program = await asyncio.to_thread(
+                    ensure_attached, netdev, info.ifindex, info.queue_slots, mode,
+                    force=self.force_replace, object_path=self.bpf_object)
+                shared = self._table[netdev] = _Shared(program)
+            shared.users += 1
+            return shared.program
+
+    async def release(self, netdev: str, *, detach: bool = True) -> None:
+        async with self._lock:
+            shared = self._table.get(netdev)
+            if shared is None:
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del self._table[netdev]
+            if detach:
+                ok = await asyncio.to_thread(shared.program.detach)
+                log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
+            else:
+                shared.program.close()
+
+    def get(self, netdev: str) -> NetdevProgram | None:
+        shared = self._table.get(netdev)
+        return shared.program if shared else None
+
+    def netdevs(self) -> list[str]:
+        return list(self._table)
+
+
+class Registry:
+    """The daemon's allocations (all on one event loop)."""
+
+    def __init__(self, server: HandoutServer, netns: Netns, programs: ProgramTable,
+                 state: StateFile | None = None) -> None:
+        self.server = server
+        self.netns = netns
+        self.programs = programs
+        self.state = state
+        self.allocations: dict[str, Allocation] = {}
+        self.specs: dict[str, AllocationSpec] = {}
+
+    # -- queries ---------------------------------------------------------------
+
+    def by_netdev(self, netdev: str) -> Allocation | None:
+        for a in self.allocations.values():
+            if netdev in a.netdevs:
+                return a
+        return None
+
+    # -- changes ---------------------------------------------------------------
+
+    async def create(self, spec: AllocationSpec, *, persist: bool = True) -> Allocation:
+        """Attach, make directories and pins, serve; all or nothing."""
+        if spec.id in self.allocations:
+            raise RegistryError(f"allocation {spec.id} exists already")
+        for netdev in spec.netdevs:
+            other = self.by_netdev(netdev)
+            if other is not None:
+                raise RegistryError(f"{netdev} is already in allocation {other.id}")
+        async with contextlib.AsyncExitStack() as undo:
+            devices: dict[str, AllocatedDevice] = {}
+            if spec.own_socket_base:
+                self._mkdir(spec.socket_base, 0o755, -1, -1, undo.callback)
+            for netdev in spec.netdevs:
+                program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode))
+                undo.push_async_callback(self.programs.release, netdev)
+                self._mkdir(spec.socket_dir(netdev), 0o750, spec.uid, spec.gid, undo.callback)
+                pin = spec.pin_path(netdev)
+                if pin is not None:
+                    self._mkdir(pin.parent, 0o750, spec.uid, spec.gid, undo.callback,
+                                parents=True)
+                    bpffs.pin(program.map_fd, pin, uid=spec.uid, gid=spec.gid, mode=spec.mode)
+                    undo.callback(bpffs.unpin, pin)
+                if spec.pin_placeholder:
+                    spot = spec.socket_dir(netdev) / PIN_NAME
+                    spot.touch(mode=0o644)
+                    undo.callback(spot.unlink, missing_ok=True)
+                devices[netdev] = AllocatedDevice(netdev, program, self.netns, spec.queues, pin)
+            allocation = Allocation(
+                id=spec.id, netdevs=devices, hostnames_allowed=spec.hostnames,
+                socket_paths=spec.socket_paths(), check_peer_netns=spec.check_peer_netns,
+                pool=spec.pool, owner=spec.owner,
+            )
+            self.server.serve(allocation, mode=spec.mode, uid=spec.uid, gid=spec.gid)
+            undo.callback(self.server.stop_serving, spec.id)
+            self.allocations[spec.id] = allocation
+            self.specs[spec.id] = spec
+            undo.callback(self._forget, spec.id)
+            if persist:
+                self.save()
+            undo.pop_all()
+        log.info("event=allocation_created id=%s pool=%s netdevs=%s sockets=%s", spec.id,
+                 spec.pool or "-", ",".join(spec.netdevs),
+                 ",".join(str(p) for p in spec.socket_paths()) or "-")
+        return allocation
+
+    async def release(self, allocation_id: str, *, detach: bool = True,
+                      persist: bool = True) -> None:
+        """Stop serving, remove pins and directories, drop program references."""
+        spec = self.specs.get(allocation_id)
+        if spec is None:
+            return
+        self.server.stop_serving(allocation_id)
+        for netdev in spec.netdevs:
+            pin = spec.pin_path(netdev)
+            if pin is not None:
+                bpffs.unpin(pin)
+                with contextlib.suppress(OSError):
+                    pin.parent.rmdir()
+            if spec.pin_placeholder:
+                (spec.socket_dir(netdev) / PIN_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                spec.socket_dir(netdev).rmdir()
+            await self.programs.release(netdev, detach=detach)
+        if spec.own_socket_base:
+            with contextlib.suppress(OSError):
+                spec.socket_base.rmdir()
+        if spec.pin_base is not None and spec.own_socket_base:
+            with contextlib.suppress(OSError):
+                spec.pin_base.rmdir()
+        self._forget(allocation_id)
+        if persist:
+            self.save()
+        log.info("event=allocation_released id=%s netdevs=%s detach=%s", allocation_id,
+                 ",".join(spec.netdevs), detach)
+
+    def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
+        """Record the pod an allocation belongs to (and the hostname it may /connect with)."""
+        allocation = self.allocations[allocation_id]
+        allocation.owner = owner
+        allocation.hostnames_allowed = hostnames
+        self.specs[allocation_id] = replace(self.specs[allocation_id], owner=owner,
+                                            hostnames=hostnames)
+        self.save()
+
+    async def restore(self) -> tuple[list[str], list[str]]:
+        """Re-create the saved allocations: same paths, same programs (adopted), same maps."""
+        if self.state is None:
+            return [], []
+        restored, dropped = [], []
+        for record in self.state.load():
+            try:
+                spec = AllocationSpec.from_json(record)
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("event=restore_skipped reason=bad_record error=%r", str(e))
+                continue
+            try:
+                await self.create(spec, persist=False)
+                restored.append(spec.id)
+            except Exception as e:
+                log.error("event=restore_failed id=%s netdevs=%s error=%r", spec.id,
+                          ",".join(spec.netdevs), str(e))
+                dropped.append(spec.id)
+        self.save()
+        return restored, dropped
+
+    async def shutdown(self, *, release: bool) -> None:
+        """Stop serving everything.  ``release``: also detach and remove (standalone);
+        otherwise programs, pins and state stay for running pods and the next start."""
+        for allocation_id in list(self.allocations):
+            if release:
+                await self.release(allocation_id, persist=False)
+            else:
+                self.server.stop_serving(allocation_id)
+        if not release:
+            for netdev in self.programs.netdevs():
+                program = self.programs.get(netdev)
+                if program is not None:
+                    program.close()
+
+    def save(self) -> None:
+        if self.state is not None:
+            self.state.save([s.to_json() for s in self.specs.values()])
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _forget(self, allocation_id: str) -> None:
+        self.allocations.pop(allocation_id, None)
+        self.specs.pop(allocation_id, None)
+
+    @staticmethod
+    def _mkdir(path: Path, mode: int, uid: int, gid: int,
+               on_undo: Callable[..., Any], *, parents: bool = False) -> None:
+        existed = path.exists()
+        path.mkdir(mode=mode, parents=parents, exist_ok=True)
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+        if not existed:
+            on_undo(_rmdir_quietly, path)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -1,0 +1,207 @@
+"""The allocation registry on the real kernel: all-or-nothing create, release, persist, restore."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from bpf import bpffs, libbpf
+from cni_server.client import fetch_map_fd
+from cni_server.netns import Netns
+from cni_server.registry import AllocationSpec, ProgramTable, Registry, RegistryError
+from cni_server.server import HandoutServer
+from cni_server.state import StateError, StateFile
+from tests.kernel import NsFixture
+
+pytestmark = pytest.mark.kernel
+T = TypeVar("T")
+HOST = socket.gethostname()
+
+
+def run_in(ns: NsFixture, body: Callable[[Registry], Awaitable[T]], state: Path | None = None,
+           *, release: bool = True) -> T:
+    """Run ``body`` with a fresh registry inside the netns, then shut it down."""
+
+    async def main() -> T:
+        with Netns.current() as here:
+            server = HandoutServer()
+            reg = Registry(server, here, ProgramTable(), StateFile(state) if state else None)
+            try:
+                return await body(reg)
+            finally:
+                await reg.shutdown(release=release)
+                server.close()
+
+    with ns.entered():
+        return asyncio.run(main())
+
+
+def spec(base: Path, *netdevs: str, **kw: object) -> AllocationSpec:
+    return AllocationSpec(id=str(kw.pop("id", "a1")), netdevs=netdevs, hostnames=frozenset({HOST}),
+                          socket_base=base, own_socket_base=True, **kw)  # type: ignore[arg-type]
+
+
+def test_one_allocation_two_devices_serves_a_socket_per_device(netns: NsFixture, tmp_path: Path
+                                                               ) -> None:
+    netns.veth("va", "vb")
+    netns.veth("vc", "vd")
+    base = tmp_path / "a1"
+
+    async def body(reg: Registry) -> None:
+        a = await reg.create(spec(base, "va", "vc"))
+        assert a.socket_paths == (base / "va" / "afxdp.sock", base / "vc" / "afxdp.sock")
+        for path in a.socket_paths:  # either socket hands out either netdev
+            for netdev in ("va", "vc"):
+                (await asyncio.to_thread(fetch_map_fd, path, netdev)).close()
+        assert netns.xdp_prog_id("va") and netns.xdp_prog_id("vc")
+        await reg.release("a1")
+        assert not base.exists()
+        assert netns.xdp_prog_id("va") == 0 and netns.xdp_prog_id("vc") == 0
+
+    run_in(netns, body)
+
+
+def test_failure_half_way_leaves_nothing(netns: NsFixture, tmp_path: Path) -> None:
+    netns.veth("va", "vb")
+    base = tmp_path / "a1"
+
+    async def body(reg: Registry) -> None:
+        with pytest.raises(LookupError, match="nosuch0"):
+            await reg.create(spec(base, "va", "nosuch0"))
+        assert not reg.allocations and not base.exists()
+        assert netns.xdp_prog_id("va") == 0
+
+    run_in(netns, body)
+
+
+def test_a_netdev_cannot_be_in_two_allocations(netns: NsFixture, tmp_path: Path) -> None:
+    netns.veth("va", "vb")
+
+    async def body(reg: Registry) -> None:
+        await reg.create(spec(tmp_path / "a1", "va"))
+        with pytest.raises(RegistryError, match="already in allocation a1"):
+            await reg.create(spec(tmp_path / "a2", "va", id="a2"))
+        assert not (tmp_path / "a2").exists()
+
+    run_in(netns, body)
+
+
+def test_program_stays_while_another_allocation_uses_the_netdev(netns: NsFixture, tmp_path: Path
+                                                                ) -> None:
+    netns.veth("va", "vb")
+
+    async def body(reg: Registry) -> None:
+        await reg.create(spec(tmp_path / "a1", "va"))
+        prog = netns.xdp_prog_id("va")
+        await reg.release("a1")
+        assert netns.xdp_prog_id("va") == 0  # nothing uses it any more
+        await reg.create(spec(tmp_path / "a1", "va"))
+        assert netns.xdp_prog_id("va") not in (0, prog)  # a fresh copy
+
+    run_in(netns, body)
+
+
+def test_pins_and_pin_placeholder(netns: NsFixture, tmp_path: Path) -> None:
+    netns.veth("va", "vb")
+    pins = tmp_path / "bpf"
+    mount = bpffs.ensure_bpffs(pins)
+    try:
+        async def body(reg: Registry) -> None:
+            s = spec(tmp_path / "a1", "va", pin_base=pins / "a1", pin_placeholder=True, uid=65534,
+                     gid=65534)
+            a = await reg.create(s)
+            pin = pins / "a1" / "va" / "xsks_map"
+            assert a.netdevs["va"].pin == pin and os.stat(pin).st_uid == 65534
+            fd = bpffs.open_pinned(pin)
+            try:
+                assert libbpf.map_info(fd).id == a.netdevs["va"].program.program.map_id
+            finally:
+                os.close(fd)
+            assert (tmp_path / "a1" / "va" / "xsks_map").is_file()  # where the pin is mounted
+            await reg.release("a1")
+            assert not pin.exists() and not (pins / "a1").exists()
+
+        run_in(netns, body)
+    finally:
+        assert mount is not None
+        bpffs.unmount(mount)
+
+
+def test_state_survives_a_restart_and_restore_reuses_paths_programs_and_maps(
+        netns: NsFixture, tmp_path: Path) -> None:
+    netns.veth("va", "vb", queues=2)
+    state = tmp_path / "state" / "state.json"
+    base = tmp_path / "a1"
+
+    async def first(reg: Registry) -> tuple[int, int]:
+        a = await reg.create(spec(base, "va", queues=1, pool="fast"))
+        reg.set_owner("a1", "ns1/pod-a/c0", frozenset({"pod-a"}))
+        return a.netdevs["va"].program.program.prog_id, a.netdevs["va"].program.program.map_id
+
+    prog_id, map_id = run_in(netns, first, state, release=False)  # a daemon stop, not a release
+    saved = json.loads(state.read_text())["allocations"]
+    assert [r["id"] for r in saved] == ["a1"] and saved[0]["owner"] == "ns1/pod-a/c0"
+    assert netns.xdp_prog_id("va") == prog_id  # kept attached for running pods
+
+    async def second(reg: Registry) -> None:
+        restored, dropped = await reg.restore()
+        assert (restored, dropped) == (["a1"], [])
+        a = reg.allocations["a1"]
+        assert a.socket_paths == (base / "va" / "afxdp.sock",)
+        assert (a.owner, a.hostnames_allowed, a.pool) == ("ns1/pod-a/c0", frozenset({"pod-a"}),
+                                                          "fast")
+        assert a.netdevs["va"].program.adopted
+        assert a.netdevs["va"].program.program.map_id == map_id
+        assert a.netdevs["va"].queue_count == 1
+        a.hostnames_allowed = frozenset({HOST})
+        (await asyncio.to_thread(fetch_map_fd, base / "va" / "afxdp.sock", "va")).close()
+        await reg.release("a1")
+
+    run_in(netns, second, state)
+    assert json.loads(state.read_text())["allocations"] == []
+    assert netns.xdp_prog_id("va") == 0
+
+
+def test_restore_drops_allocations_whose_netdev_is_gone(netns: NsFixture, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    record = spec(tmp_path / "a1", "gone0").to_json()
+    state.write_text(json.dumps({"version": 1, "allocations": [record]}))
+
+    async def body(reg: Registry) -> None:
+        assert await reg.restore() == ([], ["a1"])
+
+    run_in(netns, body, state)
+    assert json.loads(state.read_text())["allocations"] == []
+
+
+def test_unreadable_state_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    assert StateFile(path).load() == []
+    assert not path.exists()
+    assert len(list(tmp_path.glob("state.json.corrupt-*"))) == 1
+
+
+@pytest.mark.kernel
+def test_failed_state_write_keeps_the_old_state(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    # A tmpfs of 4 KiB that already holds the old state: the new one cannot fit.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(full)], check=True)
+    try:
+        small = StateFile(full / "state.json")
+        small.save([{"id": "old"}])
+        with pytest.raises(StateError, match="previous state is intact"):
+            small.save([{"id": "x" * 100, "pad": "y" * 8000}])
+        assert json.loads((full / "state.json").read_text())["allocations"] == [{"id": "old"}]
+        assert [p.name for p in full.iterdir()] == ["state.json"]
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
