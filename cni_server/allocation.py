@@ -49,6 +49,7 @@ class Allocation:
     check_peer_netns: bool = True
     pool: str = ""
     owner: str = ""  # "namespace/pod/container" once known (Kubernetes)
+    idle_timeout: float = 0.0  # seconds; 0: the server's default
     # (netdev, queue) -> inode of the AF_XDP socket last handed out for it by
     # /xsk_socket: /xsk_bind only binds that very socket.
     _xsk_handouts: dict[tuple[str, int], int] = field(default_factory=dict)

@@ -80,6 +80,36 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- daemon (Kubernetes) ---------------------------------------------------------
+
+
+def cmd_daemon(a: argparse.Namespace) -> int:
+    from cni_server.registry import RegistryError
+    from cni_server.server import ServerError
+    from cni_server.state import StateError
+    from plugin.config import load
+    from plugin.daemon import KubernetesDaemon
+    from plugin.inventory import PoolConflict
+
+    try:
+        cfg = load(Path(a.config), node_name=a.node_name)
+    except ConfigError as e:
+        return _fail(EXIT_USAGE, f"configuration: {e}")
+    if a.ready_file:
+        cfg.ready_file = Path(a.ready_file)
+    logs.setup(cfg.log_level, cfg.log_format)
+    try:
+        asyncio.run(KubernetesDaemon(cfg).run())
+    except PoolConflict as e:
+        log.error("event=start_failed error=%r", str(e))
+        return _fail(EXIT_USAGE, f"configuration: {e}")
+    except (BpfError, ServerError, ControlError, RegistryError, StateError, OSError) as e:
+        log.error("event=start_failed error=%r", str(e))
+        return _fail(EXIT_ERROR, str(e))
+    log.info("event=stopped")
+    return 0
+
+
 # -- request -------------------------------------------------------------------
 
 
@@ -322,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["kv", "json"])
     s.set_defaults(fn=cmd_serve)
+
+    dm = sub.add_parser("daemon", help="run the Kubernetes node daemon (device plugin)")
+    dm.add_argument("--config", required=True, help="YAML configuration (docs/kubernetes.md)")
+    dm.add_argument("--node-name", help="this node's name (default: $NODE_NAME, else hostname)")
+    dm.add_argument("--ready-file", help="write status JSON here once registered")
+    dm.set_defaults(fn=cmd_daemon)
 
     r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd")
     r.add_argument("--socket", help="default /tmp/afxdp_dp/<netdev>/afxdp.sock")

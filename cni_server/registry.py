@@ -63,6 +63,7 @@ class AllocationSpec:
     check_peer_netns: bool = True
     pool: str = ""
     owner: str = ""
+    idle_timeout: float = 0.0
 
     def socket_dir(self, netdev: str) -> Path:
         return self.socket_base / netdev
@@ -196,7 +197,7 @@ class Registry:
             allocation = Allocation(
                 id=spec.id, netdevs=devices, hostnames_allowed=spec.hostnames,
                 socket_paths=spec.socket_paths(), check_peer_netns=spec.check_peer_netns,
-                pool=spec.pool, owner=spec.owner,
+                pool=spec.pool, owner=spec.owner, idle_timeout=spec.idle_timeout,
             )
             self.server.serve(allocation, mode=spec.mode, uid=spec.uid, gid=spec.gid)
             undo.callback(self.server.stop_serving, spec.id)

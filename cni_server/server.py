@@ -25,7 +25,7 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -46,6 +46,7 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _ROUNDS_PER_WAKEUP = 8
+_RESOLVE_TIMEOUT = 5.0
 _SUN_PATH_MAX = 107
 # A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
 # are bounded only by the sender's SO_SNDBUF (default ~208 KiB), so a client
@@ -112,6 +113,10 @@ class HandoutServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._epoll: select.epoll | None = None
         self._handlers: dict[int, Callable[[], None]] = {}
+        # Called for a /connect on an allocation that allows no hostname yet
+        # (Kubernetes: its pod is not known yet); the request waits for it.
+        self.resolve_owner: Callable[[Allocation], Awaitable[None]] | None = None
+        self._parked: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_limit_log = 0.0
 
@@ -188,6 +193,8 @@ class HandoutServer:
                 listener.path.unlink()
 
     def close(self) -> None:
+        for task in list(self._parked):
+            task.cancel()
         for listener in list(self._listeners.values()):
             self._withdraw(listener)
         if self._sweeper is not None:
@@ -312,7 +319,39 @@ class HandoutServer:
         conn.last_active = time.monotonic()
         request = protocol.Request(data, len(fds), truncated=bool(flags & _MSG_TRUNC),
                                    ctrl_truncated=bool(flags & _MSG_CTRUNC))
+        if (self.resolve_owner is not None and not conn.listener.allocation.hostnames_allowed
+                and data.startswith(b"/connect,")):
+            self._park(conn, request, fds)
+            return
         self._answer(conn, request, fds)
+
+    def _park(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> None:
+        """Stop reading ``conn`` until the allocation's owner is resolved, then answer."""
+        fd = conn.sock.fileno()
+        self._unwatch(fd)
+        assert self._loop is not None and self.resolve_owner is not None
+        resolve = self.resolve_owner
+
+        async def resolve_then_answer() -> None:
+            handed = False  # _answer owns (and closes) the fds once called
+            try:
+                try:
+                    await asyncio.wait_for(resolve(conn.listener.allocation), _RESOLVE_TIMEOUT)
+                except Exception as e:
+                    log.warning("event=owner_unresolved allocation=%s error=%r",
+                                conn.listener.allocation.id, str(e) or type(e).__name__)
+                if conn not in conn.listener.connections:  # closed meanwhile
+                    return
+                handed = True
+                if self._answer(conn, request, fds):
+                    self._watch(fd, partial(self._on_readable, conn))
+            finally:
+                if not handed:
+                    close_all(fds)
+
+        task = self._loop.create_task(resolve_then_answer())
+        self._parked.add(task)
+        task.add_done_callback(self._parked.discard)
 
     def _answer(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> bool:
         """Decide, act, close the received fds, reply.  Returns False once the connection is closed.
@@ -398,14 +437,18 @@ class HandoutServer:
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None and self._loop is not None:
-            interval = max(0.05, min(1.0, self.limits.idle_timeout / 4))
+            shortest = min([self.limits.idle_timeout] + [
+                lst.allocation.idle_timeout for lst in self._listeners.values()
+                if lst.allocation.idle_timeout])
+            interval = max(0.05, min(1.0, shortest / 4))
             self._sweeper = self._loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
-        deadline = time.monotonic() - self.limits.idle_timeout
+        now = time.monotonic()
         for listener in list(self._listeners.values()):
-            for conn in [c for c in listener.connections if c.last_active < deadline]:
+            timeout = listener.allocation.idle_timeout or self.limits.idle_timeout
+            for conn in [c for c in listener.connections if now - c.last_active > timeout]:
                 self.counters.idle_closed += 1
                 self._close(conn, "idle timeout")
         self._schedule_sweep()

@@ -1,0 +1,263 @@
+"""Kubernetes-mode configuration (``afxdp daemon --config FILE``): typed, validated at load.
+
+Every error names the field path and the bad value, e.g.
+``pools[1].devices[0]: 'eth[' is not a valid regular expression``.
+Per-node overrides (``pools[].nodes.<node-name>``) are merged into the pool for
+the node the daemon runs on before validation.  See docs/kubernetes.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bpf.program import XdpMode
+from cni_server.config import ConfigError, parse_mode
+
+_POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_PCI = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+_MAC = re.compile(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}")
+PIN_MODES = ("socket", "pin", "both")
+
+
+@dataclass
+class PoolConfig:
+    name: str
+    devices: list[re.Pattern[str]] = field(default_factory=list)
+    drivers: list[str] = field(default_factory=list)
+    pci_addresses: list[str] = field(default_factory=list)
+    macs: list[str] = field(default_factory=list)
+    exclude: list[re.Pattern[str]] = field(default_factory=list)
+    exclude_addressed: bool = False
+    xdp_mode: XdpMode = XdpMode.AUTO
+    pin_map: str = "socket"  # socket | pin | both
+    uds_idle_timeout: float = 30.0
+    uid: int = 0
+    gid: int = 0
+    socket_mode: int = 0o660
+    queues: int = 0  # 0: every queue the netdev has
+
+    def env_name(self) -> str:
+        """AFXDP_DEVICES_<POOL>: the pool name upper-cased, other characters as '_'."""
+        return "AFXDP_DEVICES_" + re.sub(r"[^A-Z0-9]", "_", self.name.upper())
+
+
+@dataclass
+class PluginConfig:
+    pools: list[PoolConfig]
+    resource_prefix: str = "afxdp"
+    log_level: str = "info"
+    log_format: str = "kv"
+    node_name: str = ""
+    state_dir: Path = Path("/var/lib/afxdp")
+    socket_root: Path = Path("/var/run/afxdp/sockets")
+    bpffs_root: Path = Path("/sys/fs/bpf/afxdp")
+    device_plugins_dir: Path = Path("/var/lib/kubelet/device-plugins")
+    pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+    control_socket: Path | None = Path("/run/afxdp/control.sock")
+    ready_file: Path | None = None
+    check_peer_netns: bool = True
+    gc_interval: float = 30.0
+    gc_grace: float = 300.0  # an allocation no pod claims is released after this long
+    rescan_interval: float = 10.0
+    bpf_object: Path | None = None
+
+    def resource_name(self, pool: PoolConfig) -> str:
+        return f"{self.resource_prefix}/{pool.name}"
+
+    def pool(self, name: str) -> PoolConfig:
+        return next(p for p in self.pools if p.name == name)
+
+
+_TOP = {
+    "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
+    "devicePluginsDir", "podResourcesSocket", "controlSocket", "readyFile", "checkPeerNetns",
+    "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools",
+}
+_POOL = {
+    "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
+    "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
+}
+
+
+def _str_list(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {value!r} is not a list of non-empty strings")
+    return list(value)
+
+
+def _patterns(value: object, where: str) -> list[re.Pattern[str]]:
+    out = []
+    for i, text in enumerate(_str_list(value, where)):
+        try:
+            out.append(re.compile(text))
+        except re.error as e:
+            raise ConfigError(f"{where}[{i}]: {text!r} is not a valid regular expression ({e})"
+                              ) from None
+    return out
+
+
+def _number(value: object, where: str, *, integer: bool = False, minimum: float = 0,
+            above: bool = False) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{where}: {value!r} is not {'an integer' if integer else 'a number'}")
+    if value < minimum or (above and value == minimum):
+        raise ConfigError(f"{where}: {value!r} must be {'>' if above else '>='} {minimum}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not true or false")
+    return value
+
+
+def _path(value: object, where: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"{where}: {value!r} is not an absolute path")
+    return Path(value)
+
+
+def _pool(raw: object, where: str, node: str) -> PoolConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    for key in raw:
+        if key not in _POOL:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(_POOL))})")
+    nodes = raw.get("nodes") or {}
+    if not isinstance(nodes, dict):
+        raise ConfigError(f"{where}.nodes: must map node names to pool settings")
+    merged = dict(raw)
+    merged.pop("nodes", None)
+    override = nodes.get(node)
+    if override is not None:
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where}.nodes.{node}: must be a mapping of pool settings")
+        for key in override:
+            if key not in _POOL or key in ("name", "nodes"):
+                raise ConfigError(f"{where}.nodes.{node}.{key}: cannot be overridden per node")
+        merged.update(override)
+    name = merged.get("name")
+    if not isinstance(name, str) or not _POOL_NAME.fullmatch(name):
+        raise ConfigError(f"{where}.name: {name!r} is not a valid pool name "
+                          "(lower-case letters, digits and '-', at most 63)")
+    pool = PoolConfig(name=name)
+    for key, value in merged.items():
+        at = f"{where}.{key}"
+        if key == "devices":
+            pool.devices = _patterns(value, at)
+        elif key == "exclude":
+            pool.exclude = _patterns(value, at)
+        elif key == "drivers":
+            pool.drivers = _str_list(value, at)
+        elif key == "pciAddresses":
+            pool.pci_addresses = [a.lower() for a in _str_list(value, at)]
+            for i, a in enumerate(pool.pci_addresses):
+                if not _PCI.fullmatch(a):
+                    raise ConfigError(f"{at}[{i}]: {a!r} is not a PCI address like 0000:3b:00.1")
+        elif key == "macs":
+            pool.macs = [m.lower() for m in _str_list(value, at)]
+            for i, m in enumerate(pool.macs):
+                if not _MAC.fullmatch(m):
+                    raise ConfigError(f"{at}[{i}]: {m!r} is not a MAC address")
+        elif key == "excludeAddressed":
+            pool.exclude_addressed = _bool(value, at)
+        elif key == "xdpMode":
+            try:
+                pool.xdp_mode = XdpMode(value)
+            except ValueError:
+                raise ConfigError(f"{at}: {value!r} is not one of auto, native, skb") from None
+        elif key == "pinMap":
+            if value not in PIN_MODES:
+                raise ConfigError(f"{at}: {value!r} is not one of {', '.join(PIN_MODES)}")
+            pool.pin_map = str(value)
+        elif key == "udsIdleTimeout":
+            pool.uds_idle_timeout = float(_number(value, at, above=True))
+        elif key in ("uid", "gid"):
+            setattr(pool, key, _number(value, at, integer=True))
+        elif key == "socketMode":
+            pool.socket_mode = parse_mode(value, at)
+        elif key == "queues":
+            pool.queues = _number(value, at, integer=True)
+    if not (pool.devices or pool.drivers or pool.pci_addresses or pool.macs):
+        raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs")
+    return pool
+
+
+def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    for key in raw:
+        if key not in _TOP:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(_TOP))})")
+    node = node_name or raw.get("nodeName") or os.environ.get("NODE_NAME") or socket.gethostname()
+    if not isinstance(node, str) or not node:
+        raise ConfigError(f"nodeName: {node!r} is not a node name")
+    pools_raw = raw.get("pools")
+    if not isinstance(pools_raw, list) or not pools_raw:
+        raise ConfigError("pools: must be a non-empty list")
+    pools = [_pool(p, f"pools[{i}]", node) for i, p in enumerate(pools_raw)]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(pools):
+        if p.name in seen:
+            raise ConfigError(f"pools[{i}].name: {p.name!r} is already pools[{seen[p.name]}]")
+        seen[p.name] = i
+    _check_literal_overlap(pools)
+    cfg = PluginConfig(pools=pools, node_name=node)
+    for key, value in raw.items():
+        if key == "resourcePrefix":
+            if not isinstance(value, str) or not _DNS_SUBDOMAIN.fullmatch(value) or len(value) > 253:
+                raise ConfigError(f"resourcePrefix: {value!r} is not a DNS subdomain")
+            cfg.resource_prefix = value
+        elif key == "logLevel":
+            if value not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"logLevel: {value!r} is not one of debug, info, warning, error")
+            cfg.log_level = value
+        elif key == "logFormat":
+            if value not in ("kv", "json"):
+                raise ConfigError(f"logFormat: {value!r} is not one of kv, json")
+            cfg.log_format = value
+        elif key in ("stateDir", "socketRoot", "bpffsRoot", "devicePluginsDir",
+                     "podResourcesSocket", "controlSocket", "readyFile", "bpfObject"):
+            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+            setattr(cfg, attr, _path(value, key))
+        elif key == "checkPeerNetns":
+            cfg.check_peer_netns = _bool(value, key)
+        elif key in ("gcInterval", "gcGrace", "rescanInterval"):
+            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+            setattr(cfg, attr, float(_number(value, key, above=True)))
+    return cfg
+
+
+def _check_literal_overlap(pools: list[PoolConfig]) -> None:
+    """A netdev named literally in two pools is an error at load (regex overlaps are
+    found at discovery, where the daemon refuses to start)."""
+    owner: dict[str, tuple[int, str]] = {}
+    for i, p in enumerate(pools):
+        for j, pat in enumerate(p.devices):
+            if re.fullmatch(r"[\w.-]+", pat.pattern):
+                if pat.pattern in owner and owner[pat.pattern][1] != p.name:
+                    k, other = owner[pat.pattern]
+                    raise ConfigError(f"pools[{i}].devices[{j}]: {pat.pattern!r} is already in "
+                                      f"pools[{k}] ({other}); a netdev belongs to one pool")
+                owner[pat.pattern] = (i, p.name)
+
+
+def load(path: Path, *, node_name: str | None = None) -> PluginConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return validate(raw, node_name=node_name)

@@ -1,0 +1,154 @@
+"""The Kubernetes-mode daemon: ``afxdp daemon --config FILE``.
+
+Start-up: restore persisted allocations (same socket paths, adopted programs
+and maps, so running pods keep working), scan the node's netdevs into pools,
+serve and register one device-plugin resource per pool, then watch netlink,
+kubelet and PodResources.  SIGTERM/SIGINT: stop serving and registering, keep
+programs, pins and state for the pods that use them and for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from bpf import bpffs
+from cni_server.control import ControlServer
+from cni_server.daemon import _raise_fd_limit, _sd_notify
+from cni_server.netns import Netns
+from cni_server.registry import ProgramTable, Registry
+from cni_server.server import HandoutServer
+from cni_server.state import StateFile
+from plugin.config import PluginConfig
+from plugin.deviceplugin import PluginServer
+from plugin.inventory import Inventory
+from plugin.owners import Owners
+from plugin.pool import PoolBackend
+
+log = logging.getLogger(__name__)
+
+
+class KubernetesDaemon:
+    def __init__(self, cfg: PluginConfig, *, supervise_interval: float = 1.0) -> None:
+        self.cfg = cfg
+        self.supervise_interval = supervise_interval
+        self.server = HandoutServer()
+        self.netns: Netns | None = None
+        self.registry: Registry | None = None
+        self.inventory: Inventory | None = None
+        self.owners: Owners | None = None
+        self.plugins: dict[str, PluginServer] = {}
+        self._control: ControlServer | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        _raise_fd_limit(8192)
+        self.netns = Netns.current()
+        try:
+            if any(p.pin_map != "socket" for p in cfg.pools):
+                bpffs.ensure_bpffs(cfg.bpffs_root)  # stays mounted: pods' pins live there
+            cfg.socket_root.mkdir(parents=True, exist_ok=True)
+            registry = self.registry = Registry(
+                self.server, self.netns, ProgramTable(bpf_object=cfg.bpf_object),
+                StateFile(cfg.state_dir / "state.json"))
+            restored, dropped = await registry.restore()
+            log.info("event=state_restored allocations=%d dropped=%d", len(restored),
+                     len(dropped))
+            self.owners = Owners(registry, cfg.pod_resources_socket,
+                                 {p.name: cfg.resource_name(p) for p in cfg.pools},
+                                 gc_interval=cfg.gc_interval, gc_grace=cfg.gc_grace)
+            self.server.resolve_owner = self.owners.resolve
+            self.inventory = Inventory(cfg, registry, self._devices_changed)
+            await self.inventory.rescan(strict=True)
+            for pool in cfg.pools:
+                backend = PoolBackend(cfg, pool, registry, self.inventory, self.owners)
+                plugin = PluginServer(cfg.resource_name(pool), f"afxdp-{pool.name}.sock",
+                                      cfg.device_plugins_dir, backend,
+                                      supervise_interval=self.supervise_interval)
+                self.plugins[pool.name] = plugin
+                await plugin.start()
+            await self.inventory.start()
+            self.owners.start()
+            if cfg.control_socket is not None:
+                self._control = ControlServer(cfg.control_socket)
+                self._control.register("status", self._status_op)
+                await self._control.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._report_ready()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        try:
+            await self._stop.wait()
+            log.info("event=stopping reason=signal")
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        for plugin in self.plugins.values():
+            await plugin.stop()
+        self.plugins.clear()
+        if self.inventory is not None:
+            await self.inventory.stop()
+        if self.owners is not None:
+            await self.owners.stop()
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        if self.registry is not None:
+            await self.registry.shutdown(release=False)
+        self.server.close()
+        if self.cfg.ready_file is not None:
+            self.cfg.ready_file.unlink(missing_ok=True)
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
+
+    async def _devices_changed(self, pools: set[str]) -> None:
+        for name in pools:
+            plugin = self.plugins.get(name)
+            if plugin is not None:
+                await plugin.notify()
+
+    def status(self) -> dict[str, Any]:
+        inv = self.inventory
+        return {
+            "pid": os.getpid(),
+            "node": self.cfg.node_name,
+            "hostname": socket.gethostname(),
+            "pools": {name: {"resource": self.cfg.resource_name(self.cfg.pool(name)),
+                             "registered": plugin.registered,
+                             "devices": {d: {"healthy": st.healthy, "reason": st.reason}
+                                         for d, st in (inv.pools[name].items() if inv else [])}}
+                      for name, plugin in self.plugins.items()},
+            "allocations": [a.describe() for a in (self.registry.allocations.values()
+                                                   if self.registry else [])],
+            "server": self.server.stats(),
+        }
+
+    async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}
+
+    def _report_ready(self) -> None:
+        if self.cfg.ready_file is not None:
+            tmp = self.cfg.ready_file.with_name(self.cfg.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.status()))
+            tmp.replace(self.cfg.ready_file)
+        _sd_notify(b"READY=1")
+        log.info("event=ready node=%s pools=%s", self.cfg.node_name,
+                 ",".join(f"{n}:{len(self.inventory.pools[n]) if self.inventory else 0}"
+                          for n in self.plugins))

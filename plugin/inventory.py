@@ -1,0 +1,198 @@
+"""The node's pool devices and their health, kept current from netlink events and rescans.
+
+Health: a device is Healthy when its link is up (administratively up,
+operationally UP/UNKNOWN) and, if it is allocated, it still carries the
+program we attached.  An allocated device that vanished stays listed as
+Unhealthy (its pod still holds it); an unallocated one that vanished is
+removed from the list.
+
+Rescans run in a worker thread (netlink dumps) after a netlink event
+(debounced) and every ``rescan_interval`` seconds; pools whose device list or
+health changed are reported to ``on_change``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from cni_server.registry import Registry
+from plugin.config import PluginConfig
+from plugin.discovery import Netdev, classify, scan
+
+log = logging.getLogger(__name__)
+
+# rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
+_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
+DEBOUNCE = 0.1
+
+
+class PoolConflict(Exception):
+    """A netdev matches the selectors of more than one pool."""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    name: str
+    netdev: Netdev | None  # None: allocated but no longer present
+    healthy: bool
+    reason: str = ""  # why it is unhealthy
+
+    @property
+    def numa_node(self) -> int | None:
+        return self.netdev.numa_node if self.netdev else None
+
+    @property
+    def nic(self) -> str:
+        return self.netdev.nic if self.netdev else ""
+
+
+class Inventory:
+    def __init__(self, cfg: PluginConfig, registry: Registry,
+                 on_change: Callable[[set[str]], Awaitable[None]]) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.on_change = on_change
+        self.pools: dict[str, dict[str, DeviceState]] = {p.name: {} for p in cfg.pools}
+        self.scans = 0
+        self._excluded: dict[tuple[str, str], str] = {}
+        self._conflicts: dict[str, list[str]] = {}
+        self._lock = asyncio.Lock()
+        self._kick: asyncio.Event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: threading.Thread | None = None
+        self._ipr: IPRoute | None = None
+
+    # -- scanning ----------------------------------------------------------------
+
+    async def rescan(self, *, strict: bool = False) -> set[str]:
+        """Scan, classify, compute health; returns the pools that changed.
+
+        ``strict``: a netdev matching two pools raises PoolConflict (start-up);
+        later it is only excluded and logged.
+        """
+        async with self._lock:
+            netdevs = await asyncio.to_thread(scan)
+            self.scans += 1
+            keep = {n: a.pool for a in self.registry.allocations.values() for n in a.netdevs}
+            c = classify(netdevs, self.cfg.pools, keep)
+            if c.conflicts and strict:
+                raise PoolConflict("; ".join(f"{n} matches pools {', '.join(p)}"
+                                             for n, p in sorted(c.conflicts.items())))
+            self._log_exclusions(c.excluded, c.conflicts)
+            changed: set[str] = set()
+            for pool in self.cfg.pools:
+                states = {name: self._health(dev) for name, dev in c.members[pool.name].items()}
+                for name, pool_name in keep.items():
+                    if pool_name == pool.name and name not in states:
+                        states[name] = DeviceState(name, None, False, "netdev is gone")
+                if states != self.pools[pool.name]:
+                    changed.add(pool.name)
+                    self._log_changes(pool.name, self.pools[pool.name], states)
+                    self.pools[pool.name] = states
+        if changed:
+            await self.on_change(changed)
+        return changed
+
+    def _health(self, dev: Netdev) -> DeviceState:
+        if not dev.up:
+            return DeviceState(dev.name, dev, False, "link down")
+        program = self.registry.programs.get(dev.name)
+        if program is not None and dev.xdp_prog_id != program.program.prog_id:
+            return DeviceState(dev.name, dev, False, "lost its XDP program")
+        return DeviceState(dev.name, dev, True)
+
+    def _log_exclusions(self, excluded: dict[str, dict[str, str]],
+                        conflicts: dict[str, list[str]]) -> None:
+        now = {(pool, name): why for pool, names in excluded.items() for name, why in names.items()}
+        for key, why in now.items():
+            if self._excluded.get(key) != why:
+                log.info("event=netdev_excluded pool=%s netdev=%s reason=%r", key[0], key[1], why)
+        self._excluded = now
+        for name, pools in conflicts.items():
+            if self._conflicts.get(name) != pools:
+                log.error("event=netdev_in_two_pools netdev=%s pools=%s action=excluded", name,
+                          ",".join(pools))
+        self._conflicts = conflicts
+
+    @staticmethod
+    def _log_changes(pool: str, before: dict[str, DeviceState],
+                     after: dict[str, DeviceState]) -> None:
+        for name in after.keys() - before.keys():
+            log.info("event=device_added pool=%s netdev=%s healthy=%s", pool, name,
+                     after[name].healthy)
+        for name in before.keys() - after.keys():
+            log.info("event=device_removed pool=%s netdev=%s", pool, name)
+        for name in after.keys() & before.keys():
+            if after[name].healthy != before[name].healthy:
+                log.info("event=device_health pool=%s netdev=%s healthy=%s reason=%r", pool, name,
+                         after[name].healthy, after[name].reason)
+
+    # -- watching ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen to rtnetlink events in a thread (pyroute2's sync API cannot be used
+        inside a running event loop) and rescan on them and periodically."""
+        loop = asyncio.get_running_loop()
+        ready = threading.Event()
+
+        def listen() -> None:
+            try:
+                ipr = IPRoute()
+                ipr.bind(groups=_GROUPS)
+            except Exception:
+                log.exception("event=netlink_watch_failed")
+                ready.set()
+                return
+            self._ipr = ipr
+            ready.set()
+            while True:
+                try:
+                    ipr.get()
+                except Exception:  # closed by stop()
+                    return
+                loop.call_soon_threadsafe(self._kick.set)
+
+        self._watcher = threading.Thread(target=listen, name="netlink-events", daemon=True)
+        self._watcher.start()
+        await asyncio.to_thread(ready.wait, 10)
+        self._tasks = [asyncio.create_task(self._on_events(), name="inventory-events"),
+                       asyncio.create_task(self._periodic(), name="inventory-periodic")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if self._watcher is not None:
+            self._watcher.join(5)
+            self._watcher = None
+
+    async def _on_events(self) -> None:
+        while True:
+            await self._kick.wait()
+            await asyncio.sleep(DEBOUNCE)  # a burst of events, one rescan
+            self._kick.clear()
+            await self._safe_rescan()
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.rescan_interval)
+            await self._safe_rescan()
+
+    async def _safe_rescan(self) -> None:
+        try:
+            await self.rescan()
+        except Exception:
+            log.exception("event=rescan_failed")

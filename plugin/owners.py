@@ -1,0 +1,175 @@
+"""Which pod owns which allocation (kubelet's PodResources API), and garbage collection.
+
+``Allocate`` carries only device IDs.  Once kubelet has admitted the pod,
+PodResources ``List`` shows the container holding those devices: the
+allocation whose pool resource and device set match exactly belongs to that
+container, and its pod's hostname is what ``/connect`` must name.
+
+Garbage collection: an owned allocation whose container no longer holds its
+devices is released; an allocation no pod claims within ``gcGrace`` seconds
+(a pod that failed admission after Allocate) is released too.  When kubelet
+cannot be reached nothing is released.
+
+Calls are coalesced: concurrent requests for a refresh share one ``List``
+(kubelet rate-limits PodResources at about 100 qps, burst 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cni_server.allocation import Allocation
+from cni_server.registry import Registry
+from plugin.api import podresources_v1_pb2 as pr
+from plugin.api import podresources_v1_pb2_grpc as pr_grpc
+
+log = logging.getLogger(__name__)
+MIN_INTERVAL = 0.2  # between two List calls
+
+
+@dataclass(frozen=True)
+class Holder:
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+    device_ids: frozenset[str]
+
+    @property
+    def owner(self) -> str:
+        return f"{self.namespace}/{self.pod}/{self.container}"
+
+
+def pod_hostname(pod_name: str) -> str:
+    """The hostname kubelet gives a pod without spec.hostname: its name, cut to 63 characters."""
+    return pod_name[:63].rstrip("-.")
+
+
+async def list_holders(socket_path: Path, timeout: float = 5.0) -> list[Holder]:
+    async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+        reply = await pr_grpc.PodResourcesListerStub(channel).List(
+            pr.ListPodResourcesRequest(), timeout=timeout)
+    return [Holder(pod.namespace, pod.name, c.name, d.resource_name, frozenset(d.device_ids))
+            for pod in reply.pod_resources for c in pod.containers for d in c.devices]
+
+
+class Owners:
+    def __init__(self, registry: Registry, socket_path: Path, resource_of_pool: dict[str, str],
+                 *, gc_interval: float, gc_grace: float) -> None:
+        self.registry = registry
+        self.socket_path = socket_path
+        self.resource_of_pool = resource_of_pool
+        self.gc_interval = gc_interval
+        self.gc_grace = gc_grace
+        self.created: dict[str, float] = {}  # allocation id -> monotonic time first seen
+        self.refreshes = 0
+        self._inflight: asyncio.Task[bool] | None = None
+        self._inflight_collects = False
+        self._last = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- refresh -------------------------------------------------------------------
+
+    async def refresh(self, *, collect: bool = False) -> bool:
+        """List pods once (shared by concurrent callers); map owners; optionally GC.
+
+        Returns False when kubelet could not be asked.
+        """
+        if self._inflight is not None and not self._inflight.done():
+            if not collect or self._inflight_collects:
+                return await asyncio.shield(self._inflight)
+            await asyncio.shield(self._inflight)  # then a run of our own that collects
+        if self._inflight is None or self._inflight.done():
+            self._inflight_collects = collect
+            self._inflight = asyncio.create_task(self._refresh(collect))
+        return await asyncio.shield(self._inflight)
+
+    async def _refresh(self, collect: bool) -> bool:
+        wait = self._last + MIN_INTERVAL - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last = time.monotonic()
+        try:
+            holders = await list_holders(self.socket_path)
+        except grpc.aio.AioRpcError as e:
+            log.warning("event=podresources_unavailable socket=%s code=%s detail=%r",
+                        self.socket_path, e.code().name, e.details())
+            return False
+        self.refreshes += 1
+        by_devices = {(h.resource, h.device_ids): h for h in holders}
+        now = time.monotonic()
+        for alloc_id, alloc in list(self.registry.allocations.items()):
+            self.created.setdefault(alloc_id, now)
+            key = (self.resource_of_pool.get(alloc.pool, ""), frozenset(alloc.netdevs))
+            holder = by_devices.get(key)
+            if holder is not None:
+                if alloc.owner != holder.owner:
+                    self.registry.set_owner(alloc_id, holder.owner,
+                                            frozenset({pod_hostname(holder.pod)}))
+                    log.info("event=allocation_owner id=%s owner=%s hostname=%s", alloc_id,
+                             holder.owner, pod_hostname(holder.pod))
+                continue
+            if not collect:
+                continue
+            if alloc.owner:
+                log.info("event=allocation_gc id=%s owner=%s reason=pod_gone", alloc_id,
+                         alloc.owner)
+                await self._release(alloc_id)
+            elif now - self.created[alloc_id] > self.gc_grace:
+                log.info("event=allocation_gc id=%s reason=unclaimed_for_%ds", alloc_id,
+                         int(self.gc_grace))
+                await self._release(alloc_id)
+        return True
+
+    async def _release(self, alloc_id: str) -> None:
+        self.created.pop(alloc_id, None)
+        await self.registry.release(alloc_id)
+
+    async def resolve(self, allocation: Allocation) -> None:
+        """For the handout server: a /connect arrived before we knew the pod."""
+        await self.refresh()
+
+    def allocated(self, alloc_id: str) -> None:
+        """A new allocation: ask kubelet soon, and a few times, who got it."""
+        self.created[alloc_id] = time.monotonic()
+
+        async def kicks() -> None:
+            for delay in (0.3, 1.0, 3.0, 10.0):
+                await asyncio.sleep(delay)
+                alloc = self.registry.allocations.get(alloc_id)
+                if alloc is None or alloc.owner:
+                    return
+                await self.refresh()
+
+        task = asyncio.create_task(kicks())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the GC loop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="owners-gc")
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        self._loop_task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval)
+            try:
+                await self.refresh(collect=True)
+            except Exception:
+                log.exception("event=gc_failed")

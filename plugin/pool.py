@@ -1,0 +1,168 @@
+"""The AF_XDP device-plugin backend for one pool: devices, Allocate, preferred allocation.
+
+Allocate (per container) creates one allocation in the registry with its own
+host directory ``<socketRoot>/<id>/`` and a socket per device, serving before
+it returns, and answers:
+
+- mounts: ``<socketRoot>/<id>/<netdev>`` at ``/tmp/afxdp_dp/<netdev>`` (where
+  DPDK looks for ``afxdp.sock`` by default); with ``pinMap: pin`` the bpffs
+  directory holding the pinned map instead; with ``pinMap: both`` also the
+  pinned map at ``/tmp/afxdp_dp/<netdev>/xsks_map``.  Read-only: a Unix socket
+  can be connected to, and a pinned map opened, through a read-only bind mount.
+- env ``AFXDP_DEVICES_<POOL>`` (names) and ``AFXDP_DEVICES_<POOL>_INFO`` (JSON).
+
+A request naming an unknown or unhealthy device fails with a gRPC error that
+says which; a failure for one container rolls back the others of the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from cni_server.allocation import Allocation
+from cni_server.registry import AllocationSpec, Registry
+from plugin.api import deviceplugin_v1beta1_pb2 as pb
+from plugin.config import PluginConfig, PoolConfig
+from plugin.deviceplugin import HEALTHY, UNHEALTHY, AllocateError
+from plugin.inventory import DeviceState, Inventory
+from plugin.owners import Owners
+
+log = logging.getLogger(__name__)
+CONTAINER_DIR = Path("/tmp/afxdp_dp")  # DPDK's default dp_path root
+
+
+class PoolBackend:
+    def __init__(self, cfg: PluginConfig, pool: PoolConfig, registry: Registry,
+                 inventory: Inventory, owners: Owners | None = None) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.registry = registry
+        self.inventory = inventory
+        self.owners = owners
+        self.resource = cfg.resource_name(pool)
+
+    def states(self) -> dict[str, DeviceState]:
+        return self.inventory.pools[self.pool.name]
+
+    def devices(self) -> list[pb.Device]:
+        out = []
+        for name, st in sorted(self.states().items()):
+            dev = pb.Device(ID=name, health=HEALTHY if st.healthy else UNHEALTHY)
+            if st.numa_node is not None:
+                dev.topology.nodes.append(pb.NUMANode(ID=st.numa_node))
+            out.append(dev)
+        return out
+
+    # -- Allocate ----------------------------------------------------------------
+
+    async def allocate(self, requests: list[pb.ContainerAllocateRequest]
+                       ) -> list[pb.ContainerAllocateResponse]:
+        for req in requests:  # validate all before changing anything
+            self._check(list(req.devices_ids))
+        created: list[str] = []
+        try:
+            responses = []
+            for req in requests:
+                allocation = await self._create(list(req.devices_ids))
+                created.append(allocation.id)
+                responses.append(self._response(allocation))
+        except BaseException:
+            for allocation_id in reversed(created):
+                await self.registry.release(allocation_id)
+            raise
+        return responses
+
+    def _check(self, ids: list[str]) -> None:
+        if not ids:
+            raise AllocateError(grpc.StatusCode.INVALID_ARGUMENT, "no device requested")
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise AllocateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"device(s) {', '.join(dupes)} requested twice")
+        states = self.states()
+        for i in ids:
+            st = states.get(i)
+            if st is None:
+                raise AllocateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"unknown device {i!r}: not in pool {self.pool.name} "
+                                    f"({self.resource}) on node {self.cfg.node_name}")
+            if not st.healthy:
+                raise AllocateError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"device {i!r} is unhealthy: {st.reason}")
+
+    async def _create(self, ids: list[str]) -> Allocation:
+        for netdev in ids:
+            old = self.registry.by_netdev(netdev)
+            if old is not None:
+                # kubelet only hands out free devices: the old pod is gone.
+                log.warning("event=allocation_replaced id=%s owner=%s netdev=%s", old.id,
+                            old.owner or "-", netdev)
+                await self.registry.release(old.id)
+        pool = self.pool
+        allocation_id = f"{pool.name}-{uuid.uuid4().hex[:12]}"
+        spec = AllocationSpec(
+            id=allocation_id, netdevs=tuple(ids), hostnames=frozenset(),
+            socket_base=self.cfg.socket_root / allocation_id, own_socket_base=True,
+            pin_base=self.cfg.bpffs_root / allocation_id if pool.pin_map != "socket" else None,
+            serve_socket=pool.pin_map != "pin", pin_placeholder=pool.pin_map == "both",
+            xdp_mode=pool.xdp_mode.value, queues=pool.queues, uid=pool.uid, gid=pool.gid,
+            mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
+            idle_timeout=pool.uds_idle_timeout,
+        )
+        allocation = await self.registry.create(spec)
+        if self.owners is not None:
+            self.owners.allocated(allocation_id)
+        return allocation
+
+    def _response(self, allocation: Allocation) -> pb.ContainerAllocateResponse:
+        spec = self.registry.specs[allocation.id]
+        resp = pb.ContainerAllocateResponse()
+        info: dict[str, dict[str, object]] = {}
+        for name, dev in allocation.netdevs.items():
+            inside = CONTAINER_DIR / name
+            host = spec.socket_dir(name) if spec.serve_socket else (dev.pin.parent if dev.pin
+                                                                   else spec.socket_dir(name))
+            resp.mounts.append(pb.Mount(container_path=str(inside), host_path=str(host),
+                                        read_only=True))
+            if spec.serve_socket and spec.pin_placeholder and dev.pin is not None:
+                resp.mounts.append(pb.Mount(container_path=str(inside / "xsks_map"),
+                                            host_path=str(dev.pin), read_only=True))
+            info[name] = {
+                "socket": str(inside / "afxdp.sock") if spec.serve_socket else None,
+                "pinnedMap": str(inside / "xsks_map") if dev.pin is not None else None,
+                "queues": dev.queue_count,
+                "mode": dev.program.mode,
+            }
+        env = self.pool.env_name()
+        resp.envs[env] = " ".join(allocation.netdevs)
+        resp.envs[env + "_INFO"] = json.dumps(info, sort_keys=True)
+        resp.annotations[f"{self.cfg.resource_prefix}/allocation"] = allocation.id
+        return resp
+
+    # -- GetPreferredAllocation ------------------------------------------------------
+
+    def preferred(self, req: pb.ContainerPreferredAllocationRequest) -> list[str]:
+        """``must_include`` first, then devices on the same NUMA node and the same NIC."""
+        states = self.states()
+        size = req.allocation_size
+        chosen = list(req.must_include_deviceIDs)[:size]
+        pool = [d for d in req.available_deviceIDs if d not in chosen]
+
+        def attr(dev: str, what: str) -> object:
+            st = states.get(dev)
+            return getattr(st, what) if st is not None else None
+
+        while len(chosen) < size and pool:
+            anchor = chosen or pool
+            numa = Counter(attr(d, "numa_node") for d in anchor).most_common(1)[0][0]
+            nic = Counter(attr(d, "nic") for d in anchor).most_common(1)[0][0]
+            pool.sort(key=lambda d: (attr(d, "numa_node") != numa,
+                                     not nic or attr(d, "nic") != nic, d))
+            chosen.append(pool.pop(0))
+        return chosen

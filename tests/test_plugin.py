@@ -1,0 +1,333 @@
+"""The device plugin end to end: ``afxdp daemon`` in a netns, a fake kubelet, real veths.
+
+The daemon runs as a child process (as in a DaemonSet); the fake kubelet runs
+in this process and speaks kubelet's real gRPC APIs over Unix sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bpf import bpffs
+from cni_server.client import Client, HandshakeError, fetch_map_fd
+from cni_server.control import call
+from plugin.api import deviceplugin_v1beta1_pb2 as pb
+from tests.fake_kubelet import FakeKubelet, running
+from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
+
+pytestmark = pytest.mark.kernel
+RESOURCE = "afxdp/pool1"
+ENDPOINT = "afxdp-pool1.sock"
+
+
+@dataclass
+class K8s:
+    ns: NsFixture
+    work: Path
+    kubelet: FakeKubelet
+    config: Path
+    daemons: list[Daemon]
+
+    def start(self, wait: bool = True) -> Daemon:
+        d = Daemon(self.ns, self.work, "--config", str(self.config), wait=wait, mode="daemon",
+                   control=self.work / "control.sock")
+        self.daemons.append(d)
+        return d
+
+    def status(self) -> dict[str, object]:
+        doc: dict[str, object] = call(self.work / "control.sock", {"op": "status"})["status"]
+        return doc
+
+    def allocations(self) -> list[dict[str, object]]:
+        allocs: list[dict[str, object]] = self.status()["allocations"]  # type: ignore[assignment]
+        return allocs
+
+    def wait(self, predicate: object, timeout: float = 10.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():  # type: ignore[operator]
+                return
+            time.sleep(0.05)
+        raise TimeoutError(what or "condition")
+
+
+def write_config(work: Path, **pool: object) -> Path:
+    cfg = {
+        "nodeName": "testnode",
+        "stateDir": str(work / "state"),
+        "socketRoot": str(work / "sockets"),
+        "bpffsRoot": str(work / "bpf"),
+        "devicePluginsDir": str(work / "dp"),
+        "podResourcesSocket": str(work / "podres" / "kubelet.sock"),
+        "controlSocket": str(work / "control.sock"),
+        "gcInterval": 0.5,
+        "rescanInterval": 1,
+        "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
+                   **pool}],
+    }
+    path = work / "config.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+@pytest.fixture
+def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
+    for i in range(3):
+        netns.veth(f"p{i}", f"q{i}")
+    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet:
+        env = K8s(netns, workdir, kubelet, write_config(workdir), [])
+        try:
+            yield env
+        finally:
+            for d in env.daemons:
+                d.stop()
+            if bpffs.is_bpffs(workdir / "bpf"):
+                bpffs.unmount(workdir / "bpf")
+
+
+def healthy(devs: dict[str, pb.Device], *names: str) -> bool:
+    return all(n in devs and devs[n].health == "Healthy" for n in names)
+
+
+# -- registration and the device list ------------------------------------------------------
+
+
+def test_registers_after_serving_and_lists_the_pools_devices(k8s: K8s) -> None:
+    k8s.start()
+    k = k8s.kubelet
+    devs = k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    assert set(devs) == {"p0", "p1", "p2"}  # q* are not selected
+    reg = k.plugins[RESOURCE]
+    assert (reg.request.version, reg.request.endpoint) == ("v1beta1", ENDPOINT)
+    assert reg.options.get_preferred_allocation_available and not reg.options.pre_start_required
+    assert (k8s.work / "dp" / ENDPOINT).exists()
+
+
+def test_list_follows_links_appearing_going_down_and_disappearing(k8s: K8s) -> None:
+    k8s.start()
+    k, ns = k8s.kubelet, k8s.ns
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    ns.veth("p7", "q7")
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p7"))
+    run("ip", "-n", ns.name, "link", "set", "p1", "down")
+    k.wait_devices(RESOURCE, lambda d: d["p1"].health == "Unhealthy")
+    run("ip", "-n", ns.name, "link", "set", "p1", "up")
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p1"))
+    run("ip", "-n", ns.name, "link", "del", "p2")
+    k.wait_devices(RESOURCE, lambda d: "p2" not in d)
+
+
+def test_excluded_netdevs_are_not_offered_and_the_log_says_why(k8s: K8s) -> None:
+    run("ip", "-n", k8s.ns.name, "addr", "add", "10.1.1.1/24", "dev", "p1")
+    k8s.config = write_config(k8s.work, excludeAddressed=True)
+    d = k8s.start()
+    devs = k8s.kubelet.wait_devices(RESOURCE, lambda d: "p0" in d)
+    assert "p1" not in devs
+    assert "netdev=p1" in d.log() and "has an IP address" in d.log()
+
+
+# -- Allocate -----------------------------------------------------------------------------
+
+
+def test_allocate_one_device_serves_its_socket_before_returning(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    resp = k8s.kubelet.allocate(RESOURCE, ["p0"])
+    c = resp.container_responses[0]
+    [mount] = c.mounts
+    assert mount.container_path == "/tmp/afxdp_dp/p0" and mount.read_only
+    sock = Path(mount.host_path) / "afxdp.sock"
+    assert sock.exists()  # already served: kubelet may start the pod right away
+    assert Path(mount.host_path).parent.parent == k8s.work / "sockets"
+    assert c.envs["AFXDP_DEVICES_POOL1"] == "p0"
+    info = json.loads(c.envs["AFXDP_DEVICES_POOL1_INFO"])
+    assert info["p0"]["socket"] == "/tmp/afxdp_dp/p0/afxdp.sock"
+    assert info["p0"]["queues"] == 1 and info["p0"]["mode"] == "native"
+    assert k8s.ns.xdp_prog_id("p0")
+    st = os.stat(sock)
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_allocate_two_devices_and_two_containers(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    two = k8s.kubelet.allocate(RESOURCE, ["p0", "p1"]).container_responses[0]
+    assert [m.container_path for m in two.mounts] == ["/tmp/afxdp_dp/p0", "/tmp/afxdp_dp/p1"]
+    assert two.envs["AFXDP_DEVICES_POOL1"] == "p0 p1"
+    assert len({Path(m.host_path).parent for m in two.mounts}) == 1  # one allocation
+    k8s.kubelet.allocate(RESOURCE, ["p2"])
+    allocs = k8s.allocations()
+    assert sorted(sorted(a["devices"]) for a in allocs) == [["p0", "p1"], ["p2"]]  # type: ignore[arg-type]
+
+
+def test_allocate_for_two_containers_in_one_request(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
+    resp = k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+    assert [c.envs["AFXDP_DEVICES_POOL1"] for c in resp.container_responses] == ["p0", "p1"]
+    assert len(k8s.allocations()) == 2
+
+
+@pytest.mark.parametrize("ids,code,text", [
+    (["nope0"], grpc.StatusCode.INVALID_ARGUMENT, "unknown device 'nope0'"),
+    (["p0", "p0"], grpc.StatusCode.INVALID_ARGUMENT, "requested twice"),
+    ([], grpc.StatusCode.INVALID_ARGUMENT, "no device"),
+])
+def test_bad_device_ids_fail_with_a_grpc_error_that_says_which(
+        k8s: K8s, ids: list[str], code: grpc.StatusCode, text: str) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    with pytest.raises(grpc.RpcError) as e:
+        k8s.kubelet.allocate(RESOURCE, ids)
+    assert e.value.code() == code and text in e.value.details()  # type: ignore[attr-defined]
+    assert k8s.allocations() == [] and k8s.ns.xdp_prog_id("p0") == 0
+
+
+def test_unhealthy_device_is_refused_and_nothing_is_done(k8s: K8s) -> None:
+    k8s.start()
+    run("ip", "-n", k8s.ns.name, "link", "set", "p1", "down")
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: "p1" in d and d["p1"].health == "Unhealthy")
+    with pytest.raises(grpc.RpcError) as e:
+        k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert "'p1' is unhealthy: link down" in e.value.details()  # type: ignore[attr-defined]
+    assert k8s.allocations() == [] and k8s.ns.xdp_prog_id("p0") == 0
+
+
+def test_failure_half_way_rolls_back_the_containers_done(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
+    run("ip", "-n", k8s.ns.name, "link", "del", "p1")  # gone; the daemon may not know yet
+    with pytest.raises(grpc.RpcError):
+        k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+    assert k8s.allocations() == []
+    assert k8s.ns.xdp_prog_id("p0") == 0
+    assert list((k8s.work / "sockets").iterdir()) == []
+
+
+def test_preferred_allocation_keeps_must_include_and_fills_up(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    got = k8s.kubelet.preferred(RESOURCE, ["p0", "p1", "p2"], ["p2"], 2)
+    assert got[0] == "p2" and len(got) == 2 and set(got) <= {"p0", "p1", "p2"}
+
+
+def test_pin_mode_mounts_the_pinned_map_where_dpdk_looks(k8s: K8s) -> None:
+    k8s.config = write_config(k8s.work, pinMap="both")
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    c = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0]
+    dirs, pin = c.mounts
+    assert dirs.container_path == "/tmp/afxdp_dp/p0"
+    assert pin.container_path == "/tmp/afxdp_dp/p0/xsks_map"
+    assert bpffs.is_bpffs(Path(pin.host_path).parent) and Path(pin.host_path).exists()
+    assert (Path(dirs.host_path) / "xsks_map").is_file()  # the mount point for the pin
+    assert json.loads(c.envs["AFXDP_DEVICES_POOL1_INFO"])["p0"]["pinnedMap"] == (
+        "/tmp/afxdp_dp/p0/xsks_map")
+
+
+# -- pods: PodResources, hostname check, GC ------------------------------------------------------
+
+
+def test_connect_is_checked_against_the_pod_that_owns_the_allocation(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    sock = Path(mount.host_path) / "afxdp.sock"
+    k8s.kubelet.add_pod("ns1", "pod-a", RESOURCE, ["p0"])
+    with k8s.ns.entered():
+        # Asked before the daemon polled PodResources: the /connect waits for it.
+        fetch_map_fd(sock, "p0", hostname="pod-a").close()
+        with Client(sock) as c, pytest.raises(HandshakeError, match="/host_nak"):
+            c.connect("pod-b")
+    [alloc] = k8s.allocations()
+    assert alloc["owner"] == "ns1/pod-a/app" and alloc["hostnames"] == ["pod-a"]
+
+
+def test_allocation_of_a_vanished_pod_is_garbage_collected(k8s: K8s) -> None:
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    k8s.kubelet.add_pod("ns1", "pod-a", RESOURCE, ["p0"])
+    k8s.wait(lambda: [a["owner"] for a in k8s.allocations()] == ["ns1/pod-a/app"],
+             what="owner mapped")
+    k8s.kubelet.remove_pod("ns1", "pod-a")
+    k8s.wait(lambda: k8s.allocations() == [], what="allocation released")
+    assert not Path(mount.host_path).exists()
+    assert k8s.ns.xdp_prog_id("p0") == 0
+
+
+# -- restarts ---------------------------------------------------------------------------------------
+
+
+def test_kubelet_restart_is_detected_and_the_plugin_registers_again(k8s: K8s) -> None:
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    assert k.registrations == [RESOURCE]
+    k.restart()
+    k.wait(lambda: k.registrations == [RESOURCE, RESOURCE], what="re-registration")
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    assert (k8s.work / "dp" / ENDPOINT).exists()
+
+
+def test_daemon_restart_restores_allocations_on_the_same_paths(k8s: K8s) -> None:
+    first = k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    sock = Path(mount.host_path) / "afxdp.sock"
+    k8s.kubelet.add_pod("ns1", "pod-a", RESOURCE, ["p0"])
+    prog = k8s.ns.xdp_prog_id("p0")
+    assert first.stop() == 0
+    assert k8s.ns.xdp_prog_id("p0") == prog  # running pods keep their data path
+    registrations = len(k8s.kubelet.registrations)
+    second = k8s.start()
+    assert "allocations=1 dropped=0" in second.log()
+    assert k8s.ns.xdp_prog_id("p0") == prog
+    k8s.kubelet.wait(lambda: len(k8s.kubelet.registrations) > registrations,
+                     what="registration of the restarted daemon")
+    with k8s.ns.entered():
+        fetch_map_fd(sock, "p0", hostname="pod-a").close()
+
+
+# -- the data path ------------------------------------------------------------------------------------
+
+
+def test_pod_client_receives_frames_through_the_allocated_socket(
+        k8s: K8s, client_runtime: ClientRuntime) -> None:
+    """Allocate -> uid 65534 client on the returned host path, as the pod -> frames."""
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    k8s.kubelet.add_pod("default", "dpdk-pod", RESOURCE, ["p0"])
+    ready = k8s.work / "out" / "ready"
+    proc = subprocess.Popen(
+        k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
+            "receive", "--socket", f"{mount.host_path}/afxdp.sock", "--netdev", "p0",
+            "--hostname", "dpdk-pod", "--count", "1000", "--timeout", "15", "--json",
+            "--ready-file", str(ready))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
+        cwd=client_runtime.dir)
+    try:
+        wait_for(ready, 15, proc)
+        run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", "q0",
+                        "--count", "1000"))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert (report["received"], report["uid"]) == (1000, 65534)
