@@ -166,7 +166,8 @@ class FakeKubelet:
     def allocate(self, resource: str, *containers: list[str]) -> pb.AllocateResponse:
         req = pb.AllocateRequest(container_requests=[
             pb.ContainerAllocateRequest(devices_ids=ids) for ids in containers])
-        return self.stub(resource).Allocate(req, timeout=30)
+        resp: pb.AllocateResponse = self.stub(resource).Allocate(req, timeout=30)
+        return resp
 
     def preferred(self, resource: str, available: list[str], must: list[str], size: int
                   ) -> list[str]:

@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -45,18 +46,18 @@ class K8s:
         self.daemons.append(d)
         return d
 
-    def status(self) -> dict[str, object]:
-        doc: dict[str, object] = call(self.work / "control.sock", {"op": "status"})["status"]
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = call(self.work / "control.sock", {"op": "status"})["status"]
         return doc
 
-    def allocations(self) -> list[dict[str, object]]:
-        allocs: list[dict[str, object]] = self.status()["allocations"]  # type: ignore[assignment]
+    def allocations(self) -> list[dict[str, Any]]:
+        allocs: list[dict[str, Any]] = self.status()["allocations"]
         return allocs
 
-    def wait(self, predicate: object, timeout: float = 10.0, what: str = "") -> None:
+    def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if predicate():  # type: ignore[operator]
+            if predicate():
                 return
             time.sleep(0.05)
         raise TimeoutError(what or "condition")
@@ -94,6 +95,11 @@ def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
                 d.stop()
             if bpffs.is_bpffs(workdir / "bpf"):
                 bpffs.unmount(workdir / "bpf")
+
+
+def rpc_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    err = cast(grpc.Call, e)
+    return err.code(), err.details() or ""
 
 
 def healthy(devs: dict[str, pb.Device], *names: str) -> bool:
@@ -168,7 +174,7 @@ def test_allocate_two_devices_and_two_containers(k8s: K8s) -> None:
     assert len({Path(m.host_path).parent for m in two.mounts}) == 1  # one allocation
     k8s.kubelet.allocate(RESOURCE, ["p2"])
     allocs = k8s.allocations()
-    assert sorted(sorted(a["devices"]) for a in allocs) == [["p0", "p1"], ["p2"]]  # type: ignore[arg-type]
+    assert sorted(sorted(a["devices"]) for a in allocs) == [["p0", "p1"], ["p2"]]
 
 
 def test_allocate_for_two_containers_in_one_request(k8s: K8s) -> None:
@@ -190,7 +196,8 @@ def test_bad_device_ids_fail_with_a_grpc_error_that_says_which(
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
     with pytest.raises(grpc.RpcError) as e:
         k8s.kubelet.allocate(RESOURCE, ids)
-    assert e.value.code() == code and text in e.value.details()  # type: ignore[attr-defined]
+    got, details = rpc_error(e.value)
+    assert got == code and text in details
     assert k8s.allocations() == [] and k8s.ns.xdp_prog_id("p0") == 0
 
 
@@ -200,8 +207,9 @@ def test_unhealthy_device_is_refused_and_nothing_is_done(k8s: K8s) -> None:
     k8s.kubelet.wait_devices(RESOURCE, lambda d: "p1" in d and d["p1"].health == "Unhealthy")
     with pytest.raises(grpc.RpcError) as e:
         k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-    assert "'p1' is unhealthy: link down" in e.value.details()  # type: ignore[attr-defined]
+    code, details = rpc_error(e.value)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'p1' is unhealthy: link down" in details
     assert k8s.allocations() == [] and k8s.ns.xdp_prog_id("p0") == 0
 
 

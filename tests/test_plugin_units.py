@@ -1,0 +1,165 @@
+"""Pure parts of the Kubernetes front end: configuration, pool classification, preferences."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_server.config import ConfigError
+from plugin.api import deviceplugin_v1beta1_pb2 as pb
+from plugin.config import PoolConfig, load, validate
+from plugin.discovery import Netdev, classify
+from plugin.inventory import DeviceState
+from plugin.owners import pod_hostname
+from plugin.pool import PoolBackend
+
+BASE = Netdev(name="eth1", ifindex=3, mac="02:00:00:00:00:01", kind="", driver="ice",
+              pci_address="0000:3b:00.0", numa_node=0, up=True, addressed=False,
+              loopback=False, default_route=False, xdp_prog_id=0, xdp_prog_name="")
+
+
+def dev(name: str, **kw: Any) -> Netdev:
+    return replace(BASE, name=name, **kw)
+
+
+def pools(*raw: dict[str, Any], **top: Any) -> list[PoolConfig]:
+    return validate({"pools": list(raw), **top}, node_name="node-a").pools
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_defaults_and_resource_names() -> None:
+    cfg = validate({"pools": [{"name": "fast", "drivers": ["ice"]}]}, node_name="n1")
+    p = cfg.pools[0]
+    assert cfg.resource_name(p) == "afxdp/fast" and p.env_name() == "AFXDP_DEVICES_FAST"
+    assert (p.pin_map, p.uid, p.socket_mode, p.queues) == ("socket", 0, 0o660, 0)
+    assert cfg.device_plugins_dir == Path("/var/lib/kubelet/device-plugins")
+    assert cfg.pod_resources_socket == Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+    assert cfg.node_name == "n1"
+
+
+def test_per_node_override_applies_only_on_that_node() -> None:
+    raw = {"pools": [{"name": "fast", "devices": ["eth1"], "xdpMode": "native",
+                      "nodes": {"node-b": {"devices": ["ens5"], "xdpMode": "skb"}}}]}
+    a = validate(raw, node_name="node-a").pools[0]
+    b = validate(raw, node_name="node-b").pools[0]
+    assert ([p.pattern for p in a.devices], a.xdp_mode.value) == (["eth1"], "native")
+    assert ([p.pattern for p in b.devices], b.xdp_mode.value) == (["ens5"], "skb")
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({}, "pools"),
+    ({"pools": []}, "pools"),
+    ({"pools": [{"name": "Fast", "drivers": ["ice"]}]}, "pools[0].name"),
+    ({"pools": [{"name": "fast"}]}, "pools[0]: selects nothing"),
+    ({"pools": [{"name": "fast", "devices": ["eth["]}]}, "pools[0].devices[0]"),
+    ({"pools": [{"name": "fast", "pciAddresses": ["3b:00.0"]}]}, "pools[0].pciAddresses[0]"),
+    ({"pools": [{"name": "fast", "macs": ["zz"]}]}, "pools[0].macs[0]"),
+    ({"pools": [{"name": "fast", "drivers": ["ice"], "pinMap": "yes"}]}, "pools[0].pinMap"),
+    ({"pools": [{"name": "fast", "drivers": ["ice"], "queues": -1}]}, "pools[0].queues"),
+    ({"pools": [{"name": "fast", "drivers": ["ice"], "udsIdleTimeout": 0}]},
+     "pools[0].udsIdleTimeout"),
+    ({"pools": [{"name": "fast", "drivers": ["ice"], "bogus": 1}]}, "pools[0].bogus"),
+    ({"pools": [{"name": "a", "devices": ["eth1"]}, {"name": "b", "devices": ["eth1"]}]},
+     "pools[1].devices[0]"),
+    ({"pools": [{"name": "a", "drivers": ["x"]}, {"name": "a", "drivers": ["y"]}]},
+     "pools[1].name"),
+    ({"pools": [{"name": "a", "drivers": ["x"],
+                 "nodes": {"node-a": {"name": "b"}}}]}, "pools[0].nodes.node-a.name"),
+    ({"pools": [{"name": "a", "drivers": ["x"]}], "stateDir": "relative"}, "stateDir"),
+    ({"pools": [{"name": "a", "drivers": ["x"]}], "resourcePrefix": "Bad_Prefix"},
+     "resourcePrefix"),
+    ({"pools": [{"name": "a", "drivers": ["x"]}], "gcInterval": 0}, "gcInterval"),
+])
+def test_bad_configuration_names_the_field(raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(raw, node_name="node-a")
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_load_reads_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("pools:\n  - name: fast\n    devices: ['ens.*']\n    pinMap: both\n")
+    assert load(f, node_name="n").pools[0].pin_map == "both"
+
+
+# -- classification --------------------------------------------------------------------------------
+
+
+def test_selectors_of_different_kinds_must_all_match() -> None:
+    [p] = pools({"name": "fast", "drivers": ["ice"], "pciAddresses": ["0000:3b:00.0"]})
+    c = classify({"eth1": dev("eth1"), "eth2": dev("eth2", pci_address="0000:3b:00.1"),
+                  "eth3": dev("eth3", driver="mlx5_core")}, [p])
+    assert list(c.members["fast"]) == ["eth1"]
+
+
+@pytest.mark.parametrize("netdev,reason", [
+    (dev("lo", loopback=True), "loopback"),
+    (dev("eth1", default_route=True), "carries the default route"),
+    (dev("eth1", xdp_prog_id=7, xdp_prog_name="firewall"), "foreign XDP program 'firewall'"),
+    (dev("eth1", addressed=True), "has an IP address"),
+    (dev("skip1"), "matches exclude"),
+])
+def test_never_taken_silently(netdev: Netdev, reason: str) -> None:
+    [p] = pools({"name": "fast", "devices": [".*"], "exclude": ["skip.*"],
+                 "excludeAddressed": True})
+    c = classify({netdev.name: netdev}, [p])
+    assert c.members["fast"] == {} and reason in c.excluded["fast"][netdev.name]
+
+
+def test_our_own_program_is_not_foreign() -> None:
+    [p] = pools({"name": "fast", "devices": ["eth1"]})
+    c = classify({"eth1": dev("eth1", xdp_prog_id=9, xdp_prog_name="afxdp_redirect")}, [p])
+    assert "eth1" in c.members["fast"]
+
+
+def test_allocated_netdev_stays_in_its_pool_even_with_an_address() -> None:
+    [p] = pools({"name": "fast", "devices": ["eth1"], "excludeAddressed": True})
+    c = classify({"eth1": dev("eth1", addressed=True)}, [p], keep={"eth1": "fast"})
+    assert "eth1" in c.members["fast"]
+
+
+def test_netdev_matching_two_pools_is_a_conflict() -> None:
+    a, b = pools({"name": "a", "devices": ["eth.*"]}, {"name": "b", "drivers": ["ice"]})
+    c = classify({"eth1": dev("eth1")}, [a, b])
+    assert c.conflicts == {"eth1": ["a", "b"]} and not c.members["a"] and not c.members["b"]
+
+
+# -- preferred allocation ------------------------------------------------------------------------------
+
+
+class _Inventory:
+    def __init__(self, states: dict[str, DeviceState]) -> None:
+        self.pools = {"fast": states}
+
+
+def backend(*netdevs: Netdev) -> PoolBackend:
+    cfg = validate({"pools": [{"name": "fast", "drivers": ["ice"]}]}, node_name="n")
+    states = {d.name: DeviceState(d.name, d, True) for d in netdevs}
+    return PoolBackend(cfg, cfg.pools[0], None, _Inventory(states))  # type: ignore[arg-type]
+
+
+def pref(b: PoolBackend, available: list[str], must: list[str], size: int) -> list[str]:
+    return b.preferred(pb.ContainerPreferredAllocationRequest(
+        available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size))
+
+
+def test_preferred_keeps_must_include_then_same_numa_then_same_nic() -> None:
+    b = backend(dev("a0", numa_node=0, pci_address="0000:3b:00.0"),
+                dev("a1", numa_node=0, pci_address="0000:3b:00.1"),
+                dev("b0", numa_node=1, pci_address="0000:af:00.0"),
+                dev("c0", numa_node=0, pci_address="0000:5e:00.0"))
+    assert pref(b, ["a0", "a1", "b0", "c0"], ["a1"], 2) == ["a1", "a0"]  # same NIC
+    assert pref(b, ["a0", "b0", "c0"], ["a0"], 2) == ["a0", "c0"]  # same NUMA, other NIC
+    assert pref(b, ["b0", "a0", "a1", "c0"], [], 3) == ["a0", "a1", "c0"]  # the big NUMA node
+    assert pref(b, ["a0"], [], 3) == ["a0"]
+
+
+def test_pod_hostname_follows_kubelet() -> None:
+    assert pod_hostname("dpdk-0") == "dpdk-0"
+    assert pod_hostname("x" * 62 + "-abc") == "x" * 62
+    assert len(pod_hostname("y" * 80)) == 63
