@@ -46,6 +46,9 @@ _ATTACHED_MODE = {
     libbpf.XDP_ATTACHED_HW: "hw",
     libbpf.XDP_ATTACHED_MULTI: "multi",
 }
+# Errors skb mode would meet just the same: no point falling back.
+_NO_FALLBACK = {errno.EEXIST, errno.EBUSY, errno.EPERM, errno.EACCES, errno.ENODEV,
+                errno.ENOENT}
 _MODE_FLAGS = {
     "native": libbpf.XDP_FLAGS_DRV_MODE,
     "skb": libbpf.XDP_FLAGS_SKB_MODE,
@@ -108,6 +111,15 @@ def query(ifindex: int) -> XdpState:
     finally:
         os.close(fd)
     return XdpState(ifindex, prog_id, mode, name, tag)
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of loaded BPF program ``prog_id`` (needs CAP_SYS_ADMIN)."""
+    fd = libbpf.check(libbpf.call("bpf_prog_get_fd_by_id", prog_id), f"opening program {prog_id}")
+    try:
+        return str(libbpf.prog_info(fd).name.decode("ascii", "replace"))
+    finally:
+        os.close(fd)
 
 
 class LoadedProgram:
@@ -260,8 +272,11 @@ def attach(ifindex: int, program: LoadedProgram, mode: XdpMode, *, ifname: str =
             return m.value
         err = ctypes.get_errno() or -ret
         last = LibbpfError(f"attaching XDP program to {label} in {m.value} mode", err, messages)
-        if mode is XdpMode.AUTO and err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP):
-            log.info("event=xdp_native_unsupported netdev=%s fallback=skb errno=%d", label, err)
+        if mode is XdpMode.AUTO and m is XdpMode.NATIVE and err not in _NO_FALLBACK:
+            # The driver refused native XDP (no support, too many peer queues on a
+            # veth, MTU too large, ...): the generic hook works on any netdev.
+            log.info("event=xdp_native_refused netdev=%s fallback=skb errno=%d reason=%r",
+                     label, err, "; ".join(messages) or os.strerror(err))
             continue
         break
     assert last is not None

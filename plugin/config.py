@@ -66,7 +66,7 @@ class PluginConfig:
     check_peer_netns: bool = True
     gc_interval: float = 30.0
     gc_grace: float = 300.0  # an allocation no pod claims is released after this long
-    rescan_interval: float = 10.0
+    rescan_interval: float = 60.0  # full dumps; events keep the view current in between
     bpf_object: Path | None = None
 
     def resource_name(self, pool: PoolConfig) -> str:

@@ -20,12 +20,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
 from bpf.errors import BpfError
-from bpf.program import PROGRAM_NAME
-from bpf.program import query as xdp_query
+from bpf.program import PROGRAM_NAME, prog_name
 from plugin.config import PoolConfig
 
 log = logging.getLogger(__name__)
@@ -85,38 +85,140 @@ def _sysfs(name: str, ifindex: int) -> tuple[str, str, int | None]:
     return driver, pci, numa
 
 
-def scan() -> dict[str, Netdev]:
-    """Every link in this netns, by name."""
-    with IPRoute() as ipr:
-        links = list(ipr.get_links())
-        # Link-local (scope 253) and host (254) addresses come by themselves; only
-        # configured ones (universe 0, site 200) mean the netdev is in use.
-        addressed = {int(a["index"]) for a in ipr.get_addr() if int(a["scope"]) < 253}
-        default = {int(r.get("oif") or 0) for r in ipr.get_routes(table=254)
-                   if r["dst_len"] == 0}
-        default |= {int(r.get("oif") or 0) for r in ipr.get_routes(family=10, table=254)
-                    if r["dst_len"] == 0}
-    out: dict[str, Netdev] = {}
-    for link in links:
-        name = str(link.get("ifname"))
-        ifindex = int(link["index"])
-        xdp = link.get("xdp")
-        prog_id = int((xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else 0) or 0)
-        prog_name = ""
-        if prog_id:
+@dataclass(frozen=True)
+class _Link:
+    name: str
+    ifindex: int
+    mac: str
+    kind: str
+    flags: int
+    operstate: str
+    xdp_prog_id: int
+
+
+def _link(msg: Any) -> _Link:
+    xdp = msg.get("xdp")
+    return _Link(
+        name=str(msg.get("ifname")), ifindex=int(msg["index"]),
+        mac=str(msg.get("address") or "").lower(), kind=str(msg.get(("linkinfo", "kind")) or ""),
+        flags=int(msg["flags"]), operstate=str(msg.get("operstate") or ""),
+        xdp_prog_id=int((xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else 0) or 0),
+    )
+
+
+def _addr_key(msg: Any) -> tuple[int, str, int] | None:
+    """Configured addresses only: link-local (scope 253) and host (254) ones come by themselves."""
+    if int(msg["scope"]) >= 253:
+        return None
+    return int(msg["family"]), str(msg.get("address")), int(msg["prefixlen"])
+
+
+def _default_key(msg: Any) -> tuple[int, int, int] | None:
+    """A default route of the main table: (family, oif, metric)."""
+    if msg["dst_len"] != 0 or int(msg.get("table") or 0) != 254:
+        return None
+    return int(msg["family"]), int(msg.get("oif") or 0), int(msg.get("priority") or 0)
+
+
+class NodeView:
+    """Links, configured addresses and default routes of one netns.
+
+    Built from one dump (:meth:`dump`, three rtnetlink requests whatever the
+    number of links), then kept current by :meth:`apply` with each event, so a
+    change costs one small message, not a dump of every link.
+    """
+
+    def __init__(self) -> None:
+        self.links: dict[int, _Link] = {}
+        self.addrs: dict[int, set[tuple[int, str, int]]] = {}
+        self.defaults: set[tuple[int, int, int]] = set()
+        self._sysfs: dict[tuple[str, int], tuple[str, str, int | None]] = {}
+        self._prog_names: dict[int, str] = {}
+
+    @classmethod
+    def dump(cls) -> NodeView:
+        """A fresh view of the calling thread's netns (call it from a worker thread)."""
+        view = cls()
+        with IPRoute() as ipr:
+            for msg in ipr.get_links():
+                link = _link(msg)
+                view.links[link.ifindex] = link
+            for msg in ipr.get_addr():
+                key = _addr_key(msg)
+                if key is not None:
+                    view.addrs.setdefault(int(msg["index"]), set()).add(key)
+            for family in (2, 10):
+                for msg in ipr.get_routes(family=family, table=254):
+                    dkey = _default_key(msg)
+                    if dkey is not None:
+                        view.defaults.add(dkey)
+        return view
+
+    def apply(self, msg: Any) -> bool:
+        """Apply one rtnetlink event; True if it may change what we report."""
+        event = msg.get("event")
+        if event == "RTM_NEWLINK":
+            link = _link(msg)
+            changed = self.links.get(link.ifindex) != link
+            self.links[link.ifindex] = link
+            return changed
+        if event == "RTM_DELLINK":
+            ifindex = int(msg["index"])
+            self.addrs.pop(ifindex, None)
+            self.defaults = {d for d in self.defaults if d[1] != ifindex}
+            return self.links.pop(ifindex, None) is not None
+        if event in ("RTM_NEWADDR", "RTM_DELADDR"):
+            key = _addr_key(msg)
+            if key is None:
+                return False
+            addrs = self.addrs.setdefault(int(msg["index"]), set())
+            before = bool(addrs)
+            (addrs.add if event == "RTM_NEWADDR" else addrs.discard)(key)
+            return before != bool(addrs)
+        if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+            dkey = _default_key(msg)
+            if dkey is None:
+                return False
+            (self.defaults.add if event == "RTM_NEWROUTE" else self.defaults.discard)(dkey)
+            return True
+        return False
+
+    def inherit_caches(self, older: NodeView) -> None:
+        """Keep what never changes for a given link or program across dumps."""
+        self._sysfs = {k: v for k, v in older._sysfs.items()
+                       if k[1] in self.links and self.links[k[1]].name == k[0]}
+        self._prog_names = dict(older._prog_names)
+
+    def _prog_name(self, prog_id: int) -> str:
+        if prog_id not in self._prog_names:
             with contextlib.suppress(BpfError):
-                prog_name = xdp_query(ifindex).name
-        kind = str(link.get(("linkinfo", "kind")) or "")
-        driver, pci, numa = _sysfs(name, ifindex)
-        flags = int(link["flags"])
-        out[name] = Netdev(
-            name=name, ifindex=ifindex, mac=str(link.get("address") or "").lower(), kind=kind,
-            driver=driver or kind, pci_address=pci, numa_node=numa,
-            up=bool(flags & IFF_UP) and link.get("operstate") in ("UP", "UNKNOWN"),
-            addressed=ifindex in addressed, loopback=bool(flags & IFF_LOOPBACK),
-            default_route=ifindex in default, xdp_prog_id=prog_id, xdp_prog_name=prog_name,
-        )
-    return out
+                self._prog_names[prog_id] = prog_name(prog_id)
+        return self._prog_names.get(prog_id, "")
+
+    def netdevs(self) -> dict[str, Netdev]:
+        """Every link, by name, with its sysfs facts (cached per name and ifindex)."""
+        default = {d[1] for d in self.defaults}
+        out: dict[str, Netdev] = {}
+        for link in self.links.values():
+            key = (link.name, link.ifindex)
+            if key not in self._sysfs:
+                self._sysfs[key] = _sysfs(link.name, link.ifindex)
+            driver, pci, numa = self._sysfs[key]
+            out[link.name] = Netdev(
+                name=link.name, ifindex=link.ifindex, mac=link.mac, kind=link.kind,
+                driver=driver or link.kind, pci_address=pci, numa_node=numa,
+                up=bool(link.flags & IFF_UP) and link.operstate in ("UP", "UNKNOWN"),
+                addressed=bool(self.addrs.get(link.ifindex)),
+                loopback=bool(link.flags & IFF_LOOPBACK), default_route=link.ifindex in default,
+                xdp_prog_id=link.xdp_prog_id,
+                xdp_prog_name=self._prog_name(link.xdp_prog_id) if link.xdp_prog_id else "",
+            )
+        return out
+
+
+def scan() -> dict[str, Netdev]:
+    """Every link in this netns, by name (one dump)."""
+    return NodeView.dump().netdevs()
 
 
 def selects(pool: PoolConfig, dev: Netdev) -> bool:

@@ -6,9 +6,11 @@ program we attached.  An allocated device that vanished stays listed as
 Unhealthy (its pod still holds it); an unallocated one that vanished is
 removed from the list.
 
-Rescans run in a worker thread (netlink dumps) after a netlink event
-(debounced) and every ``rescan_interval`` seconds; pools whose device list or
-health changed are reported to ``on_change``.
+The node view comes from one dump at start-up, then from the netlink events
+themselves (each a small message); a full dump repeats every
+``rescan_interval`` seconds as a safety net.  After events (debounced) the
+pools are reclassified; pools whose device list or health changed are
+reported to ``on_change``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
-from plugin.discovery import Netdev, classify, scan
+from plugin.discovery import Netdev, NodeView, classify
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class Inventory:
         self.on_change = on_change
         self.pools: dict[str, dict[str, DeviceState]] = {p.name: {} for p in cfg.pools}
         self.scans = 0
+        self.view: NodeView | None = None
+        self._dumping = False
+        self._pending: list[Any] = []
         self._excluded: dict[tuple[str, str], str] = {}
         self._conflicts: dict[str, list[str]] = {}
         self._lock = asyncio.Lock()
@@ -72,14 +78,31 @@ class Inventory:
     # -- scanning ----------------------------------------------------------------
 
     async def rescan(self, *, strict: bool = False) -> set[str]:
-        """Scan, classify, compute health; returns the pools that changed.
+        """Dump the node afresh (start-up, and a periodic safety net), then reclassify.
 
         ``strict``: a netdev matching two pools raises PoolConflict (start-up);
         later it is only excluded and logged.
         """
+        self._pending = []
+        self._dumping = True
+        try:
+            view = await asyncio.to_thread(NodeView.dump)
+        finally:
+            self._dumping = False
+        for msg in self._pending:  # events that raced with the dump
+            view.apply(msg)
+        self._pending = []
+        if self.view is not None:
+            view.inherit_caches(self.view)
+        self.view = view
+        self.scans += 1
+        return await self.reclassify(strict=strict)
+
+    async def reclassify(self, *, strict: bool = False) -> set[str]:
+        """Pools and health from the current view; returns (and reports) the pools that changed."""
+        assert self.view is not None
         async with self._lock:
-            netdevs = await asyncio.to_thread(scan)
-            self.scans += 1
+            netdevs = self.view.netdevs()
             keep = {n: a.pool for a in self.registry.allocations.values() for n in a.netdevs}
             c = classify(netdevs, self.cfg.pools, keep)
             if c.conflicts and strict:
@@ -99,6 +122,13 @@ class Inventory:
         if changed:
             await self.on_change(changed)
         return changed
+
+    def _on_message(self, msg: Any) -> None:
+        """An rtnetlink event (on the loop thread): update the view, reclassify soon."""
+        if self._dumping:
+            self._pending.append(msg)
+        if self.view is not None and self.view.apply(msg):
+            self._kick.set()
 
     def _health(self, dev: Netdev) -> DeviceState:
         if not dev.up:
@@ -154,10 +184,11 @@ class Inventory:
             ready.set()
             while True:
                 try:
-                    ipr.get()
+                    messages = ipr.get()
                 except Exception:  # closed by stop()
                     return
-                loop.call_soon_threadsafe(self._kick.set)
+                for msg in messages:
+                    loop.call_soon_threadsafe(self._on_message, msg)
 
         self._watcher = threading.Thread(target=listen, name="netlink-events", daemon=True)
         self._watcher.start()
@@ -182,9 +213,12 @@ class Inventory:
     async def _on_events(self) -> None:
         while True:
             await self._kick.wait()
-            await asyncio.sleep(DEBOUNCE)  # a burst of events, one rescan
+            await asyncio.sleep(DEBOUNCE)  # a burst of events, one reclassification
             self._kick.clear()
-            await self._safe_rescan()
+            try:
+                await self.reclassify()
+            except Exception:
+                log.exception("event=reclassify_failed")
 
     async def _periodic(self) -> None:
         while True:

@@ -196,3 +196,25 @@ def test_pin_outside_bpffs_is_refused(tmp_path: Path) -> None:
             bpffs.pin(fd, tmp_path / "xsks_map")
     finally:
         os.close(fd)
+
+
+def test_auto_falls_back_when_the_driver_refuses_native_for_its_own_reasons(
+        netns: NsFixture) -> None:
+    """A veth with fewer RX queues than its peer has TX queues refuses native XDP (ENOSPC).
+
+    Needs a peer with more than one TX queue: it gets one per CPU by default."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the peer gets one TX queue per CPU; this machine has one CPU")
+    subprocess.run(["ip", "-n", netns.name, "link", "add", "va", "numrxqueues", "1",
+                    "numtxqueues", "1", "type", "veth", "peer", "vb"], check=True)  # peer: 1/CPU
+    for dev in ("va", "vb"):  # the driver checks the queue counts of running links
+        subprocess.run(["ip", "-n", netns.name, "link", "set", dev, "up"], check=True)
+    with netns.entered():
+        info = link_info("va")
+        with pytest.raises(LibbpfError, match="rx queues"):
+            ensure_attached("va", info.ifindex, 1, XdpMode.NATIVE)
+        np = ensure_attached("va", info.ifindex, 1, XdpMode.AUTO)
+        try:
+            assert np.mode == "skb"
+        finally:
+            np.detach()

@@ -73,7 +73,7 @@ def write_config(work: Path, **pool: object) -> Path:
         "podResourcesSocket": str(work / "podres" / "kubelet.sock"),
         "controlSocket": str(work / "control.sock"),
         "gcInterval": 0.5,
-        "rescanInterval": 1,
+        "rescanInterval": 30,  # events must do the work; dumps are only a safety net
         "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
                    **pool}],
     }
