@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bpf import bpffs
 from tests.kernel import ClientRuntime, Daemon, make_netns, run, setpriv, wait_for
 
 FRAMES = 1000
@@ -39,6 +40,8 @@ def say(text: str) -> None:
 
 
 def main() -> int:
+    # Interrupted or terminated: leave through the finally blocks, which clean up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("demo: run as root (it creates a netns and attaches an XDP program)", file=sys.stderr)
         return 2
@@ -48,6 +51,7 @@ def main() -> int:
     (work / "out").chmod(0o1777)
     runtime = ClientRuntime()
     ok = True
+    daemon: Daemon | None = None
     try:
         with make_netns() as ns:
             say(f"netns {ns.name}: veth pair va <-> vb (one queue each)")
@@ -102,6 +106,10 @@ def main() -> int:
                   f"left behind: {left or 'nothing'}")
             ok &= code == 0 and not left and ns.xdp_prog_id("va") == 0
     finally:
+        if daemon is not None:
+            daemon.stop()  # SIGTERM: the daemon removes its sockets, pins and bpffs mount
+        if bpffs.is_bpffs(work / "pins"):
+            bpffs.unmount(work / "pins")
         runtime.close()
         shutil.rmtree(work, ignore_errors=True)
     say("demo " + ("succeeded" if ok else "FAILED"))

@@ -134,6 +134,16 @@ def test_list_follows_links_appearing_going_down_and_disappearing(k8s: K8s) -> N
     k.wait_devices(RESOURCE, lambda d: "p2" not in d)
 
 
+def test_allocated_device_that_loses_its_program_turns_unhealthy(k8s: K8s) -> None:
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    k.allocate(RESOURCE, ["p0"])
+    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "off")  # e.g. a root DPDK exiting
+    devs = k.wait_devices(RESOURCE, lambda d: d["p0"].health == "Unhealthy")
+    assert healthy(devs, "p1", "p2")
+
+
 def test_excluded_netdevs_are_not_offered_and_the_log_says_why(k8s: K8s) -> None:
     run("ip", "-n", k8s.ns.name, "addr", "add", "10.1.1.1/24", "dev", "p1")
     k8s.config = write_config(k8s.work, excludeAddressed=True)
