@@ -234,6 +234,33 @@ def test_failure_half_way_rolls_back_the_containers_done(k8s: K8s) -> None:
     assert list((k8s.work / "sockets").iterdir()) == []
 
 
+def test_pool_settings_reach_the_allocation(k8s: K8s) -> None:
+    """queues caps the exposed queue slots; udsIdleTimeout closes silent connections."""
+    k8s.ns.veth("p5", "q5", queues=4)
+    k8s.config = write_config(k8s.work, queues=2, udsIdleTimeout=0.3)
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p5"))
+    c = k8s.kubelet.allocate(RESOURCE, ["p5"]).container_responses[0]
+    assert json.loads(c.envs["AFXDP_DEVICES_POOL1_INFO"])["p5"]["queues"] == 2
+    sock = Path(c.mounts[0].host_path) / "afxdp.sock"
+    k8s.kubelet.add_pod("ns1", "pod-q", RESOURCE, ["p5"])
+    with k8s.ns.entered(), Client(sock) as client:
+        client.connect("pod-q")
+        assert client.request("/xsk_socket,p5,2")[0] == "/fd_nak"  # beyond the 2 exposed
+        t0 = time.monotonic()
+        assert client.sock.recv(64) == b""  # closed for silence
+        assert time.monotonic() - t0 < 3
+
+
+def test_a_netdev_matching_two_pools_stops_the_start(k8s: K8s) -> None:
+    cfg = json.loads(k8s.config.read_text())
+    cfg["pools"].append({"name": "pool2", "drivers": ["veth"]})
+    k8s.config.write_text(json.dumps(cfg))
+    d = k8s.start(wait=False)
+    assert d.proc.wait(15) == 2
+    assert "p0 matches pools pool1, pool2" in d.log()
+
+
 def test_preferred_allocation_keeps_must_include_and_fills_up(k8s: K8s) -> None:
     k8s.start()
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
