@@ -7,7 +7,7 @@ BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(wildcard bpf/*.bpf.c))
 PROTOS := $(wildcard plugin/api/*.proto)
 PROTO_PY := $(patsubst %.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup bpf proto demo test unit lint bench clean
+.PHONY: setup bpf proto cni demo test unit lint bench clean
 
 setup:
 	scripts/setup.sh
@@ -16,6 +16,14 @@ bpf: $(BPF_OBJS)
 
 bpf/%.bpf.o: bpf/%.bpf.c
 	clang $(BPF_CFLAGS) -c $< -o $@
+
+# The CNI executable: one stdlib-only file, installed as /opt/cni/bin/afxdp
+# (`afxdp install-cni`, or copy build/afxdp-cni there).
+cni: build/afxdp-cni
+
+build/afxdp-cni: plugin/cni.py
+	mkdir -p build
+	install -m 0755 $< $@
 
 # kubelet's gRPC APIs: Python modules generated from our .proto files (not committed).
 proto: $(PROTO_PY)
@@ -40,4 +48,4 @@ bench: setup
 	$(PY) benchmarks/handshake.py
 
 clean:
-	rm -f bpf/*.bpf.o plugin/api/*_pb2*.py plugin/api/*_pb2.pyi
+	rm -f bpf/*.bpf.o plugin/api/*_pb2*.py plugin/api/*_pb2.pyi build/afxdp-cni

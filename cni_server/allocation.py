@@ -50,6 +50,8 @@ class Allocation:
     pool: str = ""
     owner: str = ""  # "namespace/pod/container" once known (Kubernetes)
     idle_timeout: float = 0.0  # seconds; 0: the server's default
+    # pod-visible name -> netdev, for netdevs CNI ADD renamed (DPDK asks by that name)
+    aliases: dict[str, str] = field(default_factory=dict)
     # (netdev, queue) -> inode of the AF_XDP socket last handed out for it by
     # /xsk_socket: /xsk_bind only binds that very socket.
     _xsk_handouts: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -61,8 +63,12 @@ class Allocation:
     def hostnames(self) -> Iterable[str]:
         return self.hostnames_allowed
 
+    def resolve(self, name: str) -> str:
+        """The netdev a client means by ``name`` (its own name, or the one it has in the pod)."""
+        return self.aliases.get(name, name)
+
     def device(self, name: str) -> protocol.Device | None:
-        dev = self.netdevs.get(name)
+        dev = self.netdevs.get(self.resolve(name))
         return dev.view() if dev else None
 
     def devices(self) -> list[protocol.Device]:

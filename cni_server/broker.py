@@ -51,17 +51,18 @@ class Broker:
 
     @staticmethod
     def _map_fd(allocation: Allocation, grant: Grant) -> Outcome:
-        device = allocation.netdevs[grant.netdev]
+        device = allocation.netdevs[allocation.resolve(grant.netdev)]
         if device.program.program.closed:
             return Outcome(False, reason="netdev released")
         return Outcome(True, fd=device.program.map_fd)
 
     @staticmethod
     def _xsk_socket(allocation: Allocation, grant: Grant) -> Outcome:
-        device = allocation.netdevs[grant.netdev]
+        device = allocation.netdevs[allocation.resolve(grant.netdev)]
         sock = device.netns.run(xsk.create_socket)
         try:
-            allocation.record_xsk(grant.netdev, grant.queue, xsk.inode(sock.fileno()))
+            allocation.record_xsk(allocation.resolve(grant.netdev), grant.queue,
+                                  xsk.inode(sock.fileno()))
         except BaseException:
             sock.close()
             raise
@@ -72,10 +73,10 @@ class Broker:
         fd = sock.fileno()
         if not xsk.is_xdp_socket(fd):
             return Outcome(False, reason="fd is not an AF_XDP socket")
-        expected = allocation.handed_out_xsk(grant.netdev, grant.queue)
+        expected = allocation.handed_out_xsk(allocation.resolve(grant.netdev), grant.queue)
         if expected is None or xsk.inode(fd) != expected:
             return Outcome(False, reason="not the socket handed out for this queue")
-        device = allocation.netdevs[grant.netdev]
+        device = allocation.netdevs[allocation.resolve(grant.netdev)]
         xsk.bind(fd, device.program.ifindex, grant.queue)
         xsk.insert(device.program.map_fd, grant.queue, fd)
         return Outcome(True)

@@ -110,6 +110,29 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- install-cni -------------------------------------------------------------------
+
+
+def cmd_install_cni(a: argparse.Namespace) -> int:
+    """Copy the stdlib-only CNI executable to DEST/afxdp, atomically, mode 0755."""
+    import shutil
+
+    import plugin.cni
+
+    dest = Path(a.dest)
+    target = dest / a.name
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f".{a.name}.tmp.{os.getpid()}"
+        shutil.copyfile(plugin.cni.__file__, tmp)
+        tmp.chmod(0o755)
+        tmp.replace(target)
+    except OSError as e:
+        return _fail(EXIT_ERROR, f"installing the CNI plugin in {dest}: {e.strerror or e}")
+    print(f"installed {target}")
+    return 0
+
+
 # -- request -------------------------------------------------------------------
 
 
@@ -358,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--node-name", help="this node's name (default: $NODE_NAME, else hostname)")
     dm.add_argument("--ready-file", help="write status JSON here once registered")
     dm.set_defaults(fn=cmd_daemon)
+
+    ic = sub.add_parser("install-cni", help="install the CNI executable (host python3, stdlib)")
+    ic.add_argument("--dest", default="/opt/cni/bin")
+    ic.add_argument("--name", default="afxdp")
+    ic.set_defaults(fn=cmd_install_cni)
 
     r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd")
     r.add_argument("--socket", help="default /tmp/afxdp_dp/<netdev>/afxdp.sock")

@@ -29,7 +29,7 @@ from bpf import bpffs
 from bpf.program import NetdevProgram, XdpMode, ensure_attached
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.netdev import link_info
-from cni_server.netns import Netns
+from cni_server.netns import Netns, NetnsError
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
 
@@ -64,6 +64,8 @@ class AllocationSpec:
     pool: str = ""
     owner: str = ""
     idle_timeout: float = 0.0
+    # netdev -> where CNI ADD put it: {"netns": path, "ifname": name there, "container_id": id}
+    attached: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def socket_dir(self, netdev: str) -> Path:
         return self.socket_base / netdev
@@ -98,6 +100,7 @@ class AllocationSpec:
 @dataclass
 class _Shared:
     program: NetdevProgram
+    netns: Netns | None = None  # where the netdev is now; None: the daemon's own
     users: int = 0
 
 
@@ -110,17 +113,31 @@ class ProgramTable:
     _table: dict[str, _Shared] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def acquire(self, netdev: str, mode: XdpMode) -> NetdevProgram:
+    async def acquire(self, netdev: str, mode: XdpMode, netns: Netns | None = None,
+                      ifname: str = "") -> NetdevProgram:
+        """Our program on ``netdev`` (named ``ifname`` in ``netns`` if it lives in a pod's)."""
         async with self._lock:
             shared = self._table.get(netdev)
             if shared is None:
-                info = await asyncio.to_thread(link_info, netdev)
-                program = await asyncio.to_thread(
-                    ensure_attached, netdev, info.ifindex, info.queue_slots, mode,
-                    force=self.force_replace, object_path=self.bpf_object)
-                shared = self._table[netdev] = _Shared(program)
+                name = ifname or netdev
+
+                def attach() -> NetdevProgram:
+                    info = link_info(name)
+                    return ensure_attached(name, info.ifindex, info.queue_slots, mode,
+                                           force=self.force_replace, object_path=self.bpf_object)
+
+                program = await (netns.run_async(attach) if netns else asyncio.to_thread(attach))
+                shared = self._table[netdev] = _Shared(program, netns)
             shared.users += 1
             return shared.program
+
+    def relocate(self, netdev: str, netns: Netns | None, ifname: str, ifindex: int) -> None:
+        """The netdev moved (CNI ADD/DEL): detach there later, bind by its new ifindex."""
+        shared = self._table.get(netdev)
+        if shared is not None:
+            shared.netns = netns
+            shared.program.netdev = ifname
+            shared.program.ifindex = ifindex
 
     async def release(self, netdev: str, *, detach: bool = True) -> None:
         async with self._lock:
@@ -132,7 +149,9 @@ class ProgramTable:
                 return
             del self._table[netdev]
             if detach:
-                ok = await asyncio.to_thread(shared.program.detach)
+                where = shared.netns
+                ok = await (where.run_async(shared.program.detach) if where
+                            else asyncio.to_thread(shared.program.detach))
                 log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
             else:
                 shared.program.close()
@@ -177,11 +196,16 @@ class Registry:
                 raise RegistryError(f"{netdev} is already in allocation {other.id}")
         async with contextlib.AsyncExitStack() as undo:
             devices: dict[str, AllocatedDevice] = {}
+            aliases: dict[str, str] = {}
             if spec.own_socket_base:
                 self._mkdir(spec.socket_base, 0o755, -1, -1, undo.callback)
             for netdev in spec.netdevs:
-                program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode))
+                where, ifname = self._locate(spec, netdev)
+                program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode), where,
+                                                      ifname)
                 undo.push_async_callback(self.programs.release, netdev)
+                if where is not None:
+                    undo.callback(where.close)
                 self._mkdir(spec.socket_dir(netdev), 0o750, spec.uid, spec.gid, undo.callback)
                 pin = spec.pin_path(netdev)
                 if pin is not None:
@@ -193,11 +217,15 @@ class Registry:
                     spot = spec.socket_dir(netdev) / PIN_NAME
                     spot.touch(mode=0o644)
                     undo.callback(spot.unlink, missing_ok=True)
-                devices[netdev] = AllocatedDevice(netdev, program, self.netns, spec.queues, pin)
+                devices[netdev] = AllocatedDevice(netdev, program, where or self.netns,
+                                                  spec.queues, pin)
+                if where is not None and ifname != netdev:
+                    aliases[ifname] = netdev
             allocation = Allocation(
                 id=spec.id, netdevs=devices, hostnames_allowed=spec.hostnames,
                 socket_paths=spec.socket_paths(), check_peer_netns=spec.check_peer_netns,
                 pool=spec.pool, owner=spec.owner, idle_timeout=spec.idle_timeout,
+                aliases=aliases,
             )
             self.server.serve(allocation, mode=spec.mode, uid=spec.uid, gid=spec.gid)
             undo.callback(self.server.stop_serving, spec.id)
@@ -241,6 +269,45 @@ class Registry:
             self.save()
         log.info("event=allocation_released id=%s netdevs=%s detach=%s", allocation_id,
                  ",".join(spec.netdevs), detach)
+
+    def _locate(self, spec: AllocationSpec, netdev: str) -> tuple[Netns | None, str]:
+        """Where a netdev of a (restored) allocation is: a pod's netns per its attachment
+        record, if that netns still holds it; else the daemon's (None)."""
+        record = spec.attached.get(netdev)
+        if not record:
+            return None, ""
+        try:
+            where = Netns.open(Path(record["netns"]))
+        except (NetnsError, KeyError):
+            log.info("event=attachment_gone netdev=%s netns=%s", netdev, record.get("netns"))
+            return None, ""
+        ifname = record.get("ifname") or netdev
+        try:
+            where.run(lambda: link_info(ifname))
+        except LookupError:
+            where.close()
+            log.info("event=attachment_gone netdev=%s ifname=%s", netdev, ifname)
+            return None, ""
+        return where, ifname
+
+    def record_attachment(self, allocation_id: str, netdev: str, record: dict[str, str] | None,
+                          netns: Netns | None, ifname: str, ifindex: int) -> None:
+        """CNI ADD (record, the pod's netns) or DEL (None: back in the daemon's netns)."""
+        allocation = self.allocations[allocation_id]
+        device = allocation.netdevs[netdev]
+        if device.netns is not self.netns:
+            device.netns.close()
+        device.netns = netns or self.netns
+        self.programs.relocate(netdev, netns, ifname, ifindex)
+        allocation.aliases = {k: v for k, v in allocation.aliases.items() if v != netdev}
+        if record is not None and ifname != netdev:
+            allocation.aliases[ifname] = netdev
+        spec = self.specs[allocation_id]
+        attached = {k: v for k, v in spec.attached.items() if k != netdev}
+        if record is not None:
+            attached[netdev] = record
+        self.specs[allocation_id] = replace(spec, attached=attached)
+        self.save()
 
     def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
         """Record the pod an allocation belongs to (and the hostname it may /connect with)."""

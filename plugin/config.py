@@ -62,6 +62,7 @@ class PluginConfig:
     device_plugins_dir: Path = Path("/var/lib/kubelet/device-plugins")
     pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     control_socket: Path | None = Path("/run/afxdp/control.sock")
+    cni_socket: Path = Path("/run/afxdp/cni.sock")
     ready_file: Path | None = None
     check_peer_netns: bool = True
     gc_interval: float = 30.0
@@ -78,7 +79,8 @@ class PluginConfig:
 
 _TOP = {
     "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
-    "devicePluginsDir", "podResourcesSocket", "controlSocket", "readyFile", "checkPeerNetns",
+    "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
+    "checkPeerNetns",
     "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools",
 }
 _POOL = {
@@ -226,7 +228,8 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
                 raise ConfigError(f"logFormat: {value!r} is not one of kv, json")
             cfg.log_format = value
         elif key in ("stateDir", "socketRoot", "bpffsRoot", "devicePluginsDir",
-                     "podResourcesSocket", "controlSocket", "readyFile", "bpfObject"):
+                     "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
+                     "bpfObject"):
             attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
             setattr(cfg, attr, _path(value, key))
         elif key == "checkPeerNetns":

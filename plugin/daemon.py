@@ -18,6 +18,7 @@ import socket
 from typing import Any
 
 from bpf import bpffs
+from cni_server.cniendpoint import CniEndpoint
 from cni_server.control import ControlServer
 from cni_server.daemon import _raise_fd_limit, _sd_notify
 from cni_server.netns import Netns
@@ -44,6 +45,7 @@ class KubernetesDaemon:
         self.owners: Owners | None = None
         self.plugins: dict[str, PluginServer] = {}
         self._control: ControlServer | None = None
+        self.cni: CniEndpoint | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -60,6 +62,8 @@ class KubernetesDaemon:
             restored, dropped = await registry.restore()
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),
                      len(dropped))
+            self.cni = CniEndpoint(cfg.cni_socket, registry)
+            await self.cni.start()
             self.owners = Owners(registry, cfg.pod_resources_socket,
                                  {p.name: cfg.resource_name(p) for p in cfg.pools},
                                  gc_interval=cfg.gc_interval, gc_grace=cfg.gc_grace)
@@ -109,6 +113,9 @@ class KubernetesDaemon:
         if self._control is not None:
             await self._control.close()
             self._control = None
+        if self.cni is not None:
+            await self.cni.close()
+            self.cni = None
         if self.registry is not None:
             await self.registry.shutdown(release=False)
         self.server.close()

@@ -114,7 +114,7 @@ class Inventory:
                 states = {name: self._health(dev) for name, dev in c.members[pool.name].items()}
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
-                        states[name] = DeviceState(name, None, False, "netdev is gone")
+                        states[name] = self._away(name)
                 if states != self.pools[pool.name]:
                     changed.add(pool.name)
                     self._log_changes(pool.name, self.pools[pool.name], states)
@@ -129,6 +129,13 @@ class Inventory:
             self._pending.append(msg)
         if self.view is not None and self.view.apply(msg):
             self._kick.set()
+
+    def _away(self, name: str) -> DeviceState:
+        """An allocated netdev not in our netns: in its pod (CNI ADD moved it), or gone."""
+        allocation = self.registry.by_netdev(name)
+        if allocation is not None and allocation.netdevs[name].netns is not self.registry.netns:
+            return DeviceState(name, None, True, "in its pod's network namespace")
+        return DeviceState(name, None, False, "netdev is gone")
 
     def _health(self, dev: Netdev) -> DeviceState:
         if not dev.up:

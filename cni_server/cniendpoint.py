@@ -1,0 +1,341 @@
+"""The daemon's endpoint for the CNI plugin: move allocated netdevs into pods and back.
+
+A root-only ``SOCK_SEQPACKET`` socket.  One request per connection: a JSON
+datagram (at most 64 KiB) with, for ADD, the pod's network namespace as an fd
+(SCM_RIGHTS, so the daemon needs no view of the runtime's paths); one JSON
+reply ``{"ok": true, "result": {...}}`` or ``{"ok": false, "code": N, "msg":
+..., "details": ...}`` with CNI error codes (``docs/cni.md``).
+
+Operations on one netdev are serialised; different netdevs proceed in
+parallel.  Netlink work runs in worker threads (inside the right namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
+from cni_server.netdev import NetdevMissing, link_info
+from cni_server.netns import Netns
+from cni_server.registry import Registry
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 64 * 1024
+_ANC = socket.CMSG_SPACE(4 * 4)
+
+# CNI error codes (spec) and ours (100+).
+TRY_AGAIN = 11
+NOT_ALLOCATED = 101
+IN_OTHER_NETNS = 102
+NAME_TAKEN = 103
+CHECK_FAILED = 104
+MOVE_FAILED = 105
+BAD_REQUEST = 106
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        self.code = code
+        self.msg = msg
+        self.details = details
+        super().__init__(msg)
+
+
+def _link_state(name: str) -> dict[str, Any]:
+    """ifindex, mac, up and IPv4/IPv6 addresses of ``name`` in the calling thread's netns."""
+    with IPRoute() as ipr:
+        try:
+            link = ipr.link("get", ifname=name)[0]
+        except NetlinkError as e:
+            raise NetdevMissing(name) from e
+        idx = int(link["index"])
+        addrs = [f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)
+                 if int(a["scope"]) < 253]
+    return {"ifindex": idx, "mac": str(link.get("address") or ""), "up": bool(link["flags"] & 1),
+            "addresses": addrs}
+
+
+def _move_out(name: str, target_fd: int) -> None:
+    """In the netns holding ``name``: take it down and move it to ``target_fd``'s netns."""
+    with IPRoute() as ipr:
+        idx = link_info(name).ifindex
+        ipr.link("set", index=idx, state="down")
+        ipr.link("set", index=idx, net_ns_fd=target_fd)
+
+
+def _configure(name: str, new_name: str, mtu: int, ipam: dict[str, Any] | None) -> dict[str, Any]:
+    """In the pod's netns: rename, MTU, up, addresses and routes from the IPAM result."""
+    with IPRoute() as ipr:
+        idx = link_info(name).ifindex
+        if new_name != name:
+            ipr.link("set", index=idx, ifname=new_name)
+        if mtu:
+            ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=idx, state="up")
+        for ip in (ipam or {}).get("ips", []):
+            addr, _, plen = str(ip["address"]).partition("/")
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+        for route in (ipam or {}).get("routes", []):
+            dst, _, plen = str(route["dst"]).partition("/")
+            kw: dict[str, Any] = {"dst": dst, "dst_len": int(plen), "oif": idx}
+            if route.get("gw"):
+                kw["gateway"] = route["gw"]
+            with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
+                ipr.route("add", **kw)
+    return _link_state(new_name)
+
+
+def _bring_home(ifname: str, orig: str, home_fd: int) -> None:
+    """In the pod's netns: down, restore the name, move back to the daemon's netns."""
+    with IPRoute() as ipr:
+        idx = link_info(ifname).ifindex
+        ipr.link("set", index=idx, state="down")
+        ipr.flush_addr(index=idx)
+        if ifname != orig:
+            ipr.link("set", index=idx, ifname=orig)
+        ipr.link("set", index=idx, net_ns_fd=home_fd)
+
+
+class CniEndpoint:
+    def __init__(self, path: Path, registry: Registry) -> None:
+        self.path = path
+        self.registry = registry
+        self._sock: socket.socket | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ops: dict[str, Callable[[dict[str, Any], list[OwnedFd]],
+                                      Awaitable[dict[str, Any]]]] = {
+            "add": self.add, "del": self.delete, "check": self.check,
+            "status": self.status, "gc": self.gc,
+        }
+
+    # -- the socket ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+        log.info("event=cni_endpoint_listening socket=%s", self.path)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        for t in list(self._tasks):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        fds: list[OwnedFd] = []
+        with conn:
+            conn.settimeout(10)
+            try:
+                data, anc, flags, _ = await asyncio.to_thread(conn.recvmsg, MAX_REQUEST + 1, _ANC)
+                fds = fds_from_ancillary(anc)
+                reply = await self._dispatch(data, flags, fds)
+            except OSError as e:
+                log.warning("event=cni_request_failed error=%r", str(e))
+                return
+            finally:
+                close_all(fds)
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(reply).encode())
+
+    async def _dispatch(self, data: bytes, flags: int, fds: list[OwnedFd]) -> dict[str, Any]:
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise CniError(BAD_REQUEST, "request too large")
+            try:
+                request = json.loads(data)
+            except ValueError:
+                raise CniError(BAD_REQUEST, "request is not JSON") from None
+            op = request.get("op") if isinstance(request, dict) else None
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise CniError(BAD_REQUEST, f"unknown op {op!r}")
+            result = await handler(request, fds)
+            log.info("event=cni op=%s device=%s container=%s result=ok", op,
+                     request.get("deviceID", "-"), request.get("containerID", "-"))
+            return {"ok": True, "result": result}
+        except CniError as e:
+            log.warning("event=cni result=error code=%d msg=%r", e.code, e.msg)
+            return {"ok": False, "code": e.code, "msg": e.msg, "details": e.details}
+        except Exception as e:
+            log.exception("event=cni_internal_error")
+            return {"ok": False, "code": TRY_AGAIN, "msg": "internal error in the daemon",
+                    "details": str(e)}
+
+    def _lock(self, netdev: str) -> asyncio.Lock:
+        return self._locks.setdefault(netdev, asyncio.Lock())
+
+    # -- operations -------------------------------------------------------------------
+
+    def _allocated(self, netdev: str) -> tuple[str, Any]:
+        allocation = self.registry.by_netdev(netdev)
+        if allocation is None:
+            raise CniError(NOT_ALLOCATED, f"device {netdev!r} is not allocated on this node",
+                           "the device plugin must allocate it to the pod first")
+        return allocation.id, allocation.netdevs[netdev]
+
+    async def add(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        cni_ifname = str(req.get("ifname") or "")
+        if not netdev or not cid or not cni_ifname or len(fds) != 1:
+            raise CniError(BAD_REQUEST, "add needs deviceID, containerID, ifname and a netns fd")
+        target_name = cni_ifname if req.get("rename") else netdev
+        async with self._lock(netdev):
+            alloc_id, device = self._allocated(netdev)
+            home = self.registry.netns
+            target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
+            handed_over = False  # once recorded, the registry owns ``target``
+            try:
+                if device.netns is not home:
+                    record = self.registry.specs[alloc_id].attached.get(netdev, {})
+                    if device.netns.inode == target.inode and record.get("container_id") == cid:
+                        state = await target.run_async(lambda: _link_state(record["ifname"]))
+                        return self._result(record["ifname"], state, req)  # a retried ADD
+                    raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
+                                   f"network namespace (container {record.get('container_id')})")
+                if await target.run_async(lambda: _exists(target_name)):
+                    raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
+                                   "the pod's network namespace")
+                try:
+                    await asyncio.to_thread(_move_out, netdev, target.fileno())
+                except (NetlinkError, LookupError) as e:
+                    raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
+                                   ) from e
+                try:
+                    state = await target.run_async(lambda: _configure(
+                        netdev, target_name, int(req.get("mtu") or 0), req.get("ipam")))
+                except Exception as e:
+                    with contextlib.suppress(Exception):
+                        await target.run_async(lambda: _bring_home(
+                            target_name if _exists(target_name) else netdev, netdev,
+                            home.fileno()))
+                    raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
+                                   str(e)) from e
+                record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
+                          "cni_ifname": cni_ifname, "container_id": cid}
+                self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
+                                                int(state["ifindex"]))
+                handed_over = True
+            finally:
+                if not handed_over:
+                    target.close()
+        return self._result(target_name, state, req)
+
+    @staticmethod
+    def _result(name: str, state: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+        return {"interface": {"name": name, "mac": state["mac"], "sandbox": req.get("netns", "")}}
+
+    async def delete(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        if not netdev:
+            netdev = self._by_container(cid, str(req.get("ifname") or "")) or ""
+        if not netdev:
+            return {"released": False}  # nothing of ours: DEL is idempotent
+        async with self._lock(netdev):
+            allocation = self.registry.by_netdev(netdev)
+            if allocation is None:
+                return {"released": False}
+            record = self.registry.specs[allocation.id].attached.get(netdev)
+            if record is None or (cid and record.get("container_id") not in ("", cid)):
+                return {"released": False}
+            device = allocation.netdevs[netdev]
+            home = self.registry.netns
+            where = device.netns
+            try:
+                await where.run_async(lambda: _bring_home(record["ifname"], netdev, home.fileno()))
+            except (NetlinkError, LookupError) as e:
+                log.info("event=cni_del_nothing_to_move device=%s reason=%r", netdev, str(e))
+            try:
+                ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
+            except LookupError:
+                ifindex = 0  # gone with the pod (a veth end), or not back yet
+            self.registry.record_attachment(allocation.id, netdev, None, None, netdev, ifindex)
+        return {"released": True}
+
+    def _by_container(self, cid: str, cni_ifname: str) -> str | None:
+        for spec in self.registry.specs.values():
+            for netdev, rec in spec.attached.items():
+                if rec.get("container_id") == cid and rec.get("cni_ifname") in ("", cni_ifname):
+                    return netdev
+        return None
+
+    async def check(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        alloc_id, device = self._allocated(netdev)
+        record = self.registry.specs[alloc_id].attached.get(netdev)
+        if record is None or record.get("container_id") != cid:
+            raise CniError(CHECK_FAILED, f"device {netdev!r} is not attached to container {cid}")
+        try:
+            state = await device.netns.run_async(lambda: _link_state(record["ifname"]))
+        except LookupError:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} is missing from the pod's "
+                           "network namespace") from None
+        if not state["up"]:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} is down")
+        want = {str(ip["address"]) for ip in req.get("ips", [])}
+        missing = sorted(want - set(state["addresses"]))
+        if missing:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} lacks address(es) "
+                           f"{', '.join(missing)}")
+        return {"checked": True}
+
+    async def status(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        return {"allocations": len(self.registry.allocations)}
+
+    async def gc(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        valid = {(str(a.get("containerID")), str(a.get("ifname")))
+                 for a in req.get("valid", []) if isinstance(a, dict)}
+        released = []
+        for spec in list(self.registry.specs.values()):
+            for netdev, rec in list(spec.attached.items()):
+                if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
+                    await self.delete({"deviceID": netdev, "containerID": rec.get("container_id")},
+                                      [])
+                    released.append(netdev)
+        return {"released": released}
+
+
+def _exists(name: str) -> bool:
+    try:
+        link_info(name)
+    except LookupError:
+        return False
+    return True

@@ -1,0 +1,257 @@
+"""The CNI plugin end to end: the real executable (host python3, stdlib only), the daemon,
+Debian's host-local IPAM, network namespaces, and a pod client receiving frames."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_server.client import Client, HandshakeError, fetch_map_fd
+from tests.cni_runner import Runner, host_python_plugin
+from tests.fake_kubelet import running
+from tests.kernel import ROOT, ClientRuntime, NsFixture, make_netns, run, setpriv, wait_for
+from tests.test_plugin import RESOURCE, K8s, healthy, write_config
+
+pytestmark = pytest.mark.kernel
+PLUGIN = ROOT / "plugin" / "cni.py"
+
+
+@dataclass
+class Env:
+    k8s: K8s
+    pod: NsFixture
+    cni: Runner
+    conf: dict[str, Any]
+
+    def add(self, **kw: Any) -> Any:
+        return self.cni("ADD", self.conf, netns=str(self.pod.path), **kw)
+
+    def addresses(self, ns: NsFixture, dev: str) -> list[str]:
+        out = json.loads(run("ip", "-n", ns.name, "-j", "addr", "show", "dev", dev).stdout)
+        return [f"{a['local']}/{a['prefixlen']}" for a in out[0]["addr_info"]
+                if a.get("scope") == "global"]
+
+    def links(self, ns: NsFixture) -> set[str]:
+        return {i["ifname"] for i in json.loads(run("ip", "-n", ns.name, "-j", "link").stdout)}
+
+
+@pytest.fixture
+def env(netns: NsFixture, workdir: Path) -> Iterator[Env]:
+    for i in range(2):
+        netns.veth(f"p{i}", f"q{i}")
+    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
+            make_netns() as pod:
+        cfg = write_config(workdir)
+        doc = json.loads(cfg.read_text())
+        doc["cniSocket"] = str(workdir / "cni.sock")
+        cfg.write_text(json.dumps(doc))
+        k8s = K8s(netns, workdir, kubelet, cfg, [])
+        conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp", "deviceID": "p0",
+                "daemonSocket": str(workdir / "cni.sock"),
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.55.0.0/24"}]],
+                         "dataDir": str(workdir / "ipam")}}
+        try:
+            k8s.start()
+            kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
+            yield Env(k8s, pod, Runner(host_python_plugin(PLUGIN)), conf)
+        finally:
+            for d in k8s.daemons:
+                d.stop()
+
+
+def ipam_leases(work: Path) -> list[str]:
+    d = work / "ipam" / "afxdp-net"
+    return sorted(p.name for p in d.iterdir() if p.name[0].isdigit()) if d.exists() else []
+
+
+# -- the executable ------------------------------------------------------------------------------
+
+
+def test_the_executable_needs_only_the_standard_library_and_python_3_8() -> None:
+    tree = ast.parse(PLUGIN.read_text(), feature_version=(3, 8))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    out = subprocess.run(host_python_plugin(PLUGIN), env={"CNI_COMMAND": "VERSION"},
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == {"cniVersion": "1.1.0", "supportedVersions": ["1.0.0", "1.1.0"]}
+
+
+def test_install_cni_puts_one_executable_file_in_place(tmp_path: Path) -> None:
+    res = run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(tmp_path))
+    target = tmp_path / "afxdp"
+    assert "installed" in res.stdout and target.stat().st_mode & 0o111
+    out = subprocess.run([str(target)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"},
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["supportedVersions"] == ["1.0.0", "1.1.0"]
+
+
+# -- ADD / DEL --------------------------------------------------------------------------------------
+
+
+def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_back(
+        env: Env) -> None:
+    k8s, pod = env.k8s, env.pod
+    prog = 0
+    k8s.kubelet.allocate(RESOURCE, ["p0"])
+    prog = k8s.ns.xdp_prog_id("p0")
+    res = env.add()
+    assert res.code == 0, res.out
+    assert res.out["interfaces"][0]["name"] == "p0" and res.out["interfaces"][0]["sandbox"]
+    [ip] = res.out["ips"]
+    assert ip["address"].startswith("10.55.0.") and ip["interface"] == 0
+    assert "p0" in env.links(pod) and "p0" not in env.links(k8s.ns)
+    assert env.addresses(pod, "p0") == [ip["address"]]
+    assert pod.xdp_prog_id("p0") == prog  # the program went with it
+    assert ipam_leases(k8s.work)
+    # The device plugin still reports it healthy while it is in the pod.
+    assert k8s.kubelet.devices(RESOURCE)["p0"].health == "Healthy"
+    assert env.cni("CHECK", env.conf, netns=str(pod.path)).code == 0
+    assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0
+    assert "p0" in env.links(k8s.ns) and "p0" not in env.links(pod)
+    assert env.addresses(k8s.ns, "p0") == [] and ipam_leases(k8s.work) == []
+    assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0  # twice
+    assert env.cni("DEL", env.conf).code == 0  # no netns, no prevResult
+
+
+def test_rename_gives_the_pod_cni_ifname_and_del_restores_the_name(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.conf["rename"] = True
+    res = env.add(ifname="net1")
+    assert res.code == 0 and res.out["interfaces"][0]["name"] == "net1"
+    assert "net1" in env.links(env.pod)
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path), ifname="net1").code == 0
+    assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.k8s.ns)
+
+
+def test_pod_client_gets_its_fd_only_from_inside_the_pod_netns(
+        env: Env, client_runtime: ClientRuntime) -> None:
+    k8s, pod = env.k8s, env.pod
+    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    sock = Path(mount.host_path) / "afxdp.sock"
+    k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
+    assert env.add().code == 0
+    with k8s.ns.entered(), Client(sock) as c, pytest.raises(HandshakeError, match="/host_nak"):
+        c.connect("pod-a")  # the host netns: refused now that p0 is in the pod
+    ready = k8s.work / "out" / "ready"
+    proc = subprocess.Popen(
+        pod.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
+            "receive", "--socket", str(sock), "--netdev", "p0", "--hostname", "pod-a",
+            "--count", "1000", "--timeout", "15", "--json", "--ready-file", str(ready))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
+        cwd=client_runtime.dir)
+    try:
+        wait_for(ready, 15, proc)
+        run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", "q0",
+                        "--count", "1000"))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["received"] == 1000
+
+
+def test_del_with_the_daemon_down_succeeds(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    assert env.add().code == 0
+    assert env.k8s.daemons[-1].stop() == 0
+    res = env.cni("DEL", env.conf, netns=str(env.pod.path))
+    assert res.code == 0 and "del_daemon_skipped" in res.stderr
+    assert ipam_leases(env.k8s.work) == []
+
+
+def test_daemon_restart_finds_the_device_in_the_pod(env: Env) -> None:
+    mount = env.k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    env.k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
+    assert env.add().code == 0
+    assert env.k8s.daemons[-1].stop() == 0
+    second = env.k8s.start()
+    assert "allocations=1 dropped=0" in second.log()
+    with env.pod.entered():
+        fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "p0", hostname="pod-a").close()
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.k8s.ns)
+
+
+# -- refusals leave nothing half-done ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,omit,code", [
+    ({"cniVersion": "0.3.1"}, (), 1),
+    ({"deviceID": None}, (), 7),
+    ({"mtu": 10}, (), 7),
+    ({"deviceID": "p1"}, (), 101),  # not allocated
+    ({}, ("CNI_NETNS",), 4),
+    ({}, ("CNI_PATH",), 4),
+])
+def test_add_refusals_have_the_spec_code_and_leave_nothing(
+        env: Env, change: dict[str, Any], omit: tuple[str, ...], code: int) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    conf = {k: v for k, v in {**env.conf, **change}.items() if v is not None}
+    res = env.cni("ADD", conf, netns=str(env.pod.path), omit=omit)
+    assert res.code == 1 and res.out["code"] == code, res.out
+    assert set(res.out) >= {"cniVersion", "code", "msg"}
+    assert "p0" in env.links(env.k8s.ns) and ipam_leases(env.k8s.work) == []
+
+
+def test_undecodable_config_is_error_6(env: Env) -> None:
+    res = env.cni("ADD", {}, netns=str(env.pod.path), raw=b"{not json")
+    assert res.code == 1 and res.out["code"] == 6
+
+
+def test_add_refuses_a_name_taken_in_the_pod(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    run("ip", "-n", env.pod.name, "link", "add", "net1", "type", "bridge")
+    env.conf["rename"] = True
+    res = env.add(ifname="net1")
+    assert res.code == 1 and res.out["code"] == 103
+    assert "p0" in env.links(env.k8s.ns) and ipam_leases(env.k8s.work) == []
+
+
+def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    assert env.add().code == 0
+    with make_netns() as other:
+        res = env.cni("ADD", env.conf, netns=str(other.path), container="c2")
+    assert res.code == 1 and res.out["code"] == 102
+    assert "p0" in env.links(env.pod)
+
+
+# -- CHECK, STATUS, GC ----------------------------------------------------------------------------------
+
+
+def test_check_fails_after_tampering(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    ip = env.add().out["ips"][0]["address"]
+    run("ip", "-n", env.pod.name, "addr", "del", ip, "dev", "p0")
+    res = env.cni("CHECK", env.conf, netns=str(env.pod.path))
+    assert res.code == 1 and res.out["code"] == 104 and ip in res.out["msg"]
+
+
+def test_status_reports_whether_the_daemon_is_reachable(env: Env) -> None:
+    assert env.cni("STATUS", env.conf).code == 0
+    env.k8s.daemons[-1].stop()
+    res = env.cni("STATUS", env.conf)
+    assert res.code == 1 and res.out["code"] == 50
+
+
+def test_gc_releases_attachments_not_listed_as_valid(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    assert env.add(container="c1").code == 0
+    gc = dict(env.conf, **{"cni.dev/valid-attachments": [{"containerID": "c9",
+                                                          "ifname": "net1"}]})
+    gc["cniVersion"] = "1.1.0"
+    assert env.cni("GC", gc).code == 0
+    assert "p0" in env.links(env.k8s.ns)
