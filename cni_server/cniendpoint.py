@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
-from cni_server.netdev import NetdevMissing, link_info
+from cni_server.netdev import NetdevMissing, bring_home, link_info
 from cni_server.netns import Netns
 from cni_server.registry import Registry
 
@@ -94,17 +94,6 @@ def _configure(name: str, new_name: str, mtu: int, ipam: dict[str, Any] | None) 
             with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
                 ipr.route("add", **kw)
     return _link_state(new_name)
-
-
-def _bring_home(ifname: str, orig: str, home_fd: int) -> None:
-    """In the pod's netns: down, restore the name, move back to the daemon's netns."""
-    with IPRoute() as ipr:
-        idx = link_info(ifname).ifindex
-        ipr.link("set", index=idx, state="down")
-        ipr.flush_addr(index=idx)
-        if ifname != orig:
-            ipr.link("set", index=idx, ifname=orig)
-        ipr.link("set", index=idx, net_ns_fd=home_fd)
 
 
 class CniEndpoint:
@@ -244,7 +233,7 @@ class CniEndpoint:
                         netdev, target_name, int(req.get("mtu") or 0), req.get("ipam")))
                 except Exception as e:
                     with contextlib.suppress(Exception):
-                        await target.run_async(lambda: _bring_home(
+                        await target.run_async(lambda: bring_home(
                             target_name if _exists(target_name) else netdev, netdev,
                             home.fileno()))
                     raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
@@ -280,7 +269,7 @@ class CniEndpoint:
             home = self.registry.netns
             where = device.netns
             try:
-                await where.run_async(lambda: _bring_home(record["ifname"], netdev, home.fileno()))
+                await where.run_async(lambda: bring_home(record["ifname"], netdev, home.fileno()))
             except (NetlinkError, LookupError) as e:
                 log.info("event=cni_del_nothing_to_move device=%s reason=%r", netdev, str(e))
             try:

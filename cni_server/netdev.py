@@ -53,3 +53,15 @@ def link_info(name: str) -> LinkInfo:
             num_tx_queues=int(link.get("num_tx_queues") or 1),
             up=bool(link["flags"] & 1),
         )
+
+
+def bring_home(ifname: str, orig: str, home_fd: int) -> None:
+    """In a pod's netns: take ``ifname`` down, drop its addresses, give it back its
+    original name and move it to the netns ``home_fd`` refers to."""
+    with IPRoute() as ipr:
+        idx = link_info(ifname).ifindex
+        ipr.link("set", index=idx, state="down")
+        ipr.flush_addr(index=idx)
+        if ifname != orig:
+            ipr.link("set", index=idx, ifname=orig)
+        ipr.link("set", index=idx, net_ns_fd=home_fd)

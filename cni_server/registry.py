@@ -28,7 +28,7 @@ from typing import Any
 from bpf import bpffs
 from bpf.program import NetdevProgram, XdpMode, ensure_attached
 from cni_server.allocation import AllocatedDevice, Allocation
-from cni_server.netdev import link_info
+from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
@@ -247,7 +247,11 @@ class Registry:
         if spec is None:
             return
         self.server.stop_serving(allocation_id)
+        allocation = self.allocations[allocation_id]
         for netdev in spec.netdevs:
+            device = allocation.netdevs[netdev]
+            if device.netns is not self.netns:
+                await self._bring_home(allocation_id, netdev)
             pin = spec.pin_path(netdev)
             if pin is not None:
                 bpffs.unpin(pin)
@@ -308,6 +312,19 @@ class Registry:
             attached[netdev] = record
         self.specs[allocation_id] = replace(spec, attached=attached)
         self.save()
+
+    async def _bring_home(self, allocation_id: str, netdev: str) -> None:
+        """A released netdev still in a pod's netns (its CNI DEL never reached us): home."""
+        device = self.allocations[allocation_id].netdevs[netdev]
+        record = self.specs[allocation_id].attached.get(netdev, {})
+        ifname = record.get("ifname") or netdev
+        try:
+            await device.netns.run_async(lambda: bring_home(ifname, netdev, self.netns.fileno()))
+            log.info("event=netdev_brought_home netdev=%s from=%s", netdev, record.get("netns"))
+            ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
+        except LookupError:
+            ifindex = 0  # gone with its pod (a veth end), or back already
+        self.record_attachment(allocation_id, netdev, None, None, netdev, ifindex)
 
     def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
         """Record the pod an allocation belongs to (and the hostname it may /connect with)."""

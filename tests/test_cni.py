@@ -7,6 +7,7 @@ import ast
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,39 @@ def test_del_with_the_daemon_down_succeeds(env: Env) -> None:
     res = env.cni("DEL", env.conf, netns=str(env.pod.path))
     assert res.code == 0 and "del_daemon_skipped" in res.stderr
     assert ipam_leases(env.k8s.work) == []
+
+
+def test_del_while_the_daemon_was_down_is_reconciled_when_the_pod_is_gone(env: Env) -> None:
+    """DEL could not reach the daemon, so the device stayed in the (still existing) pod
+    netns; after a restart, GC of the vanished pod brings it home."""
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
+    assert env.add().code == 0
+    env.k8s.wait(lambda: bool(env.k8s.allocations()[0]["owner"]), what="owner known")
+    assert env.k8s.daemons[-1].stop() == 0
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.pod)  # nobody could move it
+    env.k8s.start()
+    env.k8s.kubelet.remove_pod("default", "pod-a")
+    env.k8s.wait(lambda: env.k8s.allocations() == [], what="GC of the vanished pod")
+    assert "p0" in env.links(env.k8s.ns) and "p0" not in env.links(env.pod)
+    assert env.k8s.ns.xdp_prog_id("p0") == 0
+
+
+def test_concurrent_adds_and_dels_for_different_pods(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.k8s.kubelet.allocate(RESOURCE, ["p1"])
+    with make_netns() as pod2:
+        jobs = [("c1", env.pod, "p0"), ("c2", pod2, "p1")]
+        for command in ("ADD", "DEL"):
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(lambda j: env.cni(
+                    command, dict(env.conf, deviceID=j[2]), container=j[0],
+                    netns=str(j[1].path)), jobs))
+            assert [r.code for r in results] == [0, 0], [r.out for r in results]
+            if command == "ADD":
+                assert "p0" in env.links(env.pod) and "p1" in env.links(pod2)
+        assert {"p0", "p1"} <= env.links(env.k8s.ns)
 
 
 def test_daemon_restart_finds_the_device_in_the_pod(env: Env) -> None:
