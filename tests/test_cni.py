@@ -7,8 +7,8 @@ import ast
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,8 +197,8 @@ def test_concurrent_adds_and_dels_for_different_pods(env: Env) -> None:
         jobs = [("c1", env.pod, "p0"), ("c2", pod2, "p1")]
         for command in ("ADD", "DEL"):
             with ThreadPoolExecutor(2) as pool:
-                results = list(pool.map(lambda j: env.cni(
-                    command, dict(env.conf, deviceID=j[2]), container=j[0],
+                results = list(pool.map(lambda j, c=command: env.cni(
+                    c, dict(env.conf, deviceID=j[2]), container=j[0],
                     netns=str(j[1].path)), jobs))
             assert [r.code for r in results] == [0, 0], [r.out for r in results]
             if command == "ADD":
