@@ -125,6 +125,19 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     assert env.cni("DEL", env.conf).code == 0  # no netns, no prevResult
 
 
+def test_add_applies_mtu_and_the_ipam_routes(env: Env) -> None:
+    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.conf["mtu"] = 1400
+    env.conf["ipam"]["routes"] = [{"dst": "10.66.0.0/16", "gw": "10.55.0.1"}]
+    res = env.add()
+    assert res.code == 0 and res.out["routes"] == [{"dst": "10.66.0.0/16", "gw": "10.55.0.1"}]
+    link = json.loads(run("ip", "-n", env.pod.name, "-j", "link", "show", "p0").stdout)[0]
+    assert link["mtu"] == 1400 and "UP" in link["flags"]
+    routes = json.loads(run("ip", "-n", env.pod.name, "-j", "route").stdout)
+    assert {"dst": "10.66.0.0/16", "gateway": "10.55.0.1"}.items() <= next(
+        r for r in routes if r["dst"] == "10.66.0.0/16").items()
+
+
 def test_rename_gives_the_pod_cni_ifname_and_del_restores_the_name(env: Env) -> None:
     env.k8s.kubelet.allocate(RESOURCE, ["p0"])
     env.conf["rename"] = True
