@@ -111,6 +111,17 @@ def _want(value: object, kind: type | tuple[type, ...], where: str, what: str) -
     return value
 
 
+def choice(value: object, where: str, options: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``options``, else a ConfigError naming the field."""
+    if value not in options:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(options)}")
+    return str(value)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("kv", "json")
+
+
 def _positive(value: object, where: str, *, real: bool = False) -> Any:
     v = _want(value, (int, float) if real else int, where,
               "a positive number" if real else "a positive integer")
@@ -177,13 +188,9 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
         elif key in ("maxConnections", "maxConnectionsPerSocket"):
             setattr(cfg, known[key], _positive(value, where))
         elif key == "logLevel":
-            if value not in ("debug", "info", "warning", "error"):
-                raise ConfigError(f"{where}: {value!r} is not one of debug, info, warning, error")
-            cfg.log_level = value
+            cfg.log_level = choice(value, where, LOG_LEVELS)
         elif key == "logFormat":
-            if value not in ("kv", "json"):
-                raise ConfigError(f"{where}: {value!r} is not one of kv, json")
-            cfg.log_format = value
+            cfg.log_format = choice(value, where, LOG_FORMATS)
         elif key in ("socketUid", "socketGid"):
             setattr(cfg, known[key], _want(value, int, where, "an integer id"))
     if cfg.max_connections_per_socket > cfg.max_connections:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import resource
-import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from bpf import bpffs
 from bpf.errors import BpffsError
 from cni_server.config import StandaloneConfig
 from cni_server.control import ControlServer
+from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.registry import AllocationSpec, ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
@@ -56,7 +54,7 @@ class StandaloneDaemon:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        _raise_fd_limit(self.cfg.max_connections + 256)
+        raise_fd_limit(self.cfg.max_connections + 256)
         self.netns = Netns.current()
         programs = ProgramTable(force_replace=self.cfg.force_replace,
                                 bpf_object=self.cfg.bpf_object)
@@ -79,15 +77,7 @@ class StandaloneDaemon:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        await self.start()
-        try:
-            await self._stop.wait()
-            log.info("event=stopping reason=signal")
-        finally:
-            await self.stop()
+        await run_until_signal(self.start, self.stop, self._stop)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -154,29 +144,6 @@ class StandaloneDaemon:
         return {"status": self.status()}
 
     def _report_ready(self) -> None:
-        status = self.status()
-        if self.cfg.ready_file is not None:
-            tmp = self.cfg.ready_file.with_name(self.cfg.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(status))
-            tmp.replace(self.cfg.ready_file)
-        _sd_notify(b"READY=1")
+        report_ready(self.cfg.ready_file, self.status())
         log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
                  ",".join(str(p) for p in self.server.listeners))
-
-
-def _raise_fd_limit(want: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def _sd_notify(message: bytes) -> None:
-    """Tell systemd (Type=notify) we are ready, when it asked us to."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message, addr)

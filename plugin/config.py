@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from bpf.program import XdpMode
-from cni_server.config import ConfigError, parse_mode
+from cni_server.config import LOG_FORMATS, LOG_LEVELS, ConfigError, choice, parse_mode
 
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -178,9 +178,7 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             except ValueError:
                 raise ConfigError(f"{at}: {value!r} is not one of auto, native, skb") from None
         elif key == "pinMap":
-            if value not in PIN_MODES:
-                raise ConfigError(f"{at}: {value!r} is not one of {', '.join(PIN_MODES)}")
-            pool.pin_map = str(value)
+            pool.pin_map = choice(value, at, PIN_MODES)
         elif key == "udsIdleTimeout":
             pool.uds_idle_timeout = float(_number(value, at, above=True))
         elif key in ("uid", "gid"):
@@ -220,13 +218,9 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
                 raise ConfigError(f"resourcePrefix: {value!r} is not a DNS subdomain")
             cfg.resource_prefix = value
         elif key == "logLevel":
-            if value not in ("debug", "info", "warning", "error"):
-                raise ConfigError(f"logLevel: {value!r} is not one of debug, info, warning, error")
-            cfg.log_level = value
+            cfg.log_level = choice(value, key, LOG_LEVELS)
         elif key == "logFormat":
-            if value not in ("kv", "json"):
-                raise ConfigError(f"logFormat: {value!r} is not one of kv, json")
-            cfg.log_format = value
+            cfg.log_format = choice(value, key, LOG_FORMATS)
         elif key in ("stateDir", "socketRoot", "bpffsRoot", "devicePluginsDir",
                      "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
                      "bpfObject"):

@@ -10,17 +10,15 @@ programs, pins and state for the pods that use them and for the next start.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import signal
 import socket
 from typing import Any
 
 from bpf import bpffs
 from cni_server.cniendpoint import CniEndpoint
 from cni_server.control import ControlServer
-from cni_server.daemon import _raise_fd_limit, _sd_notify
+from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.registry import ProgramTable, Registry
 from cni_server.server import HandoutServer
@@ -50,7 +48,7 @@ class KubernetesDaemon:
 
     async def start(self) -> None:
         cfg = self.cfg
-        _raise_fd_limit(8192)
+        raise_fd_limit(8192)
         self.netns = Netns.current()
         try:
             if any(p.pin_map != "socket" for p in cfg.pools):
@@ -89,15 +87,8 @@ class KubernetesDaemon:
         self._report_ready()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        await self.start()
-        try:
-            await self._stop.wait()
-            log.info("event=stopping reason=signal")
-        finally:
-            await self.stop()
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        await run_until_signal(self.start, self.stop, self._stop)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -151,11 +142,7 @@ class KubernetesDaemon:
         return {"status": self.status()}
 
     def _report_ready(self) -> None:
-        if self.cfg.ready_file is not None:
-            tmp = self.cfg.ready_file.with_name(self.cfg.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(self.status()))
-            tmp.replace(self.cfg.ready_file)
-        _sd_notify(b"READY=1")
+        report_ready(self.cfg.ready_file, self.status())
         log.info("event=ready node=%s pools=%s", self.cfg.node_name,
                  ",".join(f"{n}:{len(self.inventory.pools[n]) if self.inventory else 0}"
                           for n in self.plugins))
