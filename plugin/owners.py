@@ -72,31 +72,38 @@ class Owners:
         self.refreshes = 0
         self._inflight: asyncio.Task[bool] | None = None
         self._inflight_collects = False
+        self._list_started: float | None = None  # when the in-flight run's List began
         self._last = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
 
     # -- refresh -------------------------------------------------------------------
 
-    async def refresh(self, *, collect: bool = False) -> bool:
+    async def refresh(self, *, collect: bool = False, fresh_since: float | None = None) -> bool:
         """List pods once (shared by concurrent callers); map owners; optionally GC.
 
+        ``fresh_since`` (a monotonic time): only a List that starts at or after it
+        will do, e.g. for a /connect that must see a pod admitted a moment ago.
         Returns False when kubelet could not be asked.
         """
-        if self._inflight is not None and not self._inflight.done():
-            if not collect or self._inflight_collects:
+        while True:
+            task = self._inflight
+            if task is None or task.done():
+                self._inflight_collects = collect
+                self._list_started = None
+                self._inflight = asyncio.create_task(self._refresh(collect))
                 return await asyncio.shield(self._inflight)
-            await asyncio.shield(self._inflight)  # then a run of our own that collects
-        if self._inflight is None or self._inflight.done():
-            self._inflight_collects = collect
-            self._inflight = asyncio.create_task(self._refresh(collect))
-        return await asyncio.shield(self._inflight)
+            fresh = (fresh_since is None or self._list_started is None
+                     or self._list_started >= fresh_since)
+            if fresh and (not collect or self._inflight_collects):
+                return await asyncio.shield(task)
+            await asyncio.shield(task)  # wait it out, then run one of our own
 
     async def _refresh(self, collect: bool) -> bool:
         wait = self._last + MIN_INTERVAL - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._last = time.monotonic()
+        self._last = self._list_started = time.monotonic()
         try:
             holders = await list_holders(self.socket_path)
         except grpc.aio.AioRpcError as e:
@@ -134,8 +141,9 @@ class Owners:
         await self.registry.release(alloc_id)
 
     async def resolve(self, allocation: Allocation) -> None:
-        """For the handout server: a /connect arrived before we knew the pod."""
-        await self.refresh()
+        """For the handout server: a /connect arrived before we knew the pod; ask kubelet
+        with a List that starts now or later (an older one may predate the pod)."""
+        await self.refresh(fresh_since=time.monotonic())
 
     def allocated(self, alloc_id: str) -> None:
         """A new allocation: ask kubelet soon, and a few times, who got it."""

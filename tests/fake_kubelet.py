@@ -71,7 +71,11 @@ class _PodResources(pr_grpc.PodResourcesListerServicer):
              ) -> pr.ListPodResourcesResponse:
         with self.kubelet.cond:
             self.kubelet.list_calls += 1
-            return pr.ListPodResourcesResponse(pod_resources=list(self.kubelet.pods.values()))
+            self.kubelet.cond.notify_all()
+            snapshot = list(self.kubelet.pods.values())
+            delay = self.kubelet.list_delay
+        time.sleep(delay)  # a slow kubelet: the answer reflects when the call began
+        return pr.ListPodResourcesResponse(pod_resources=snapshot)
 
 
 class FakeKubelet:
@@ -83,6 +87,7 @@ class FakeKubelet:
         self.registrations: list[str] = []
         self.pods: dict[tuple[str, str], pr.PodResources] = {}
         self.list_calls = 0
+        self.list_delay = 0.0
         self._registration: grpc.Server | None = None
         self._podres: grpc.Server | None = None
 

@@ -300,6 +300,22 @@ def test_connect_is_checked_against_the_pod_that_owns_the_allocation(k8s: K8s) -
     assert alloc["owner"] == "ns1/pod-a/app" and alloc["hostnames"] == ["pod-a"]
 
 
+def test_connect_waits_for_a_list_that_started_after_it(k8s: K8s) -> None:
+    """A List that began before the pod was admitted must not decide a later /connect."""
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    k.list_delay = 0.8
+    mount = k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    calls = k.list_calls
+    k.wait(lambda: k.list_calls > calls, what="the post-Allocate List to begin")
+    k.add_pod("ns1", "pod-late", RESOURCE, ["p0"])  # admitted while that List is running
+    with k8s.ns.entered():
+        fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "p0", hostname="pod-late",
+                     timeout=10).close()
+    k.list_delay = 0.0
+
+
 def test_allocation_of_a_vanished_pod_is_garbage_collected(k8s: K8s) -> None:
     k8s.start()
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
