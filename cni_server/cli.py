@@ -44,7 +44,7 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "pinDir": a.pin_dir, "controlSocket": a.control_socket, "idleTimeout": a.idle_timeout,
         "maxConnections": a.max_connections, "maxConnectionsPerSocket": a.max_connections_per_socket,
         "bpfObject": a.bpf_object, "readyFile": a.ready_file, "logLevel": a.log_level,
-        "logFormat": a.log_format,
+        "logFormat": a.log_format, "metricsAddress": a.metrics_address,
     }
     raw = {k: v for k, v in pairs.items() if v is not None}
     if a.force:
@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", help="write status JSON here once sockets are served")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["kv", "json"])
+    s.add_argument("--metrics-address", help="host:port for /metrics, /healthz, /readyz")
     s.set_defaults(fn=cmd_serve)
 
     dm = sub.add_parser("daemon", help="run the Kubernetes node daemon (device plugin)")

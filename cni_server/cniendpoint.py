@@ -166,6 +166,7 @@ class CniEndpoint:
                 conn.send(json.dumps(reply).encode())
 
     async def _dispatch(self, data: bytes, flags: int, fds: list[OwnedFd]) -> dict[str, Any]:
+        op_label = "?"  # for metrics; the op once the request is understood
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise CniError(BAD_REQUEST, "request too large")
@@ -177,14 +178,18 @@ class CniEndpoint:
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise CniError(BAD_REQUEST, f"unknown op {op!r}")
+            op_label = str(op)
             result = await handler(request, fds)
+            self.registry.server.metrics.cni_ops.labels(op_label, "ok").inc()
             log.info("event=cni op=%s device=%s container=%s result=ok", op,
                      request.get("deviceID", "-"), request.get("containerID", "-"))
             return {"ok": True, "result": result}
         except CniError as e:
+            self.registry.server.metrics.cni_ops.labels(op_label, f"error_{e.code}").inc()
             log.warning("event=cni result=error code=%d msg=%r", e.code, e.msg)
             return {"ok": False, "code": e.code, "msg": e.msg, "details": e.details}
         except Exception as e:
+            self.registry.server.metrics.cni_ops.labels(op_label, "internal_error").inc()
             log.exception("event=cni_internal_error")
             return {"ok": False, "code": TRY_AGAIN, "msg": "internal error in the daemon",
                     "details": str(e)}

@@ -57,6 +57,7 @@ class StandaloneConfig:
     ready_file: Path | None = None
     log_level: str = "info"
     log_format: str = "kv"
+    metrics_address: str = ""  # host:port for /metrics, /healthz, /readyz; "": off
 
 
 # YAML key -> (dataclass field, parser)
@@ -120,6 +121,15 @@ def choice(value: object, where: str, options: tuple[str, ...]) -> str:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("kv", "json")
+
+
+def address(value: object, where: str) -> str:
+    """'host:port' (host may be empty or [v6]), port 0..65535."""
+    text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: {value!r} is not an address like 0.0.0.0:9402")
+    return f"{host}:{int(port)}"
 
 
 def _positive(value: object, where: str, *, real: bool = False) -> Any:
@@ -191,6 +201,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             cfg.log_level = choice(value, where, LOG_LEVELS)
         elif key == "logFormat":
             cfg.log_format = choice(value, where, LOG_FORMATS)
+        elif key == "metricsAddress":
+            cfg.metrics_address = address(value, where)
         elif key in ("socketUid", "socketGid"):
             setattr(cfg, known[key], _want(value, int, where, "an integer id"))
     if cfg.max_connections_per_socket > cfg.max_connections:

@@ -21,6 +21,7 @@ from bpf import bpffs
 from bpf.errors import BpffsError
 from cni_server.config import StandaloneConfig
 from cni_server.control import ControlServer
+from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.registry import AllocationSpec, ProgramTable, Registry
@@ -42,6 +43,8 @@ class StandaloneDaemon:
     _created_dirs: list[Path] = field(default_factory=list)
     _bpffs_mount: Path | None = None
     _control: ControlServer | None = None
+    http: HealthServer | None = None
+    _ready: bool = False
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -57,7 +60,7 @@ class StandaloneDaemon:
         raise_fd_limit(self.cfg.max_connections + 256)
         self.netns = Netns.current()
         programs = ProgramTable(force_replace=self.cfg.force_replace,
-                                bpf_object=self.cfg.bpf_object)
+                                bpf_object=self.cfg.bpf_object, metrics=self.server.metrics)
         self.registry = Registry(self.server, self.netns, programs)
         try:
             self._prepare_dirs()
@@ -67,6 +70,10 @@ class StandaloneDaemon:
                 self._control = ControlServer(self.cfg.control_socket)
                 self._control.register("status", self._status_op)
                 await self._control.start()
+            if self.cfg.metrics_address:
+                self.http = HealthServer(self.cfg.metrics_address, self.server.metrics,
+                                         lambda: (self._ready, "starting"))
+                await self.http.start()
         except LookupError as e:  # a netdev that does not exist
             await self.stop()
             raise DaemonError(str(e)) from e
@@ -84,6 +91,10 @@ class StandaloneDaemon:
 
     async def stop(self) -> None:
         """Undo everything start() did, in reverse; safe to call on a partial start."""
+        self._ready = False
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
         if self._control is not None:
             await self._control.close()
             self._control = None
@@ -138,12 +149,14 @@ class StandaloneDaemon:
                 len(lst.connections) for lst in self.server.listeners.values()
                 if lst.allocation is a)} for a in allocations],
             "server": self.server.stats(),
+            "http": self.http.address if self.http else None,
         }
 
     async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
 
     def _report_ready(self) -> None:
+        self._ready = True
         report_ready(self.cfg.ready_file, self.status())
         log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
                  ",".join(str(p) for p in self.server.listeners))

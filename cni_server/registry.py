@@ -28,6 +28,7 @@ from typing import Any
 from bpf import bpffs
 from bpf.program import NetdevProgram, XdpMode, ensure_attached
 from cni_server.allocation import AllocatedDevice, Allocation
+from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.server import HandoutServer
@@ -110,6 +111,7 @@ class ProgramTable:
 
     force_replace: bool = False
     bpf_object: Path | None = None
+    metrics: Metrics | None = None
     _table: dict[str, _Shared] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -126,7 +128,13 @@ class ProgramTable:
                     return ensure_attached(name, info.ifindex, info.queue_slots, mode,
                                            force=self.force_replace, object_path=self.bpf_object)
 
-                program = await (netns.run_async(attach) if netns else asyncio.to_thread(attach))
+                try:
+                    program = await (netns.run_async(attach) if netns
+                                     else asyncio.to_thread(attach))
+                except Exception:
+                    self._count("attach", "error")
+                    raise
+                self._count("attach", "adopted" if program.adopted else "ok")
                 shared = self._table[netdev] = _Shared(program, netns)
             shared.users += 1
             return shared.program
@@ -150,11 +158,20 @@ class ProgramTable:
             del self._table[netdev]
             if detach:
                 where = shared.netns
-                ok = await (where.run_async(shared.program.detach) if where
-                            else asyncio.to_thread(shared.program.detach))
+                try:
+                    ok = await (where.run_async(shared.program.detach) if where
+                                else asyncio.to_thread(shared.program.detach))
+                except Exception:
+                    self._count("detach", "error")
+                    raise
+                self._count("detach", "ok" if ok else "skipped")
                 log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
             else:
                 shared.program.close()
+
+    def _count(self, operation: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.program_ops.labels(operation, result).inc()
 
     def get(self, netdev: str) -> NetdevProgram | None:
         shared = self._table.get(netdev)
@@ -175,6 +192,7 @@ class Registry:
         self.state = state
         self.allocations: dict[str, Allocation] = {}
         self.specs: dict[str, AllocationSpec] = {}
+        server.metrics.track(server.metrics.allocations, lambda: len(self.allocations))
 
     # -- queries ---------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from cni_server import protocol
 from cni_server.allocation import Allocation
 from cni_server.broker import Broker, Outcome
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
+from cni_server.metrics import Metrics, reason_label
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,12 @@ class Listener:
 class HandoutServer:
     """Serves the fd-handout protocol for any number of allocations."""
 
-    def __init__(self, broker: Broker | None = None, limits: Limits | None = None) -> None:
+    def __init__(self, broker: Broker | None = None, limits: Limits | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.broker = broker or Broker()
         self.limits = limits or Limits()
+        self.metrics = metrics or Metrics()
+        self.metrics.track(self.metrics.connections, lambda: self._connections)
         self.counters = Counters()
         self._listeners: dict[Path, Listener] = {}
         self._connections = 0
@@ -378,12 +382,16 @@ class HandoutServer:
             close_all(fds)
         try:
             fd = outcome.fd if outcome is not None and outcome.ok else None
-            sent = self._send(conn, reply.text, fd)
+            kind = "xsk_socket" if isinstance(decision, protocol.Grant) and \
+                decision.op is protocol.Op.XSK_SOCKET else "xsk_map"
+            sent = self._send(conn, reply.text, fd, kind)
         finally:
             if outcome is not None and outcome.created is not None:
                 outcome.created.close()
         key = reply.reason or reply.text
         self.counters.replies[key] = self.counters.replies.get(key, 0) + 1
+        verb = session.steps[-1].verb if session.steps else "?"
+        self.metrics.replies.labels(verb, reply.text, reason_label(reply.reason)).inc()
         if not sent:
             return False
         if reply.close:
@@ -391,7 +399,7 @@ class HandoutServer:
             return False
         return True
 
-    def _send(self, conn: Connection, text: str, fd: int | None) -> bool:
+    def _send(self, conn: Connection, text: str, fd: int | None, kind: str = "") -> bool:
         payload = text.encode()
         try:
             if fd is None:
@@ -400,6 +408,7 @@ class HandoutServer:
                 conn.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", [fd]))], _DONTWAIT)
                 self.counters.fds_sent += 1
+                self.metrics.fds.labels(kind).inc()
         except BlockingIOError:
             # A well-behaved client has one request in flight; a full queue means it
             # sends without reading replies.
@@ -423,6 +432,8 @@ class HandoutServer:
         s = conn.session
         outcome = s.outcome()
         self.counters.handshakes[outcome] = self.counters.handshakes.get(outcome, 0) + 1
+        self.metrics.handshakes.labels(outcome).inc()
+        self.metrics.handshake_seconds.observe(time.monotonic() - conn.opened)
         if log.isEnabledFor(logging.INFO):
             # One f-string, passed as a single argument: the handshake line is the
             # daemon's most frequent log line.

@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from bpf.program import XdpMode
-from cni_server.config import LOG_FORMATS, LOG_LEVELS, ConfigError, choice, parse_mode
+from cni_server.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    address,
+    choice,
+    parse_mode,
+)
 
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -63,6 +70,7 @@ class PluginConfig:
     pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     control_socket: Path | None = Path("/run/afxdp/control.sock")
     cni_socket: Path = Path("/run/afxdp/cni.sock")
+    metrics_address: str = "0.0.0.0:9402"  # /metrics, /healthz, /readyz; "": off
     ready_file: Path | None = None
     check_peer_netns: bool = True
     gc_interval: float = 30.0
@@ -81,7 +89,7 @@ _TOP = {
     "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
     "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
     "checkPeerNetns",
-    "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools",
+    "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
 }
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
@@ -228,6 +236,8 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
             setattr(cfg, attr, _path(value, key))
         elif key == "checkPeerNetns":
             cfg.check_peer_netns = _bool(value, key)
+        elif key == "metricsAddress":
+            cfg.metrics_address = address(value, key) if value != "" else ""
         elif key in ("gcInterval", "gcGrace", "rescanInterval"):
             attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
             setattr(cfg, attr, float(_number(value, key, above=True)))

@@ -18,6 +18,7 @@ from typing import Any
 from bpf import bpffs
 from cni_server.cniendpoint import CniEndpoint
 from cni_server.control import ControlServer
+from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.registry import ProgramTable, Registry
@@ -44,6 +45,8 @@ class KubernetesDaemon:
         self.plugins: dict[str, PluginServer] = {}
         self._control: ControlServer | None = None
         self.cni: CniEndpoint | None = None
+        self.http: HealthServer | None = None
+        self._started = False
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -55,7 +58,8 @@ class KubernetesDaemon:
                 bpffs.ensure_bpffs(cfg.bpffs_root)  # stays mounted: pods' pins live there
             cfg.socket_root.mkdir(parents=True, exist_ok=True)
             registry = self.registry = Registry(
-                self.server, self.netns, ProgramTable(bpf_object=cfg.bpf_object),
+                self.server, self.netns,
+                ProgramTable(bpf_object=cfg.bpf_object, metrics=self.server.metrics),
                 StateFile(cfg.state_dir / "state.json"))
             restored, dropped = await registry.restore()
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),
@@ -81,6 +85,9 @@ class KubernetesDaemon:
                 self._control = ControlServer(cfg.control_socket)
                 self._control.register("status", self._status_op)
                 await self._control.start()
+            if cfg.metrics_address:
+                self.http = HealthServer(cfg.metrics_address, self.server.metrics, self.ready)
+                await self.http.start()
         except BaseException:
             await self.stop()
             raise
@@ -93,7 +100,18 @@ class KubernetesDaemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def ready(self) -> tuple[bool, str]:
+        """Ready: started, and every pool registered with kubelet."""
+        if not self._started:
+            return False, "starting"
+        waiting = [n for n, p in self.plugins.items() if not p.registered]
+        return (not waiting), f"not registered with kubelet: {', '.join(waiting)}"
+
     async def stop(self) -> None:
+        self._started = False
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
         for plugin in self.plugins.values():
             await plugin.stop()
         self.plugins.clear()
@@ -136,12 +154,14 @@ class KubernetesDaemon:
             "allocations": [a.describe() for a in (self.registry.allocations.values()
                                                    if self.registry else [])],
             "server": self.server.stats(),
+            "http": self.http.address if self.http else None,
         }
 
     async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
 
     def _report_ready(self) -> None:
+        self._started = True
         report_ready(self.cfg.ready_file, self.status())
         log.info("event=ready node=%s pools=%s", self.cfg.node_name,
                  ",".join(f"{n}:{len(self.inventory.pools[n]) if self.inventory else 0}"

@@ -115,6 +115,10 @@ class Inventory:
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
                         states[name] = self._away(name)
+                metrics = self.registry.server.metrics
+                for health in (True, False):
+                    metrics.devices.labels(pool.name, "healthy" if health else "unhealthy").set(
+                        sum(1 for st in states.values() if st.healthy is health))
                 if states != self.pools[pool.name]:
                     changed.add(pool.name)
                     self._log_changes(pool.name, self.pools[pool.name], states)

@@ -19,7 +19,7 @@ from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.cni_runner import Runner, host_python_plugin
 from tests.fake_kubelet import running
 from tests.kernel import ROOT, ClientRuntime, NsFixture, make_netns, run, setpriv, wait_for
-from tests.test_plugin import RESOURCE, K8s, healthy, write_config
+from tests.test_plugin import RESOURCE, K8s, healthy, http_get, write_config
 
 pytestmark = pytest.mark.kernel
 PLUGIN = ROOT / "plugin" / "cni.py"
@@ -123,6 +123,12 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     assert env.addresses(k8s.ns, "p0") == [] and ipam_leases(k8s.work) == []
     assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0  # twice
     assert env.cni("DEL", env.conf).code == 0  # no netns, no prevResult
+    with k8s.ns.entered():
+        metrics = http_get(str(k8s.status()["http"]), "/metrics")[1]
+    for line in ('afxdp_cni_operations_total{command="add",result="ok"} 1.0',
+                 'afxdp_cni_operations_total{command="check",result="ok"} 1.0',
+                 'afxdp_cni_operations_total{command="del",result="ok"} 3.0'):
+        assert line in metrics, line
 
 
 def test_add_applies_mtu_and_the_ipam_routes(env: Env) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from bpf import bpffs
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
+from tests.test_plugin import http_get
 
 pytestmark = pytest.mark.kernel
 MAP_CAPS = ("net_raw", "ipc_lock")
@@ -307,6 +309,32 @@ def test_status_shows_what_is_attached_and_served(
     text = run(*netns.cmd(sys.executable, "-m", "cni_server.cli", "status", "--control-socket",
                           str(d.control))).stdout
     assert "va: prog" in text and "(ours)" in text
+
+
+def test_metrics_healthz_and_readyz(netns: NsFixture, workdir: Path, start_daemon: Start
+                                    ) -> None:
+    netns.veth()
+    d = start_daemon(*serve_args(workdir, "va", extra=("--metrics-address", "127.0.0.1:0")))
+    addr = str(d.wait_ready()["http"])
+    with netns.entered():
+        fetch_map_fd(workdir / "sock" / "va" / "afxdp.sock", "va").close()
+        with Client(workdir / "sock" / "va" / "afxdp.sock") as c:
+            assert c.request("/version")[0] == "/nak"
+        assert http_get(addr, "/healthz") == (200, "ok\n")
+        assert http_get(addr, "/readyz") == (200, "ready\n")
+        assert http_get(addr, "/nope")[0] == 404
+        deadline = time.monotonic() + 5
+        while 'result="refused"' not in http_get(addr, "/metrics")[1] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = http_get(addr, "/metrics")[1]
+    for line in ('afxdp_handshakes_total{result="granted"} 1.0',
+                 'afxdp_fds_handed_out_total{kind="xsk_map"} 1.0',
+                 'afxdp_program_operations_total{operation="attach",result="ok"} 1.0',
+                 'afxdp_allocations 1.0',
+                 'afxdp_replies_total{reason="before connect",reply="/nak",request="/version"} 1.0',
+                 "afxdp_handshake_duration_seconds_count 2.0"):
+        assert line in body, line
 
 
 def test_bad_configuration_exits_2_naming_the_field(workdir: Path) -> None:

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,7 @@ def write_config(work: Path, **pool: object) -> Path:
         "controlSocket": str(work / "control.sock"),
         "gcInterval": 0.5,
         "rescanInterval": 30,  # events must do the work; dumps are only a safety net
+        "metricsAddress": "127.0.0.1:0",
         "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
                    **pool}],
     }
@@ -97,6 +100,15 @@ def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
                 bpffs.unmount(workdir / "bpf")
 
 
+def http_get(address: str, path: str) -> tuple[int, str]:
+    """GET from the daemon's HTTP endpoint (call inside the daemon's netns)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def rpc_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
     err = cast(grpc.Call, e)
     return err.code(), err.details() or ""
@@ -118,6 +130,17 @@ def test_registers_after_serving_and_lists_the_pools_devices(k8s: K8s) -> None:
     assert (reg.request.version, reg.request.endpoint) == ("v1beta1", ENDPOINT)
     assert reg.options.get_preferred_allocation_available and not reg.options.pre_start_required
     assert (k8s.work / "dp" / ENDPOINT).exists()
+
+
+def test_readyz_metrics_and_device_gauge(k8s: K8s) -> None:
+    d = k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    addr = str(d.wait_ready()["http"])
+    with k8s.ns.entered():
+        code, _ = http_get(addr, "/readyz")
+        assert code == 200
+        _, body = http_get(addr, "/metrics")
+    assert 'afxdp_devices{health="healthy",pool="pool1"} 3.0' in body
 
 
 def test_list_follows_links_appearing_going_down_and_disappearing(k8s: K8s) -> None:
