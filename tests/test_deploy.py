@@ -61,7 +61,10 @@ def test_every_object_validates_against_the_kubernetes_api(version: str) -> None
     for path, doc in documents():
         if doc["kind"] in CUSTOM_KINDS:
             continue
-        kubernetes_validate.validate(doc, version, strict=True)
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise AssertionError(f"{path.relative_to(ROOT)}: {doc['kind']}: {e}") from None
         checked += 1
     assert checked >= 8
 
