@@ -43,6 +43,7 @@ unit: setup
 lint:
 	.venv/bin/ruff check bpf cni_server plugin tests benchmarks scripts
 	.venv/bin/mypy
+	.venv/bin/hadolint Dockerfile
 
 bench: setup
 	$(PY) benchmarks/handshake.py
