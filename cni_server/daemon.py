@@ -28,6 +28,7 @@ from cni_server.registry import AllocationSpec, ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
 
 log = logging.getLogger(__name__)
+DRAIN_SECONDS = 2.0
 
 
 class DaemonError(Exception):
@@ -98,6 +99,7 @@ class StandaloneDaemon:
         if self._control is not None:
             await self._control.close()
             self._control = None
+        await self.server.drain(DRAIN_SECONDS)  # let handshakes in flight finish
         if self.registry is not None:
             await self.registry.shutdown(release=True)
         self.server.close()

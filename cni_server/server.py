@@ -188,13 +188,27 @@ class HandoutServer:
 
     def _withdraw(self, listener: Listener) -> None:
         self._listeners.pop(listener.path, None)
-        self._unwatch(listener.sock.fileno())
+        if listener.sock.fileno() >= 0:  # not yet closed by drain()
+            self._unwatch(listener.sock.fileno())
         for conn in list(listener.connections):
             self._close(conn, "socket withdrawn")
         listener.sock.close()
         with contextlib.suppress(FileNotFoundError):
             if os.stat(listener.path).st_ino == listener.inode:
                 listener.path.unlink()
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop: accept nothing more, let open connections finish their
+        handshakes (up to ``timeout`` seconds), then close what is left."""
+        for listener in self._listeners.values():
+            self._unwatch(listener.sock.fileno())
+            listener.sock.close()  # new clients are refused; the file goes in close()
+        deadline = time.monotonic() + timeout
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._connections:
+            log.info("event=drain_timeout open_connections=%d", self._connections)
+        self.close()
 
     def close(self) -> None:
         for task in list(self._parked):

@@ -31,6 +31,7 @@ from plugin.owners import Owners
 from plugin.pool import PoolBackend
 
 log = logging.getLogger(__name__)
+DRAIN_SECONDS = 2.0
 
 
 class KubernetesDaemon:
@@ -125,6 +126,7 @@ class KubernetesDaemon:
         if self.cni is not None:
             await self.cni.close()
             self.cni = None
+        await self.server.drain(DRAIN_SECONDS)  # let handshakes in flight finish
         if self.registry is not None:
             await self.registry.shutdown(release=False)
         self.server.close()

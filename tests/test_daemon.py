@@ -197,6 +197,30 @@ def test_sigterm_detaches_and_removes_everything_it_made(
     assert "event=stopped" in d.log()
 
 
+def test_sigterm_lets_a_handshake_in_flight_finish_and_refuses_new_ones(
+        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
+    netns.veth()
+    d = start_daemon(*serve_args(workdir, "va"))
+    sock = workdir / "sock" / "va" / "afxdp.sock"
+    with netns.entered(), Client(sock) as c:
+        c.connect()
+        d.proc.send_signal(signal.SIGTERM)
+        refused = False
+        deadline = time.monotonic() + 1.5  # within the daemon's 2 s drain
+        while not refused and time.monotonic() < deadline:
+            try:
+                Client(sock, timeout=1).close()
+                time.sleep(0.01)
+            except ConnectionRefusedError:
+                refused = True  # the listener is closed: new clients are refused...
+        assert refused
+        assert c.version() == "0.1"  # ...while this one finishes its handshake
+        c.xsk_map_fd("va").close()
+        c.fin()
+    assert d.stop() == 0
+    assert netns.xdp_prog_id("va") == 0
+
+
 def test_sigint_also_stops_cleanly(netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
     netns.veth()
     d = start_daemon(*serve_args(workdir, "va"))
