@@ -75,6 +75,28 @@ class XdpQueryOpts(ctypes.Structure):
     ]
 
 
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.1)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
 class BpfProgInfo(ctypes.Structure):
     """The prefix of struct bpf_prog_info we read; the kernel accepts a short info_len."""
 
@@ -147,6 +169,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_map_lookup_elem": ([i, vp, vp], i),
         "bpf_map_delete_elem": ([i, vp], i),
         "bpf_map_create": ([i, cp, u32, u32, u32, vp], i),
+        "bpf_prog_test_run_opts": ([i, ctypes.POINTER(TestRunOpts)], i),
         "libbpf_set_print": ([_PRINT_FN], vp),
         "libbpf_major_version": ([], u32),
         "libbpf_minor_version": ([], u32),
@@ -289,6 +312,18 @@ def map_delete_u32(map_fd: int, key: int, what: str) -> None:
     """bpf_map_delete_elem with a u32 key."""
     k = ctypes.c_uint32(key)
     check(call("bpf_map_delete_elem", map_fd, ctypes.byref(k)), what)
+
+
+def test_run(prog_fd: int, data: bytes, repeat: int) -> tuple[int, int]:
+    """BPF_PROG_TEST_RUN: (return value, kernel-measured ns per run) over ``repeat`` runs."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    out = ctypes.create_string_buffer(len(data) + 256)
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.addressof(buf),
+                       data_out=ctypes.addressof(out), data_size_in=len(data),
+                       data_size_out=len(out), repeat=repeat)
+    check(call("bpf_prog_test_run_opts", prog_fd, ctypes.byref(opts)),
+          f"test-running BPF program fd {prog_fd}")
+    return opts.retval, opts.duration
 
 
 def xskmap_create(max_entries: int, name: str = "xsks_map") -> int:

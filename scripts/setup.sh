@@ -16,6 +16,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev               # the venv (Debian's Python 3.11)
   iproute2 util-linux ethtool                    # ip netns/link, nsenter/setpriv
   containernetworking-plugins                    # host-local/host-device for CNI tests
+  libxdp1                                        # libxdp's AF_XDP program, a benchmark peer
   make
 )
 
