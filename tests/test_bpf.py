@@ -218,3 +218,11 @@ def test_auto_falls_back_when_the_driver_refuses_native_for_its_own_reasons(
             assert np.mode == "skb"
         finally:
             np.detach()
+
+
+def test_test_run_reports_the_programs_verdict_and_its_cost() -> None:
+    """BPF_PROG_TEST_RUN (used by benchmarks/datapath.py): an empty slot passes the frame."""
+    frame = bytes(14) + bytes(50)
+    with LoadedProgram.load(1) as prog:
+        retval, ns = libbpf.test_run(prog.prog_fd, frame, 1000)
+    assert retval == 2 and ns > 0  # XDP_PASS
