@@ -25,7 +25,7 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,6 +67,12 @@ class Limits:
     idle_timeout: float = 30.0
     max_connections: int = 4096
     max_connections_per_socket: int = 128
+    # At a limit, a new connection takes the place of the connection idle the
+    # longest, if that one has been idle at least this long; else the new one
+    # is closed.  A handshake takes milliseconds, so a connection silent for a
+    # second is a client that is not going to talk; without eviction a few
+    # hundred silent connections would lock everyone out until the idle timeout.
+    evict_idle_after: float = 1.0
 
 
 @dataclass
@@ -75,19 +81,21 @@ class Counters:
     replies: dict[str, int] = field(default_factory=dict)  # by reply text/reason
     fds_sent: int = 0
     rejected_limit: int = 0
+    evicted: int = 0
     idle_closed: int = 0
 
 
 class Connection:
     """One accepted client connection (owner of its socket)."""
 
-    __slots__ = ("last_active", "listener", "opened", "session", "sock")
+    __slots__ = ("last_active", "listener", "opened", "parked", "session", "sock")
 
     def __init__(self, sock: socket.socket, listener: Listener, session: protocol.Session) -> None:
         self.sock = sock
         self.listener = listener
         self.session = session
         self.opened = self.last_active = time.monotonic()
+        self.parked = False  # waiting on us (owner lookup), not idle
 
 
 class Listener:
@@ -250,13 +258,30 @@ class HandoutServer:
             return
         # Explicit family/type: no getsockname() to detect them.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
-        if (self._connections >= self.limits.max_connections
-                or len(listener.connections) >= self.limits.max_connections_per_socket):
+        if ((len(listener.connections) >= self.limits.max_connections_per_socket
+                and not self._evict(listener.connections))
+                or (self._connections >= self.limits.max_connections
+                    and not self._evict(self._all_connections()))):
             sock.close()
             self.counters.rejected_limit += 1
+            self.metrics.dropped.labels("limit").inc()
             self._log_limit(listener)
             return
         self._open(sock, listener)
+
+    def _all_connections(self) -> list[Connection]:
+        return [c for lst in self._listeners.values() for c in lst.connections]
+
+    def _evict(self, candidates: Iterable[Connection]) -> bool:
+        """Close the connection idle the longest, if idle long enough.  True if one was."""
+        oldest = min((c for c in candidates if not c.parked), default=None,
+                     key=lambda c: c.last_active)
+        if oldest is None or time.monotonic() - oldest.last_active < self.limits.evict_idle_after:
+            return False
+        self.counters.evicted += 1
+        self.metrics.dropped.labels("evicted").inc()
+        self._close(oldest, "evicted for a new connection")
+        return True
 
     def _open(self, sock: socket.socket, listener: Listener) -> None:
         # The socket stays in blocking mode; every recv/send passes MSG_DONTWAIT,
@@ -347,6 +372,7 @@ class HandoutServer:
         """Stop reading ``conn`` until the allocation's owner is resolved, then answer."""
         fd = conn.sock.fileno()
         self._unwatch(fd)
+        conn.parked = True
         assert self._loop is not None and self.resolve_owner is not None
         resolve = self.resolve_owner
 
@@ -361,6 +387,8 @@ class HandoutServer:
                 if conn not in conn.listener.connections:  # closed meanwhile
                     return
                 handed = True
+                conn.parked = False
+                conn.last_active = time.monotonic()
                 if self._answer(conn, request, fds):
                     self._watch(fd, partial(self._on_readable, conn))
             finally:
@@ -475,6 +503,7 @@ class HandoutServer:
             timeout = listener.allocation.idle_timeout or self.limits.idle_timeout
             for conn in [c for c in listener.connections if now - c.last_active > timeout]:
                 self.counters.idle_closed += 1
+                self.metrics.dropped.labels("idle").inc()
                 self._close(conn, "idle timeout")
         self._schedule_sweep()
 
@@ -486,6 +515,7 @@ class HandoutServer:
             "replies": dict(self.counters.replies),
             "fds_sent": self.counters.fds_sent,
             "rejected_limit": self.counters.rejected_limit,
+            "evicted": self.counters.evicted,
             "idle_closed": self.counters.idle_closed,
         }
 

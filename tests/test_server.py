@@ -312,6 +312,45 @@ def test_connection_limit_per_socket_closes_extra_connections_at_once(
             pass
 
 
+def test_at_the_limit_a_newcomer_evicts_the_connection_silent_the_longest(
+        netns: NsFixture, tmp_path: Path) -> None:
+    limits = Limits(max_connections=100, max_connections_per_socket=3, evict_idle_after=0.2)
+    with serve(netns, tmp_path, limits=limits) as s, netns.entered():
+        held = [raw(s.path) for _ in range(3)]
+        try:
+            time.sleep(0.3)
+            # The newest one talks, so it is no longer the longest silent.
+            assert ask(held[0], f"/connect,{HOST}".encode()) == b"/host_ok"
+            with fetch_map_fd(s.path, "va") as fd:
+                assert libbpf.map_info(fd.fileno()).type == libbpf.BPF_MAP_TYPE_XSKMAP
+            assert held[1].recv(64) == b""  # silent since before held[2] opened
+            assert s.stats()["evicted"] == 1
+            assert s.stats()["rejected_limit"] == 0
+            assert ask(held[0], b"/version") == b"0.1"  # the active one is untouched
+        finally:
+            for h in held:
+                h.close()
+
+
+def test_total_limit_evicts_across_sockets(netns: NsFixture, tmp_path: Path) -> None:
+    limits = Limits(max_connections=2, max_connections_per_socket=2, evict_idle_after=0.2)
+    with serve(netns, tmp_path, limits=limits) as s, netns.entered():
+        held = [raw(s.path) for _ in range(2)]
+        try:
+            fresh = raw(s.path)  # nobody silent long enough yet: closed at once
+            with fresh:
+                assert fresh.recv(64) == b""
+            time.sleep(0.3)
+            with fetch_map_fd(s.path, "va"):
+                pass
+            assert held[0].recv(64) == b""
+            stats = s.stats()
+            assert (stats["evicted"], stats["rejected_limit"]) == (1, 1)
+        finally:
+            for h in held:
+                h.close()
+
+
 # -- our extension and busy poll -------------------------------------------------------------------
 
 
