@@ -8,9 +8,9 @@ granted steps, and sends the reply (with an fd when one is granted).
 Connections are watched through one epoll set of our own, which the event
 loop watches as a single fd: a readable connection costs a dict lookup and a
 direct call instead of asyncio's per-fd selector keys and handles, and one loop
-wakeup serves every ready connection.  Listening sockets use the loop's
-``add_reader``.  A periodic sweep enforces the idle timeout.  All methods must
-be called on the loop's thread.
+wakeup serves every ready connection and listening socket, round robin between
+clients (see ``_on_events``).  A periodic sweep enforces the idle timeout.  All
+methods must be called on the loop's thread.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _ROUNDS_PER_WAKEUP = 8
+_PER_CLIENT_PER_ROUND = 4
+_ACCEPTS_PER_EVENT = 16
 _RESOLVE_TIMEOUT = 5.0
 _SUN_PATH_MAX = 107
 # A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
@@ -124,7 +126,8 @@ class HandoutServer:
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._epoll: select.epoll | None = None
-        self._handlers: dict[int, Callable[[], None]] = {}
+        # fd -> (client key, handler); see _on_events for the key.
+        self._handlers: dict[int, tuple[int, Callable[[], None]]] = {}
         # Called for a /connect on an allocation that allows no hostname yet
         # (Kubernetes: its pod is not known yet); the request waits for it.
         self.resolve_owner: Callable[[Allocation], Awaitable[None]] | None = None
@@ -183,7 +186,7 @@ class HandoutServer:
             raise ServerError(f"cannot serve {path}: {e.strerror or e}") from e
         listener = Listener(allocation, path, sock, inode)
         self._listeners[path] = listener
-        self._watch(sock.fileno(), partial(self._on_acceptable, listener))
+        self._watch(sock.fileno(), partial(self._on_acceptable, listener), -1 - sock.fileno())
         return listener
 
     def stop_serving(self, allocation_id: str) -> None:
@@ -246,28 +249,38 @@ class HandoutServer:
     # -- accepting -------------------------------------------------------------
 
     def _on_acceptable(self, listener: Listener) -> None:
-        """Accept one connection per wakeup: epoll is level-triggered and calls
-        again while the backlog is not empty, and we save the EAGAIN accept."""
-        try:
-            fd, _addr = listener.sock._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            # EMFILE/ENFILE/ENOBUFS: keep serving what we have; retry on next wakeup.
-            log.error("event=accept_failed socket=%s error=%r", listener.path, e.strerror)
-            return
-        # Explicit family/type: no getsockname() to detect them.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
-        if ((len(listener.connections) >= self.limits.max_connections_per_socket
-                and not self._evict(listener.connections))
-                or (self._connections >= self.limits.max_connections
-                    and not self._evict(self._all_connections()))):
-            sock.close()
-            self.counters.rejected_limit += 1
-            self.metrics.dropped.labels("limit").inc()
-            self._log_limit(listener)
-            return
-        self._open(sock, listener)
+        """Accept what is waiting, up to ``_ACCEPTS_PER_EVENT``.
+
+        Draining the backlog moves waiting clients from the kernel's FIFO
+        into our per-client round robin (see _on_events): a well-behaved
+        client queued behind a flood of connects is then served in the next
+        round instead of after everyone queued before it.  Only the first is
+        answered at once (the common case: one client, /connect already sent);
+        the others are answered in their turn.  With no connection open on the
+        socket (a lone client, handshakes one after another) one accept is
+        all there is: no second accept() that would only return EAGAIN.
+        """
+        for i in range(_ACCEPTS_PER_EVENT if listener.connections else 1):
+            try:
+                fd, _addr = listener.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE/ENFILE/ENOBUFS: keep serving what we have; retry on next wakeup.
+                log.error("event=accept_failed socket=%s error=%r", listener.path, e.strerror)
+                return
+            # Explicit family/type: no getsockname() to detect them.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+            if ((len(listener.connections) >= self.limits.max_connections_per_socket
+                    and not self._evict(listener.connections))
+                    or (self._connections >= self.limits.max_connections
+                        and not self._evict(self._all_connections()))):
+                sock.close()
+                self.counters.rejected_limit += 1
+                self.metrics.dropped.labels("limit").inc()
+                self._log_limit(listener)
+                continue
+            self._open(sock, listener, answer_now=i == 0)
 
     def _all_connections(self) -> list[Connection]:
         return [c for lst in self._listeners.values() for c in lst.connections]
@@ -283,7 +296,7 @@ class HandoutServer:
         self._close(oldest, "evicted for a new connection")
         return True
 
-    def _open(self, sock: socket.socket, listener: Listener) -> None:
+    def _open(self, sock: socket.socket, listener: Listener, answer_now: bool) -> None:
         # The socket stays in blocking mode; every recv/send passes MSG_DONTWAIT,
         # which saves the fcntl/ioctl that setblocking(False) costs per connection.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONN_SNDBUF)
@@ -294,10 +307,11 @@ class HandoutServer:
         conn = Connection(sock, listener, protocol.Session(listener.allocation, peer))
         listener.connections.add(conn)
         self._connections += 1
-        self._watch(sock.fileno(), partial(self._on_readable, conn))
+        self._watch(sock.fileno(), partial(self._on_readable, conn), _client_key(conn))
         # Clients usually write /connect right after connect(); answering it now
         # saves a trip through the event loop (EAGAIN costs one cheap syscall).
-        self._on_readable(conn)
+        if answer_now:
+            self._on_readable(conn)
 
     def _log_limit(self, listener: Listener) -> None:
         now = time.monotonic()
@@ -310,9 +324,9 @@ class HandoutServer:
 
     # -- one connection ---------------------------------------------------------
 
-    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+    def _watch(self, fd: int, handler: Callable[[], None], key: int) -> None:
         assert self._epoll is not None
-        self._handlers[fd] = handler
+        self._handlers[fd] = (key, handler)
         self._epoll.register(fd, select.EPOLLIN)
 
     def _unwatch(self, fd: int) -> None:
@@ -321,12 +335,20 @@ class HandoutServer:
                 self._epoll.unregister(fd)
 
     def _on_events(self) -> None:
-        """Serve everything ready in our epoll set, then look once more.
+        """Serve what is ready in our epoll set, then look once more.
 
         A client's next request often arrives while we finish the previous
         one; a zero-timeout poll picks it up without a full event-loop round
         and a sleep/wakeup.  Bounded, so timers and the control socket still
         get their turn under load.
+
+        Fair between clients, not connections: when several clients have
+        requests ready, each is served at most ``_PER_CLIENT_PER_ROUND`` per
+        round (a client is a peer process; a listener counts as one).  The
+        rest stay ready (epoll is level-triggered and reports them again,
+        behind the others), so a process hammering with 200 connections gets
+        the share of one client, and a well-behaved client waits for a round
+        of a few dozen requests, not of everything the flood has queued.
         """
         assert self._epoll is not None
         epoll, handlers = self._epoll, self._handlers
@@ -334,9 +356,22 @@ class HandoutServer:
             events = epoll.poll(0, 256)
             if not events:
                 return
-            for fd, _mask in events:
-                handler = handlers.get(fd)
-                if handler is not None:
+            if len(events) <= _PER_CLIENT_PER_ROUND:
+                for fd, _mask in events:
+                    entry = handlers.get(fd)
+                    if entry is not None:
+                        entry[1]()
+                continue
+            entries = [e for e in map(handlers.get, [fd for fd, _ in events]) if e is not None]
+            if len({key for key, _ in entries}) == 1:
+                for _key, handler in entries:
+                    handler()
+                continue
+            served: dict[int, int] = {}
+            for key, handler in entries:
+                n = served.get(key, 0)
+                if n < _PER_CLIENT_PER_ROUND:
+                    served[key] = n + 1
                     handler()
 
     def _on_readable(self, conn: Connection) -> None:
@@ -390,7 +425,7 @@ class HandoutServer:
                 conn.parked = False
                 conn.last_active = time.monotonic()
                 if self._answer(conn, request, fds):
-                    self._watch(fd, partial(self._on_readable, conn))
+                    self._watch(fd, partial(self._on_readable, conn), _client_key(conn))
             finally:
                 if not handed:
                     close_all(fds)
@@ -541,3 +576,9 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ServerError(f"another server is already serving {path}")
+
+
+def _client_key(conn: Connection) -> int:
+    """Who a connection belongs to, for fairness: its peer process, else itself."""
+    pid = conn.session.peer.pid
+    return pid if pid > 0 else -1 - conn.sock.fileno()

@@ -1,0 +1,130 @@
+"""Floods against a real daemon process: idle connections, hammering clients, non-readers.
+
+The latency bound asserted here is deliberately loose (it catches a daemon
+that stops serving others, not a slow machine); the figures against the
+p99 target come from ``benchmarks/floods.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cni_server.control import call
+from tests.kernel import Daemon, NsFixture
+from tests.load import (
+    closed_by_server,
+    hammer_results,
+    hammering,
+    handshake_latencies,
+    non_reader,
+    open_idle,
+    pct,
+)
+
+pytestmark = pytest.mark.kernel
+HOST = socket.gethostname()
+LOOSE_P99 = 0.25  # s
+
+
+def server_stats(d: Daemon) -> dict[str, int]:
+    stats: dict[str, int] = call(d.control, {"op": "status"})["status"]["server"]
+    return stats
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def serve(netns: NsFixture, workdir: Path, start: Callable[..., Daemon], *args: str
+          ) -> tuple[Daemon, Path]:
+    netns.veth("va", "vb")
+    d = start("--netdev", "va", "--socket-dir", str(workdir / "s"), "--allow-host", HOST, *args)
+    return d, workdir / "s" / "va" / "afxdp.sock"
+
+
+def test_two_thousand_idle_connections_are_held_then_dropped_at_their_timeout(
+        netns: NsFixture, workdir: Path, start_daemon: Callable[..., Daemon]) -> None:
+    d, path = serve(netns, workdir, start_daemon, "--idle-timeout", "3",
+                    "--max-connections-per-socket", "2500")
+    with netns.entered():
+        idle = open_idle(path, 2000)
+        try:
+            assert wait_until(lambda: server_stats(d)["connections"] == 2000, 10), \
+                server_stats(d)
+            lat, failures = handshake_latencies(path, 100)
+            assert failures == 0
+            assert pct(lat, 0.99) < LOOSE_P99, f"p99 {pct(lat, 0.99) * 1e3:.1f} ms"
+            assert closed_by_server(idle) == 0  # all still held
+            assert wait_until(lambda: server_stats(d)["connections"] == 0, 10)
+            assert closed_by_server(idle) == 2000
+            assert server_stats(d)["idle_closed"] == 2000
+        finally:
+            for s in idle:
+                s.close()
+    assert d.proc.poll() is None
+
+
+def test_with_default_limits_silent_connections_cannot_lock_others_out(
+        netns: NsFixture, workdir: Path, start_daemon: Callable[..., Daemon]) -> None:
+    d, path = serve(netns, workdir, start_daemon)
+    with netns.entered():
+        idle = open_idle(path, 2000)
+        try:
+            # 128 are held (the per-socket limit), the rest closed at once.
+            assert wait_until(lambda: closed_by_server(idle) >= 2000 - 128, 10)
+            assert server_stats(d)["connections"] == 128
+            time.sleep(1.1)  # silent long enough to be evicted for a newcomer
+            lat, failures = handshake_latencies(path, 50)
+            assert failures == 0
+            assert pct(lat, 0.99) < LOOSE_P99
+            # The first newcomer evicts one; its slot is free again once it is done.
+            stats = server_stats(d)
+            assert (stats["evicted"], stats["connections"]) == (1, 127)
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_two_hundred_hammering_clients_do_not_starve_a_well_behaved_one(
+        netns: NsFixture, workdir: Path, start_daemon: Callable[..., Daemon]) -> None:
+    d, path = serve(netns, workdir, start_daemon, "--max-connections-per-socket", "512")
+    with hammering(netns.cmd(), path, clients=200) as procs, netns.entered():
+        time.sleep(0.5)
+        lat, failures = handshake_latencies(path, 100, pause=0.01)
+    done = hammer_results(procs)
+    assert failures == 0
+    assert done["failures"] == 0, done
+    assert done["handshakes"] > 200, done
+    assert pct(lat, 0.99) < LOOSE_P99 * 2, f"p99 {pct(lat, 0.99) * 1e3:.1f} ms"
+    assert d.proc.poll() is None
+
+
+def test_clients_that_never_read_are_disconnected_while_others_are_served(
+        netns: NsFixture, workdir: Path, start_daemon: Callable[..., Daemon]) -> None:
+    import threading
+
+    d, path = serve(netns, workdir, start_daemon)
+    with netns.entered():
+        endings: list[str] = []
+        readers = [threading.Thread(target=lambda: endings.append(non_reader(path, HOST)))
+                   for _ in range(20)]
+        for t in readers:
+            t.start()
+        lat, failures = handshake_latencies(path, 50)
+        for t in readers:
+            t.join(30)
+    assert endings == ["disconnected"] * 20
+    assert failures == 0
+    assert pct(lat, 0.99) < LOOSE_P99
+    assert wait_until(lambda: server_stats(d)["connections"] == 0, 5)
+    assert "client_not_reading_replies" in d.log()
