@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_kubelet import running
+from tests.k8s_env import RESOURCE, write_config
 from tests.kernel import Daemon, make_netns
-from tests.test_plugin import RESOURCE, write_config
 
 
 def rss_mib(pid: int) -> float:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.cni_runner import CNI_PATH
 from tests.fake_kubelet import running
+from tests.k8s_env import RESOURCE, write_config
 from tests.kernel import ROOT, Daemon, make_netns
-from tests.test_plugin import RESOURCE, write_config
 
 
 def pct(values: list[float], q: float) -> float:

@@ -163,6 +163,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_obj_pin": ([i, cp], i),
         "bpf_obj_get": ([cp], i),
         "bpf_prog_get_fd_by_id": ([u32], i),
+        "bpf_prog_get_next_id": ([u32, ctypes.POINTER(u32)], i),
         "bpf_map_get_fd_by_id": ([u32], i),
         "bpf_obj_get_info_by_fd": ([i, vp, ctypes.POINTER(u32)], i),
         "bpf_map_update_elem": ([i, vp, vp, ctypes.c_uint64], i),
@@ -290,6 +291,15 @@ def prog_map_ids(fd: int) -> list[int]:
     check(call("bpf_obj_get_info_by_fd", fd, ctypes.byref(info), ctypes.byref(size)),
           f"reading map ids of BPF program fd {fd}")
     return list(ids[: min(count, info.nr_map_ids)])
+
+
+def prog_ids() -> list[int]:
+    """The ids of every BPF program loaded on the system (needs CAP_SYS_ADMIN)."""
+    ids: list[int] = []
+    next_id = ctypes.c_uint32(0)
+    while call("bpf_prog_get_next_id", next_id.value, ctypes.byref(next_id)) == 0:
+        ids.append(next_id.value)
+    return ids
 
 
 def map_info(fd: int) -> BpfMapInfo:

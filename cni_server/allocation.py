@@ -28,6 +28,10 @@ class AllocatedDevice:
     netns: Netns  # the namespace holding the netdev (not owned here)
     queues: int = 0  # queue slots clients may use; 0: all the XSKMAP has
     pin: Path | None = None
+    # Set while its map must not be handed out: the netdev is gone, or lost our
+    # program (a map no program reads from would take a client's socket and
+    # deliver nothing).
+    unavailable: str = ""
 
     @property
     def queue_count(self) -> int:
@@ -35,7 +39,7 @@ class AllocatedDevice:
         return min(self.queues, slots) if self.queues else slots
 
     def view(self) -> protocol.Device:
-        return protocol.Device(self.name, self.netns.inode, self.queue_count)
+        return protocol.Device(self.name, self.netns.inode, self.queue_count, self.unavailable)
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Allocation:
             "hostnames": sorted(self.hostnames_allowed),
             "check_peer_netns": self.check_peer_netns,
             "devices": {n: {"netns": d.netns.inode, "queues": d.queue_count,
-                            "pin": str(d.pin) if d.pin else None, **d.program.describe()}
+                            "pin": str(d.pin) if d.pin else None,
+                            "unavailable": d.unavailable or None, **d.program.describe()}
                         for n, d in self.netdevs.items()},
         }

@@ -127,6 +127,7 @@ class Device:
     name: str
     netns: int | None  # inode of the netns holding it now; None if it is gone
     queues: int  # queue slots clients may use (0..queues-1)
+    unavailable: str = ""  # why nothing may be handed out for it now (e.g. netdev gone)
 
 
 class Allocation(Protocol):
@@ -304,6 +305,8 @@ class Session:
         device = self.allocation.device(name) if valid_netdev_name(name) else None
         if device is None:
             return None, "netdev not in allocation"
+        if device.unavailable:
+            return None, device.unavailable
         why = self._peer_in(device.netns)
         return (None, why) if why else (device, "")
 

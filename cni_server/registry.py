@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import bpffs
-from bpf.program import NetdevProgram, XdpMode, ensure_attached
+from bpf.program import NetdevProgram, XdpMode, attach, ensure_attached, query
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
@@ -168,6 +168,46 @@ class ProgramTable:
                 log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
             else:
                 shared.program.close()
+
+    async def repair(self, netdev: str, mode: XdpMode) -> str:
+        """Our program is missing from ``netdev`` (in the daemon's netns): put it back.
+
+        - The same netdev (same ifindex) with nothing attached (e.g. a DPDK run
+          as root detached it on exit): re-attach the program we hold, so its
+          XSKMAP, and the sockets pods put there, work again ("reattached").
+        - The netdev was deleted and re-created (new ifindex): the old map went
+          with the old netdev's sockets; load a fresh program and map
+          ("replaced").  Every AllocatedDevice sharing the NetdevProgram sees
+          the new one: it is swapped in place, on the loop thread.
+        - A foreign program is attached: ForeignProgram, unless force_replace.
+        """
+        async with self._lock:
+            shared = self._table.get(netdev)
+            if shared is None or shared.netns is not None:
+                return "skipped"
+            current = shared.program
+
+            def fix() -> NetdevProgram | None:
+                info = link_info(netdev)
+                if info.ifindex == current.ifindex and not query(info.ifindex).attached:
+                    attach(info.ifindex, current.program, XdpMode(current.mode), ifname=netdev)
+                    return None
+                return ensure_attached(netdev, info.ifindex, info.queue_slots, mode,
+                                       force=self.force_replace, object_path=self.bpf_object)
+
+            try:
+                fresh = await asyncio.to_thread(fix)
+            except Exception:
+                self._count("repair", "error")
+                raise
+            if fresh is None:
+                self._count("repair", "reattached")
+                return "reattached"
+            current.program.close()
+            current.program, current.ifindex = fresh.program, fresh.ifindex
+            current.mode, current.adopted = fresh.mode, fresh.adopted
+            self._count("repair", "replaced")
+            return "replaced"
 
     def _count(self, operation: str, result: str) -> None:
         if self.metrics is not None:
@@ -343,6 +383,23 @@ class Registry:
         except LookupError:
             ifindex = 0  # gone with its pod (a veth end), or back already
         self.record_attachment(allocation_id, netdev, None, None, netdev, ifindex)
+
+    async def repair(self, netdev: str) -> str:
+        """Put our program back on an allocated netdev that lost it (see ProgramTable.repair);
+        a fresh map is re-pinned where the old one was.  Returns what was done."""
+        allocation = self.by_netdev(netdev)
+        if allocation is None:
+            return "skipped"
+        spec = self.specs[allocation.id]
+        result = await self.programs.repair(netdev, XdpMode(spec.xdp_mode))
+        pin = spec.pin_path(netdev)
+        if result == "replaced" and pin is not None:
+            bpffs.unpin(pin)
+            bpffs.pin(allocation.netdevs[netdev].program.map_fd, pin, uid=spec.uid,
+                      gid=spec.gid, mode=spec.mode)
+        log.info("event=xdp_repaired netdev=%s allocation=%s result=%s", netdev, allocation.id,
+                 result)
+        return result
 
     def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
         """Record the pod an allocation belongs to (and the hostname it may /connect with)."""

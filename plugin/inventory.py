@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
 _GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 DEBOUNCE = 0.1
+GONE = "is gone"
+LOST_PROGRAM = "lost its XDP program"
 
 
 class PoolConflict(Exception):
@@ -74,6 +76,9 @@ class Inventory:
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: threading.Thread | None = None
         self._ipr: IPRoute | None = None
+        self._repairing: set[str] = set()
+        self._repair_failed: dict[str, tuple[int, int]] = {}
+        self._repair_tasks: set[asyncio.Task[None]] = set()
 
     # -- scanning ----------------------------------------------------------------
 
@@ -123,9 +128,50 @@ class Inventory:
                     changed.add(pool.name)
                     self._log_changes(pool.name, self.pools[pool.name], states)
                     self.pools[pool.name] = states
+                for name in keep.keys() & states.keys():
+                    self._follow_allocated(states[name])
         if changed:
             await self.on_change(changed)
         return changed
+
+    def _follow_allocated(self, state: DeviceState) -> None:
+        """Keep an allocated device's handout in step with its health, and repair it.
+
+        A netdev that is gone or lost our program must not have its map handed
+        out (a socket put there would receive nothing): handshakes for it get
+        /fd_nak until it is back.  A present netdev without our program gets
+        it back (see Registry.repair): the same program if the netdev is the
+        same, a fresh program and map if it was re-created.  A failed repair
+        (e.g. a foreign program took its place) is not retried for the same
+        netdev and program until something changes.
+        """
+        allocation = self.registry.by_netdev(state.name)
+        if allocation is None:
+            return
+        device = allocation.netdevs[state.name]
+        stale = state.reason in (GONE, LOST_PROGRAM)
+        device.unavailable = f"netdev {state.reason}" if stale and not state.healthy else ""
+        if state.reason != LOST_PROGRAM or state.netdev is None or state.name in self._repairing:
+            return
+        key = (state.netdev.ifindex, state.netdev.xdp_prog_id)
+        if self._repair_failed.get(state.name) == key:
+            return
+        self._repairing.add(state.name)
+
+        async def repair() -> None:
+            try:
+                await self.registry.repair(state.name)
+                self._repair_failed.pop(state.name, None)
+            except Exception as e:
+                self._repair_failed[state.name] = key
+                log.error("event=xdp_repair_failed netdev=%s error=%r", state.name, str(e))
+            finally:
+                self._repairing.discard(state.name)
+                self._kick.set()  # reclassify: report the outcome
+
+        task = asyncio.get_running_loop().create_task(repair())
+        self._repair_tasks.add(task)
+        task.add_done_callback(self._repair_tasks.discard)
 
     def _on_message(self, msg: Any) -> None:
         """An rtnetlink event (on the loop thread): update the view, reclassify soon."""
@@ -139,14 +185,14 @@ class Inventory:
         allocation = self.registry.by_netdev(name)
         if allocation is not None and allocation.netdevs[name].netns is not self.registry.netns:
             return DeviceState(name, None, True, "in its pod's network namespace")
-        return DeviceState(name, None, False, "netdev is gone")
+        return DeviceState(name, None, False, GONE)
 
     def _health(self, dev: Netdev) -> DeviceState:
         if not dev.up:
             return DeviceState(dev.name, dev, False, "link down")
         program = self.registry.programs.get(dev.name)
         if program is not None and dev.xdp_prog_id != program.program.prog_id:
-            return DeviceState(dev.name, dev, False, "lost its XDP program")
+            return DeviceState(dev.name, dev, False, LOST_PROGRAM)
         return DeviceState(dev.name, dev, True)
 
     def _log_exclusions(self, excluded: dict[str, dict[str, str]],
@@ -208,9 +254,10 @@ class Inventory:
                        asyncio.create_task(self._periodic(), name="inventory-periodic")]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._repair_tasks]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []

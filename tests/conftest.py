@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.k8s_env import k8s  # noqa: F401 - the Kubernetes-mode fixture, for every module
 from tests.kernel import ClientRuntime, Daemon, NsFixture, make_netns
 
 IS_ROOT = os.geteuid() == 0

@@ -92,6 +92,11 @@ def make_netns() -> Iterator[NsFixture]:
     run("ip", "netns", "add", ns.name)
     try:
         run("ip", "-n", ns.name, "link", "set", "lo", "up")
+        # No IPv6 on the test links: a new link sends MLD reports and router
+        # solicitations, which our program would redirect to a socket that
+        # counts frames.
+        run("ip", "netns", "exec", ns.name, "sysctl", "-q", "-w",
+            "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
         yield ns
     finally:
         # Kill anything still running inside, then delete (veths go with it).
@@ -189,3 +194,11 @@ def wait_for(path: Path, timeout: float = 10.0, proc: subprocess.Popen[str] | No
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout}s")
         time.sleep(0.02)
+
+
+def compile_test_program(name: str, out: Path) -> Path:
+    """Build tests/bpf/<name>.bpf.c with clang into ``out``."""
+    arch = run("gcc", "-print-multiarch").stdout.strip()
+    run("clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}", "-c",
+        str(Path(__file__).parent / "bpf" / f"{name}.bpf.c"), "-o", str(out))
+    return out

@@ -18,8 +18,8 @@ import pytest
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.cni_runner import Runner, host_python_plugin
 from tests.fake_kubelet import running
+from tests.k8s_env import RESOURCE, K8s, healthy, http_get, write_config
 from tests.kernel import ROOT, ClientRuntime, NsFixture, make_netns, run, setpriv, wait_for
-from tests.test_plugin import RESOURCE, K8s, healthy, http_get, write_config
 
 pytestmark = pytest.mark.kernel
 PLUGIN = ROOT / "plugin" / "cni.py"

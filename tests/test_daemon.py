@@ -23,8 +23,8 @@ import pytest
 
 from bpf import bpffs
 from cni_server.client import Client, HandshakeError, fetch_map_fd
-from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
-from tests.test_plugin import http_get
+from tests.k8s_env import http_get
+from tests.kernel import ClientRuntime, Daemon, NsFixture, compile_test_program, run, setpriv, wait_for
 
 pytestmark = pytest.mark.kernel
 MAP_CAPS = ("net_raw", "ipc_lock")
@@ -264,11 +264,8 @@ def test_unknown_netdev_fails_start_and_undoes_the_others(
 def test_foreign_program_fails_start_unless_forced(
         netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
     netns.veth()
-    arch = run("gcc", "-print-multiarch").stdout.strip()
-    run("clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}", "-c",
-        str(Path(__file__).parent / "bpf" / "foreign_pass.bpf.c"), "-o", str(workdir / "f.o"))
-    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "obj", str(workdir / "f.o"),
-        "sec", "xdp")
+    obj = compile_test_program("foreign_pass", workdir / "f.o")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "obj", str(obj), "sec", "xdp")
     foreign = netns.xdp_prog_id("va")
     assert foreign
     d = start_daemon(*serve_args(workdir, "va"), wait=False)

@@ -12,110 +12,23 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import pytest
 
 from bpf import bpffs
 from cni_server.client import Client, HandshakeError, fetch_map_fd
-from cni_server.control import call
-from plugin.api import deviceplugin_v1beta1_pb2 as pb
-from tests.fake_kubelet import FakeKubelet, running
-from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
+from tests.k8s_env import ENDPOINT, RESOURCE, K8s, healthy, http_get, write_config
+from tests.kernel import ClientRuntime, run, setpriv, wait_for
 
 pytestmark = pytest.mark.kernel
-RESOURCE = "afxdp/pool1"
-ENDPOINT = "afxdp-pool1.sock"
-
-
-@dataclass
-class K8s:
-    ns: NsFixture
-    work: Path
-    kubelet: FakeKubelet
-    config: Path
-    daemons: list[Daemon]
-
-    def start(self, wait: bool = True) -> Daemon:
-        d = Daemon(self.ns, self.work, "--config", str(self.config), wait=wait, mode="daemon",
-                   control=self.work / "control.sock")
-        self.daemons.append(d)
-        return d
-
-    def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = call(self.work / "control.sock", {"op": "status"})["status"]
-        return doc
-
-    def allocations(self) -> list[dict[str, Any]]:
-        allocs: list[dict[str, Any]] = self.status()["allocations"]
-        return allocs
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(what or "condition")
-
-
-def write_config(work: Path, **pool: object) -> Path:
-    cfg = {
-        "nodeName": "testnode",
-        "stateDir": str(work / "state"),
-        "socketRoot": str(work / "sockets"),
-        "bpffsRoot": str(work / "bpf"),
-        "devicePluginsDir": str(work / "dp"),
-        "podResourcesSocket": str(work / "podres" / "kubelet.sock"),
-        "controlSocket": str(work / "control.sock"),
-        "gcInterval": 0.5,
-        "rescanInterval": 30,  # events must do the work; dumps are only a safety net
-        "metricsAddress": "127.0.0.1:0",
-        "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
-                   **pool}],
-    }
-    path = work / "config.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
-
-
-@pytest.fixture
-def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
-    for i in range(3):
-        netns.veth(f"p{i}", f"q{i}")
-    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet:
-        env = K8s(netns, workdir, kubelet, write_config(workdir), [])
-        try:
-            yield env
-        finally:
-            for d in env.daemons:
-                d.stop()
-            if bpffs.is_bpffs(workdir / "bpf"):
-                bpffs.unmount(workdir / "bpf")
-
-
-def http_get(address: str, path: str) -> tuple[int, str]:
-    """GET from the daemon's HTTP endpoint (call inside the daemon's netns)."""
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def rpc_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
     err = cast(grpc.Call, e)
     return err.code(), err.details() or ""
-
-
-def healthy(devs: dict[str, pb.Device], *names: str) -> bool:
-    return all(n in devs and devs[n].health == "Healthy" for n in names)
 
 
 # -- registration and the device list ------------------------------------------------------
@@ -155,16 +68,6 @@ def test_list_follows_links_appearing_going_down_and_disappearing(k8s: K8s) -> N
     k.wait_devices(RESOURCE, lambda d: healthy(d, "p1"))
     run("ip", "-n", ns.name, "link", "del", "p2")
     k.wait_devices(RESOURCE, lambda d: "p2" not in d)
-
-
-def test_allocated_device_that_loses_its_program_turns_unhealthy(k8s: K8s) -> None:
-    k8s.start()
-    k = k8s.kubelet
-    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
-    k.allocate(RESOURCE, ["p0"])
-    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "off")  # e.g. a root DPDK exiting
-    devs = k.wait_devices(RESOURCE, lambda d: d["p0"].health == "Unhealthy")
-    assert healthy(devs, "p1", "p2")
 
 
 def test_excluded_netdevs_are_not_offered_and_the_log_says_why(k8s: K8s) -> None:

@@ -1,0 +1,102 @@
+"""The Kubernetes-mode test environment: ``afxdp daemon`` in a netns, a fake kubelet, veths."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpf import bpffs
+from cni_server.control import call
+from plugin.api import deviceplugin_v1beta1_pb2 as pb
+from tests.fake_kubelet import FakeKubelet, running
+from tests.kernel import Daemon, NsFixture
+
+RESOURCE = "afxdp/pool1"
+ENDPOINT = "afxdp-pool1.sock"
+
+
+@dataclass
+class K8s:
+    ns: NsFixture
+    work: Path
+    kubelet: FakeKubelet
+    config: Path
+    daemons: list[Daemon]
+
+    def start(self, wait: bool = True) -> Daemon:
+        d = Daemon(self.ns, self.work, "--config", str(self.config), wait=wait, mode="daemon",
+                   control=self.work / "control.sock")
+        self.daemons.append(d)
+        return d
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = call(self.work / "control.sock", {"op": "status"})["status"]
+        return doc
+
+    def allocations(self) -> list[dict[str, Any]]:
+        allocs: list[dict[str, Any]] = self.status()["allocations"]
+        return allocs
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(what or "condition")
+
+
+def write_config(work: Path, **pool: object) -> Path:
+    cfg = {
+        "nodeName": "testnode",
+        "stateDir": str(work / "state"),
+        "socketRoot": str(work / "sockets"),
+        "bpffsRoot": str(work / "bpf"),
+        "devicePluginsDir": str(work / "dp"),
+        "podResourcesSocket": str(work / "podres" / "kubelet.sock"),
+        "controlSocket": str(work / "control.sock"),
+        "gcInterval": 0.5,
+        "rescanInterval": 30,  # events must do the work; dumps are only a safety net
+        "metricsAddress": "127.0.0.1:0",
+        "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
+                   **pool}],
+    }
+    path = work / "config.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+@pytest.fixture
+def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
+    for i in range(3):
+        netns.veth(f"p{i}", f"q{i}")
+    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet:
+        env = K8s(netns, workdir, kubelet, write_config(workdir), [])
+        try:
+            yield env
+        finally:
+            for d in env.daemons:
+                d.stop()
+            if bpffs.is_bpffs(workdir / "bpf"):
+                bpffs.unmount(workdir / "bpf")
+
+
+def healthy(devs: dict[str, pb.Device], *names: str) -> bool:
+    return all(n in devs and devs[n].health == "Healthy" for n in names)
+
+
+def http_get(address: str, path: str) -> tuple[int, str]:
+    """GET from the daemon's HTTP endpoint (call inside the daemon's netns)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

@@ -1,0 +1,207 @@
+"""Faults on the real kernel, in Kubernetes mode: the daemon killed, netdevs deleted and
+re-created, kubelet restarting during an Allocate.
+
+(CNI DEL while the daemon is down is in test_cni.py; a full disk while persisting
+state in test_registry.py; bpffs mounted when missing in test_daemon.py/test_plugin.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bpf import bpffs, libbpf
+from bpf.errors import LibbpfError
+from bpf.program import PROGRAM_NAME, prog_name
+from cni_server.client import Client, HandshakeError, fetch_map_fd
+from tests.k8s_env import RESOURCE, K8s, healthy, write_config
+from tests.kernel import ClientRuntime, compile_test_program, run, setpriv, wait_for
+
+pytestmark = pytest.mark.kernel
+
+
+def our_programs() -> list[int]:
+    """Ids of every loaded program named like ours (tests run one at a time)."""
+    found = []
+    for prog_id in libbpf.prog_ids():
+        with contextlib.suppress(LibbpfError):
+            if prog_name(prog_id) == PROGRAM_NAME:
+                found.append(prog_id)
+    return found
+
+
+def map_id(fd: int) -> int:
+    return int(libbpf.map_info(fd).id)
+
+
+def pinned_map_id(pin: Path) -> int:
+    fd = bpffs.open_pinned(pin)
+    try:
+        return map_id(fd)
+    finally:
+        os.close(fd)
+
+
+def daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def send(k8s: K8s, dev: str, count: int) -> None:
+    run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", dev,
+                    "--count", str(count)))
+
+
+def test_sigkill_while_a_pod_receives_traffic_keeps_flowing_and_restart_restores(
+        k8s: K8s, client_runtime: ClientRuntime) -> None:
+    k8s.config = write_config(k8s.work, pinMap="both")
+    first = k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    mounts = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts
+    sock_dir, pin = Path(mounts[0].host_path), Path(mounts[1].host_path)
+    k8s.kubelet.add_pod("default", "rx-pod", RESOURCE, ["p0"])
+    ready = k8s.work / "out" / "ready"
+    rx = subprocess.Popen(
+        k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
+            "receive", "--socket", f"{sock_dir}/afxdp.sock", "--netdev", "p0",
+            "--hostname", "rx-pod", "--count", "2000", "--timeout", "30", "--json",
+            "--ready-file", str(ready))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
+        cwd=client_runtime.dir)
+    try:
+        wait_for(ready, 15, rx)
+        prog = k8s.ns.xdp_prog_id("p0")
+        programs = our_programs()
+        first.stop(signal.SIGKILL)
+        send(k8s, "q0", 1000)  # the daemon is dead: the data path does not need it
+
+        second = k8s.start()
+        assert "allocations=1 dropped=0" in second.log()
+        send(k8s, "q0", 1000)  # and after the restart, through the same map
+        out, err = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.communicate()
+    assert rx.returncode == 0, err
+    assert json.loads(out)["received"] == 2000, out
+    # Same program, no duplicate loaded, same socket path served, the same pin.
+    assert k8s.ns.xdp_prog_id("p0") == prog
+    assert our_programs() == programs
+    with k8s.ns.entered(), fetch_map_fd(sock_dir / "afxdp.sock", "p0", hostname="rx-pod") as fd:
+        served_map = map_id(fd.fileno())
+    assert pinned_map_id(pin) == served_map
+    bpf_root = k8s.work / "bpf"
+    ours = [p.relative_to(bpf_root).as_posix() for p in sorted(bpf_root.rglob("*"))]
+    assert [p for p in ours if not p.endswith(".debug")] == [  # *.debug: bpffs' own files
+        sock_dir.parent.name, f"{sock_dir.parent.name}/p0", f"{sock_dir.parent.name}/p0/xsks_map"]
+
+
+def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map(
+        k8s: K8s) -> None:
+    k8s.config = write_config(k8s.work, pinMap="both")
+    d = k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0"))
+    mounts = k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts
+    sock, pin = Path(mounts[0].host_path) / "afxdp.sock", Path(mounts[1].host_path)
+    k.add_pod("default", "pod-a", RESOURCE, ["p0"])
+    with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as fd:
+        old_map = map_id(fd.fileno())
+    fds_before = daemon_fds(d.proc.pid)
+
+    run("ip", "-n", k8s.ns.name, "link", "del", "p0")
+    k.wait_devices(RESOURCE, lambda devs: devs["p0"].health == "Unhealthy")
+    with k8s.ns.entered(), Client(sock) as c:
+        c.connect("pod-a")
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("p0")  # no stale map for a netdev that is not there
+
+    k8s.ns.veth("p0", "q0")
+    k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0"))
+    assert k8s.ns.xdp_prog_id("p0")
+    with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as fd:
+        new_map = map_id(fd.fileno())
+    assert new_map != old_map
+    assert pinned_map_id(pin) == new_map  # re-pinned where the pod looks
+    # The old program and map are gone; the daemon holds as many fds as before.
+    assert our_programs() == [k8s.ns.xdp_prog_id("p0")]
+    k.wait(lambda: daemon_fds(d.proc.pid) <= fds_before, 5, "the daemon's fd count back")
+    assert "event=xdp_repaired netdev=p0" in d.log() and "result=replaced" in d.log()
+
+
+def test_program_detached_from_an_allocated_netdev_is_put_back_with_the_same_map(
+        k8s: K8s) -> None:
+    """A DPDK run as root detaches the program on exit: the pod's other sockets come back."""
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    sock = Path(k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0].host_path)
+    k.add_pod("default", "pod-a", RESOURCE, ["p0"])
+    with k8s.ns.entered(), fetch_map_fd(sock / "afxdp.sock", "p0", hostname="pod-a") as fd:
+        before = map_id(fd.fileno())
+    prog = k8s.ns.xdp_prog_id("p0")
+    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "off")
+    k.wait(lambda: any(
+        {x.ID: x.health for x in lst}.get("p0") == "Unhealthy"
+        for lst in k.plugins[RESOURCE].lists), what="p0 reported Unhealthy")
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    assert k8s.ns.xdp_prog_id("p0") == prog
+    with k8s.ns.entered(), fetch_map_fd(sock / "afxdp.sock", "p0", hostname="pod-a") as fd:
+        assert map_id(fd.fileno()) == before
+
+
+def test_a_foreign_program_in_its_place_is_left_alone_and_stays_unhealthy(k8s: K8s) -> None:
+    d = k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0"))
+    k.allocate(RESOURCE, ["p0"])
+    foreign = compile_test_program("foreign_pass", k8s.work / "f.o")
+    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "off")
+    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdpgeneric", "obj", str(foreign),
+        "sec", "xdp")
+    k.wait_devices(RESOURCE, lambda devs: devs["p0"].health == "Unhealthy")
+    k.wait(lambda: "event=xdp_repair_failed netdev=p0" in d.log(), what="the repair to fail")
+    assert "not ours" in d.log()
+    assert prog_name(k8s.ns.xdp_prog_id("p0")) != PROGRAM_NAME  # left in place
+    assert k.devices(RESOURCE)["p0"].health == "Unhealthy"
+
+
+def test_kubelet_restart_during_allocate_ends_with_one_consistent_allocation(k8s: K8s) -> None:
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    outcome: list[object] = []
+
+    def allocate() -> None:
+        try:
+            outcome.append(k.allocate(RESOURCE, ["p0", "p1", "p2"]))
+        except grpc.RpcError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=allocate)
+    t.start()
+    registrations = len(k.registrations)
+    k.restart(down_for=0.05)  # the in-flight call's channel is closed under it
+    t.join(30)
+    assert len(outcome) == 1
+    k.wait(lambda: len(k.registrations) > registrations, what="re-registration")
+    # The new kubelet allocates again for the pod it is admitting (as after a real restart).
+    resp = k.allocate(RESOURCE, ["p0", "p1", "p2"])
+    k.add_pod("default", "pod-r", RESOURCE, ["p0", "p1", "p2"])
+    [alloc] = k8s.allocations()
+    assert sorted(alloc["devices"]) == ["p0", "p1", "p2"]
+    sock_base = Path(resp.container_responses[0].mounts[0].host_path).parent
+    assert [p.name for p in (k8s.work / "sockets").iterdir()] == [sock_base.name]
+    with k8s.ns.entered():
+        for dev in ("p0", "p1", "p2"):
+            fetch_map_fd(sock_base / dev / "afxdp.sock", dev, hostname="pod-r").close()
+    assert len(our_programs()) == 3
