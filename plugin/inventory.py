@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
 _GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
-DEBOUNCE = 0.1
+DEBOUNCE = 0.02
 GONE = "is gone"
 LOST_PROGRAM = "lost its XDP program"
 

@@ -100,6 +100,9 @@ def hammering(netns_cmd: list[str], path: Path, clients: int, processes: int = 4
               ) -> Iterator[list[subprocess.Popen[str]]]:
     """``clients`` closed-loop handshaking clients, spread over ``processes``, until the block ends.
 
+    ``path``: one socket (netdev ``va``), or a .json file of [socket, netdev]
+    pairs the clients go through in turn.
+
     On exit each process prints {"handshakes": N, "failures": M}; the popen
     objects are yielded so the caller can read them after the block.
     """
@@ -133,14 +136,25 @@ def hammer_results(procs: list[subprocess.Popen[str]]) -> dict[str, int]:
     return total
 
 
+def _targets(path: Path) -> list[tuple[str, str]]:
+    """A socket (netdev ``va``), or a JSON file listing [socket, netdev] pairs."""
+    if path.suffix == ".json":
+        return [(str(p), str(n)) for p, n in json.loads(path.read_text())]
+    return [(str(path), "va")]
+
+
 def _hammer(path: Path, threads: int) -> None:
     stop = threading.Event()
     counts = [[0, 0] for _ in range(threads)]
+    targets = _targets(path)
 
     def loop(i: int) -> None:
+        n = i
         while not stop.is_set():
+            sock, netdev = targets[n % len(targets)]
+            n += threads
             try:
-                fetch_map_fd(path, "va").close()
+                fetch_map_fd(sock, netdev).close()
                 counts[i][0] += 1
             except (HandshakeError, OSError):
                 counts[i][1] += 1
