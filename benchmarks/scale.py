@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -92,7 +93,7 @@ def list_latency(ns: NsFixture, kubelet: object, rounds: int) -> None:
     from tests.fake_kubelet import FakeKubelet
 
     assert isinstance(kubelet, FakeKubelet)
-    lat = []
+    lat: list[float] = []
     with NetNS(ns.name) as ipr:
         for _ in range(rounds):
             name = f"p{random.randrange(50, 100)}"
@@ -100,7 +101,10 @@ def list_latency(ns: NsFixture, kubelet: object, rounds: int) -> None:
             for state, health in (("down", "Unhealthy"), ("up", "Healthy")):
                 t0 = time.perf_counter()
                 ipr.link("set", index=idx, state=state)
-                kubelet.wait_devices(RESOURCE, lambda d, n=name, h=health: d[n].health == h, 10)
+                def arrived(devs: dict[str, Any], n: str = name, h: str = health) -> bool:
+                    return bool(devs[n].health == h)
+
+                kubelet.wait_devices(RESOURCE, arrived, 10)
                 lat.append(time.perf_counter() - t0)
     emit("list_and_watch_update", **ms(lat), first_ms=round(lat[0] * 1e3, 1),
          worst_ms=sorted(round(x * 1e3) for x in lat)[-4:])
@@ -152,7 +156,7 @@ def main() -> int:
             rng = random.Random(1)
             with hammering(ns.cmd(), tfile, clients=50) as procs, ns.entered():
                 time.sleep(0.5)
-                lat = []
+                lat: list[float] = []
                 started = time.perf_counter()
                 while len(lat) < a.handshakes or time.perf_counter() - started < a.seconds:
                     path, dev = rng.choice(targets)
