@@ -232,6 +232,9 @@ class Registry:
         self.state = state
         self.allocations: dict[str, Allocation] = {}
         self.specs: dict[str, AllocationSpec] = {}
+        # Called when a netdev of an allocation moved (CNI ADD/DEL), so that
+        # whoever judges device health (the inventory) looks again.
+        self.on_moved: list[Callable[[str], None]] = []
         server.metrics.track(server.metrics.allocations, lambda: len(self.allocations))
 
     # -- queries ---------------------------------------------------------------
@@ -360,6 +363,7 @@ class Registry:
         if device.netns is not self.netns:
             device.netns.close()
         device.netns = netns or self.netns
+        device.unavailable = ""  # just found where it is; the inventory re-judges below
         self.programs.relocate(netdev, netns, ifname, ifindex)
         allocation.aliases = {k: v for k, v in allocation.aliases.items() if v != netdev}
         if record is not None and ifname != netdev:
@@ -370,6 +374,8 @@ class Registry:
             attached[netdev] = record
         self.specs[allocation_id] = replace(spec, attached=attached)
         self.save()
+        for notify in self.on_moved:
+            notify(netdev)
 
     async def _bring_home(self, allocation_id: str, netdev: str) -> None:
         """A released netdev still in a pod's netns (its CNI DEL never reached us): home."""

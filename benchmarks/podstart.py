@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The pod-start critical path: Allocate + CNI ADD + the first handshake, p50/p99.
+
+    sudo .venv/bin/python benchmarks/podstart.py [--runs 50]
+
+What a pod waits for before its first packet, in the order kubelet and the
+runtime do it, against ``afxdp daemon`` and the in-process fake kubelet:
+
+1. kubelet's Allocate for one device (attach our program, create the
+   allocation, serve its socket);
+2. the runtime's CNI ADD (our stdlib-only executable on the host's python3,
+   moving the netdev into the pod's netns, keeping its name);
+3. the pod's first DPDK handshake (connect .. fin, map fd received) from inside
+   its netns, with its pod name as hostname.
+
+Each run uses a fresh netdev (so Allocate attaches a program each time);
+between runs, CNI DEL and the pod's removal (not timed) clean up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cni_server.client import fetch_map_fd
+from tests.cni_runner import CNI_PATH
+from tests.fake_kubelet import running
+from tests.k8s_env import RESOURCE, write_config
+from tests.kernel import ROOT, Daemon, make_netns
+from tests.load import pct
+
+
+def cni(node_cmd: list[str], command: str, conf: dict[str, Any], pod_ns: Path, cid: str) -> None:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": str(pod_ns),
+           "CNI_IFNAME": "net1", "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin"}
+    proc = subprocess.run(node_cmd, input=json.dumps(conf).encode(), env=env,
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"CNI {command} failed: {proc.stdout.decode()}{proc.stderr.decode()}")
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(pct(values, .5) * 1e3, 1), "p99_ms": round(pct(values, .99) * 1e3, 1),
+            "max_ms": round(max(values) * 1e3, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("podstart.py: needs root (netns, veth, XDP)")
+    work = Path(tempfile.mkdtemp(prefix="afxdp-bench-", dir="/tmp"))
+    work.chmod(0o755)
+    phases: dict[str, list[float]] = {"allocate": [], "cni_add": [], "first_handshake": [],
+                                      "total": []}
+    try:
+        with make_netns() as node, make_netns() as pod, \
+                running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
+            batch = "".join(f"link add p{i} numrxqueues 1 numtxqueues 1 type veth peer q{i} "
+                            f"numrxqueues 1 numtxqueues 1\nlink set p{i} up\nlink set q{i} up\n"
+                            for i in range(a.runs))
+            subprocess.run(["ip", "-n", node.name, "-batch", "-"], input=batch, text=True,
+                           check=True)
+            cfg = write_config(work)
+            doc = json.loads(cfg.read_text())
+            doc["cniSocket"] = str(work / "cni.sock")
+            cfg.write_text(json.dumps(doc))
+            d = Daemon(node, work, "--config", str(cfg), mode="daemon",
+                       control=work / "control.sock")
+            plugin = node.cmd("/usr/bin/python3", "-I", "-S", str(ROOT / "plugin" / "cni.py"))
+            try:
+                kubelet.wait_devices(RESOURCE, lambda devs: len(devs) == a.runs, 30)
+                for i in range(a.runs):
+                    dev, name = f"p{i}", f"pod-{i}"
+                    conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
+                            "deviceID": dev, "daemonSocket": str(work / "cni.sock")}
+                    t0 = time.perf_counter()
+                    mount = kubelet.allocate(RESOURCE, [dev]).container_responses[0].mounts[0]
+                    kubelet.add_pod("default", name, RESOURCE, [dev])  # admitted
+                    t1 = time.perf_counter()
+                    cni(plugin, "ADD", conf, pod.path, name)
+                    t2 = time.perf_counter()
+                    with pod.entered():
+                        fetch_map_fd(f"{mount.host_path}/afxdp.sock", dev, hostname=name,
+                                     timeout=10).close()
+                    t3 = time.perf_counter()
+                    for key, v in (("allocate", t1 - t0), ("cni_add", t2 - t1),
+                                   ("first_handshake", t3 - t2), ("total", t3 - t0)):
+                        phases[key].append(v)
+                    cni(plugin, "DEL", conf, pod.path, name)
+                    kubelet.remove_pod("default", name)
+            except BaseException:
+                print(d.log()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+                      "runs": a.runs, **{k: summary(v) for k, v in phases.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
