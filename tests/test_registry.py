@@ -14,7 +14,8 @@ from typing import TypeVar
 import pytest
 
 from bpf import bpffs, libbpf
-from cni_server.client import fetch_map_fd
+from cni_server.client import HandshakeError, fetch_map_fd
+from cni_server.netdev import link_info
 from cni_server.netns import Netns
 from cni_server.registry import AllocationSpec, ProgramTable, Registry, RegistryError
 from cni_server.server import HandoutServer
@@ -65,6 +66,28 @@ def test_one_allocation_two_devices_serves_a_socket_per_device(netns: NsFixture,
         await reg.release("a1")
         assert not base.exists()
         assert netns.xdp_prog_id("va") == 0 and netns.xdp_prog_id("vc") == 0
+
+    run_in(netns, body)
+
+
+def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """The stale-map guard: no map for a device marked unavailable; recording a move
+    (CNI ADD/DEL) clears the mark and tells the health judge to look again."""
+    netns.veth("va", "vb")
+    base = tmp_path / "a1"
+
+    async def body(reg: Registry) -> None:
+        moved: list[str] = []
+        reg.on_moved.append(moved.append)
+        a = await reg.create(spec(base, "va"))
+        a.netdevs["va"].unavailable = "netdev is gone"
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")
+        info = await asyncio.to_thread(link_info, "va")
+        reg.record_attachment("a1", "va", None, None, "va", info.ifindex)
+        assert moved == ["va"] and a.netdevs["va"].unavailable == ""
+        (await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")).close()
 
     run_in(netns, body)
 
