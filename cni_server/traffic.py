@@ -49,12 +49,13 @@ def send_frames(ifname: str, count: int, *, dst_mac: str = BROADCAST, dport: int
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
         s.bind((ifname, 0))
         src_mac = ":".join(f"{b:02x}" for b in s.getsockname()[4][:6])
+        # Built before sending, so the send loop runs at the rate of send() alone.
+        pad = b"\0" * max(0, size - 42 - len(tag) - 4)
+        frames = [udp_frame(src_mac=src_mac, dst_mac=dst_mac, sport=40000 + seq % max(flows, 1),
+                            dport=dport, payload=tag + struct.pack("!I", seq) + pad)
+                  for seq in range(count)]
         sent = 0
-        for seq in range(count):
-            body = tag + struct.pack("!I", seq)
-            body += b"\0" * max(0, size - 42 - len(body))
-            frame = udp_frame(src_mac=src_mac, dst_mac=dst_mac, sport=40000 + seq % max(flows, 1),
-                              dport=dport, payload=body)
+        for frame in frames:
             for _ in range(1000):
                 try:
                     s.send(frame)
