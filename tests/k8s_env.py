@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +20,7 @@ from bpf import bpffs
 from cni_server.control import call
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from tests.fake_kubelet import FakeKubelet, running
-from tests.kernel import Daemon, NsFixture
+from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
 
 RESOURCE = "afxdp/pool1"
 ENDPOINT = "afxdp-pool1.sock"
@@ -100,3 +103,40 @@ def http_get(address: str, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+@contextlib.contextmanager
+def pod_receiver(k8s: K8s, runtime: ClientRuntime, socket_path: str, netdev: str,
+                 hostname: str, count: int, timeout: float = 15.0
+                 ) -> Iterator[Callable[[], dict[str, Any]]]:
+    """``afxdp receive`` as the pod would run it (uid 65534, NET_RAW+IPC_LOCK), ready
+    (socket bound and in the map) when the block starts.  The block gets a function
+    that waits for the receiver to finish and returns its JSON report."""
+    ready = k8s.work / "out" / f"ready-{hostname}"
+    proc = subprocess.Popen(
+        k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *runtime.argv(
+            "receive", "--socket", socket_path, "--netdev", netdev, "--hostname", hostname,
+            "--count", str(count), "--timeout", str(timeout), "--json",
+            "--ready-file", str(ready))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runtime.env(),
+        cwd=runtime.dir)
+
+    def finish() -> dict[str, Any]:
+        out, err = proc.communicate(timeout=timeout + 15)
+        assert proc.returncode == 0, err
+        report: dict[str, Any] = json.loads(out)
+        return report
+
+    try:
+        wait_for(ready, 15, proc)
+        yield finish
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def send_frames(k8s: K8s, netdev: str, count: int) -> None:
+    """Inject ``count`` test frames on ``netdev`` (a veth peer) in the test netns."""
+    run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", netdev,
+                    "--count", str(count)))

@@ -8,11 +8,8 @@ state in test_registry.py; bpffs mounted when missing in test_daemon.py/test_plu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,8 +20,8 @@ from bpf import bpffs, libbpf
 from bpf.errors import LibbpfError
 from bpf.program import PROGRAM_NAME, prog_name
 from cni_server.client import Client, HandshakeError, fetch_map_fd
-from tests.k8s_env import RESOURCE, K8s, healthy, write_config
-from tests.kernel import ClientRuntime, compile_test_program, run, setpriv, wait_for
+from tests.k8s_env import RESOURCE, K8s, healthy, pod_receiver, send_frames, write_config
+from tests.kernel import ClientRuntime, compile_test_program, run
 
 pytestmark = pytest.mark.kernel
 
@@ -37,6 +34,13 @@ def our_programs() -> list[int]:
             if prog_name(prog_id) == PROGRAM_NAME:
                 found.append(prog_id)
     return found
+
+
+def only_ours(k8s: K8s, expected: list[int]) -> None:
+    """No program of ours is loaded but ``expected`` (the kernel frees released programs
+    after an RCU grace period, so wait a moment; tests run one at a time)."""
+    k8s.kubelet.wait(lambda: our_programs() == sorted(expected), 5,
+                     f"loaded programs {our_programs()} to be {sorted(expected)}")
 
 
 def map_id(fd: int) -> int:
@@ -55,11 +59,6 @@ def daemon_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def send(k8s: K8s, dev: str, count: int) -> None:
-    run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", dev,
-                    "--count", str(count)))
-
-
 def test_sigkill_while_a_pod_receives_traffic_keeps_flowing_and_restart_restores(
         k8s: K8s, client_runtime: ClientRuntime) -> None:
     k8s.config = write_config(k8s.work, pinMap="both")
@@ -68,34 +67,20 @@ def test_sigkill_while_a_pod_receives_traffic_keeps_flowing_and_restart_restores
     mounts = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts
     sock_dir, pin = Path(mounts[0].host_path), Path(mounts[1].host_path)
     k8s.kubelet.add_pod("default", "rx-pod", RESOURCE, ["p0"])
-    ready = k8s.work / "out" / "ready"
-    rx = subprocess.Popen(
-        k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
-            "receive", "--socket", f"{sock_dir}/afxdp.sock", "--netdev", "p0",
-            "--hostname", "rx-pod", "--count", "2000", "--timeout", "30", "--json",
-            "--ready-file", str(ready))),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
-        cwd=client_runtime.dir)
-    try:
-        wait_for(ready, 15, rx)
+    with pod_receiver(k8s, client_runtime, f"{sock_dir}/afxdp.sock", "p0", "rx-pod", 2000,
+                      timeout=30) as finish:
         prog = k8s.ns.xdp_prog_id("p0")
-        programs = our_programs()
         first.stop(signal.SIGKILL)
-        send(k8s, "q0", 1000)  # the daemon is dead: the data path does not need it
+        send_frames(k8s, "q0", 1000)  # the daemon is dead: the data path does not need it
 
         second = k8s.start()
         assert "allocations=1 dropped=0" in second.log()
-        send(k8s, "q0", 1000)  # and after the restart, through the same map
-        out, err = rx.communicate(timeout=30)
-    finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.communicate()
-    assert rx.returncode == 0, err
-    assert json.loads(out)["received"] == 2000, out
+        send_frames(k8s, "q0", 1000)  # and after the restart, through the same map
+        report = finish()
+    assert report["received"] == 2000, report
     # Same program, no duplicate loaded, same socket path served, the same pin.
     assert k8s.ns.xdp_prog_id("p0") == prog
-    assert our_programs() == programs
+    only_ours(k8s, [prog])
     with k8s.ns.entered(), fetch_map_fd(sock_dir / "afxdp.sock", "p0", hostname="rx-pod") as fd:
         served_map = map_id(fd.fileno())
     assert pinned_map_id(pin) == served_map
@@ -120,6 +105,9 @@ def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map
 
     run("ip", "-n", k8s.ns.name, "link", "del", "p0")
     k.wait_devices(RESOURCE, lambda devs: devs["p0"].health == "Unhealthy")
+    # Deleting a veth first takes it down (Unhealthy, map still valid), then removes it.
+    k8s.wait(lambda: k8s.allocations()[0]["devices"]["p0"]["unavailable"] == "netdev is gone",
+             what="the daemon to see p0 gone")
     with k8s.ns.entered(), Client(sock) as c:
         c.connect("pod-a")
         with pytest.raises(HandshakeError, match="/fd_nak"):
@@ -133,7 +121,7 @@ def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map
     assert new_map != old_map
     assert pinned_map_id(pin) == new_map  # re-pinned where the pod looks
     # The old program and map are gone; the daemon holds as many fds as before.
-    assert our_programs() == [k8s.ns.xdp_prog_id("p0")]
+    only_ours(k8s, [k8s.ns.xdp_prog_id("p0")])
     k.wait(lambda: daemon_fds(d.proc.pid) <= fds_before, 5, "the daemon's fd count back")
     assert "event=xdp_repaired netdev=p0" in d.log() and "result=replaced" in d.log()
 
@@ -204,4 +192,4 @@ def test_kubelet_restart_during_allocate_ends_with_one_consistent_allocation(k8s
     with k8s.ns.entered():
         for dev in ("p0", "p1", "p2"):
             fetch_map_fd(sock_base / dev / "afxdp.sock", dev, hostname="pod-r").close()
-    assert len(our_programs()) == 3
+    only_ours(k8s, sorted(k8s.ns.xdp_prog_id(dev) for dev in ("p0", "p1", "p2")))

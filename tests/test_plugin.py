@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -20,8 +17,17 @@ import pytest
 
 from bpf import bpffs
 from cni_server.client import Client, HandshakeError, fetch_map_fd
-from tests.k8s_env import ENDPOINT, RESOURCE, K8s, healthy, http_get, write_config
-from tests.kernel import ClientRuntime, run, setpriv, wait_for
+from tests.k8s_env import (
+    ENDPOINT,
+    RESOURCE,
+    K8s,
+    healthy,
+    http_get,
+    pod_receiver,
+    send_frames,
+    write_config,
+)
+from tests.kernel import ClientRuntime, run
 
 pytestmark = pytest.mark.kernel
 
@@ -298,23 +304,8 @@ def test_pod_client_receives_frames_through_the_allocated_socket(
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
     mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
     k8s.kubelet.add_pod("default", "dpdk-pod", RESOURCE, ["p0"])
-    ready = k8s.work / "out" / "ready"
-    proc = subprocess.Popen(
-        k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
-            "receive", "--socket", f"{mount.host_path}/afxdp.sock", "--netdev", "p0",
-            "--hostname", "dpdk-pod", "--count", "1000", "--timeout", "15", "--json",
-            "--ready-file", str(ready))),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
-        cwd=client_runtime.dir)
-    try:
-        wait_for(ready, 15, proc)
-        run(*k8s.ns.cmd(sys.executable, "-m", "cni_server.cli", "send", "--netdev", "q0",
-                        "--count", "1000"))
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, err
-    report = json.loads(out)
+    with pod_receiver(k8s, client_runtime, f"{mount.host_path}/afxdp.sock", "p0", "dpdk-pod",
+                      1000) as finish:
+        send_frames(k8s, "q0", 1000)
+        report = finish()
     assert (report["received"], report["uid"]) == (1000, 65534)
