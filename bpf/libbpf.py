@@ -318,6 +318,23 @@ def map_update_u32(map_fd: int, key: int, value: int, what: str) -> None:
     check(call("bpf_map_update_elem", map_fd, ctypes.byref(k), ctypes.byref(v), 0), what)
 
 
+def map_update_bytes(map_fd: int, key: bytes, value: bytes, what: str) -> None:
+    """bpf_map_update_elem with raw key and value (sizes must match the map's)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    check(call("bpf_map_update_elem", map_fd, k, v, 0), what)
+
+
+def map_fd_by_name(prog_fd: int, name: str) -> int:
+    """A new fd for the map named ``name`` that program ``prog_fd`` uses (caller owns it)."""
+    for map_id in prog_map_ids(prog_fd):
+        fd = check(call("bpf_map_get_fd_by_id", map_id), f"opening BPF map {map_id}")
+        if map_info(fd).name.decode() == name:
+            return fd
+        os.close(fd)
+    raise LookupError(f"BPF program fd {prog_fd} uses no map named {name!r}")
+
+
 def map_delete_u32(map_fd: int, key: int, what: str) -> None:
     """bpf_map_delete_elem with a u32 key."""
     k = ctypes.c_uint32(key)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ from bpf import bpffs, libbpf
 from bpf.errors import BpffsError, ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
 from bpf.program import LoadedProgram, XdpMode, attach, detach, ensure_attached, query
 from cni_server.netdev import link_info
-from tests.kernel import ROOT, NsFixture
+from cni_server.receiver import XskReceiver
+from cni_server.traffic import send_frames
+from tests.kernel import ROOT, NsFixture, run
 
 pytestmark = pytest.mark.kernel
 
@@ -226,3 +230,38 @@ def test_test_run_reports_the_programs_verdict_and_its_cost() -> None:
     with LoadedProgram.load(1) as prog:
         retval, ns = libbpf.test_run(prog.prog_fd, frame, 1000)
     assert retval == 2 and ns > 0  # XDP_PASS
+
+
+def test_udp_steer_example_sends_only_the_chosen_port_to_the_socket(netns: NsFixture) -> None:
+    """bpf/afxdp_udp_steer.bpf.c on real traffic: port 4789 to AF_XDP, port 9 to the kernel."""
+    netns.veth("va", "vb")
+    with netns.entered():
+        ifindex = link_info("va").ifindex
+        obj = ROOT / "bpf" / "afxdp_udp_steer.bpf.o"
+        with LoadedProgram.load(1, obj, "afxdp_udp_steer") as prog:
+            ports = libbpf.map_fd_by_name(prog.prog_fd, "udp_ports")
+            try:
+                libbpf.map_update_bytes(ports, struct.pack("=H", 4789), b"\1", "adding port 4789")
+            finally:
+                os.close(ports)
+            mode = attach(ifindex, prog, XdpMode.AUTO, ifname="va")
+            try:
+                with XskReceiver.with_own_socket(frames=1024, ring_size=1024) as rx:
+                    rx.bind(ifindex, 0)
+                    rx.insert(prog.map_fd, 0)
+                    before = rx_packets(netns, "va")
+                    assert send_frames("vb", 200, dport=9) == 200
+                    assert rx.receive(1, 0.5) == 0  # not ours: the kernel's
+                    assert rx_packets(netns, "va") - before >= 200
+                    kept: list[bytes] = []
+                    assert send_frames("vb", 300, dport=4789) == 300
+                    assert rx.receive(300, 5, kept) == 300
+                    assert rx.receive(1, 0.3) == 0
+                    assert {struct.unpack_from("!H", f, 36)[0] for f in kept} == {4789}
+            finally:
+                detach(ifindex, prog, mode, ifname="va")
+
+
+def rx_packets(ns: NsFixture, dev: str) -> int:
+    doc = json.loads(run("ip", "-n", ns.name, "-s", "-j", "link", "show", dev).stdout)
+    return int(doc[0]["stats64"]["rx"]["packets"])
