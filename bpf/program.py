@@ -13,6 +13,7 @@ import enum
 import errno
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class XdpState:
     @property
     def ours(self) -> bool:
         return self.attached and self.name == PROGRAM_NAME
+
+
+def kernel_name(program_name: str) -> str:
+    """The name the kernel reports for a program (BPF_OBJ_NAME_LEN: 15 characters)."""
+    return program_name[:15]
 
 
 def query(ifindex: int) -> XdpState:
@@ -373,6 +379,7 @@ def ensure_attached(
     *,
     force: bool = False,
     object_path: Path | None = None,
+    program_name: str = PROGRAM_NAME,
 ) -> NetdevProgram:
     """Make sure our program is attached to ``netdev``, with an XSKMAP of >= ``queues`` slots.
 
@@ -383,7 +390,7 @@ def ensure_attached(
       ``force``, in which case it is detached and ours attached.
     """
     state = query(ifindex)
-    if state.ours:
+    if state.attached and state.name == kernel_name(program_name):
         adopted = LoadedProgram.adopt(state.prog_id)
         if adopted.map_entries >= queues and (mode is XdpMode.AUTO or mode.value == state.mode):
             log.info(
@@ -411,7 +418,7 @@ def ensure_attached(
             netdev, state.prog_id, state.name, state.mode,
         )
         detach_any(ifindex, state, ifname=netdev)
-    program = LoadedProgram.load(max(queues, 1), object_path)
+    program = LoadedProgram.load(max(queues, 1), object_path, program_name)
     try:
         used = attach(ifindex, program, mode, ifname=netdev)
     except BaseException:
@@ -422,3 +429,13 @@ def ensure_attached(
         netdev, program.prog_id, used, program.map_entries,
     )
     return NetdevProgram(netdev, ifindex, program, used, adopted=False)
+
+
+def verify(object_path: Path, program_name: str, check_netdev: str) -> None:
+    """Load ``program_name`` from ``object_path`` and attach it (generic hook) to
+    ``check_netdev``, then detach: a bad program fails here, with the verifier's log,
+    instead of at a pod's start.  The caller provides a scratch netdev."""
+    ifindex = socket.if_nametoindex(check_netdev)
+    with LoadedProgram.load(1, object_path, program_name) as program:
+        mode = attach(ifindex, program, XdpMode.SKB, ifname=check_netdev)
+        detach(ifindex, program, mode, ifname=check_netdev)

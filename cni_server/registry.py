@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import bpffs
-from bpf.program import NetdevProgram, XdpMode, attach, ensure_attached, query
+from bpf.program import PROGRAM_NAME, NetdevProgram, XdpMode, attach, ensure_attached, query
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
@@ -65,6 +65,9 @@ class AllocationSpec:
     pool: str = ""
     owner: str = ""
     idle_timeout: float = 0.0
+    # A custom XDP program (pool setting): its BPF object and program name; "" for ours.
+    program_object: str = ""
+    program_name: str = ""
     # netdev -> where CNI ADD put it: {"netns": path, "ifname": name there, "container_id": id}
     attached: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -75,6 +78,10 @@ class AllocationSpec:
         if not self.serve_socket:
             return ()
         return tuple(self.socket_dir(n) / SOCKET_NAME for n in self.netdevs)
+
+    def program_choice(self) -> ProgramChoice:
+        return ProgramChoice(Path(self.program_object) if self.program_object else None,
+                             self.program_name or PROGRAM_NAME)
 
     def pin_path(self, netdev: str) -> Path | None:
         return self.pin_base / netdev / PIN_NAME if self.pin_base else None
@@ -98,9 +105,18 @@ class AllocationSpec:
         })
 
 
+@dataclass(frozen=True)
+class ProgramChoice:
+    """Which XDP program a netdev gets: a BPF object and the program in it."""
+
+    object_path: Path | None = None  # None: the table's default (our redirect program)
+    name: str = PROGRAM_NAME
+
+
 @dataclass
 class _Shared:
     program: NetdevProgram
+    choice: ProgramChoice
     netns: Netns | None = None  # where the netdev is now; None: the daemon's own
     users: int = 0
 
@@ -116,17 +132,20 @@ class ProgramTable:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def acquire(self, netdev: str, mode: XdpMode, netns: Netns | None = None,
-                      ifname: str = "") -> NetdevProgram:
+                      ifname: str = "", choice: ProgramChoice | None = None) -> NetdevProgram:
         """Our program on ``netdev`` (named ``ifname`` in ``netns`` if it lives in a pod's)."""
+        choice = choice or ProgramChoice()
         async with self._lock:
             shared = self._table.get(netdev)
+            if shared is not None and shared.choice != choice:
+                raise RegistryError(f"{netdev} already carries program {shared.choice.name!r} "
+                                    f"for another allocation, not {choice.name!r}")
             if shared is None:
                 name = ifname or netdev
 
                 def attach() -> NetdevProgram:
                     info = link_info(name)
-                    return ensure_attached(name, info.ifindex, info.queue_slots, mode,
-                                           force=self.force_replace, object_path=self.bpf_object)
+                    return self._ensure(name, info.ifindex, info.queue_slots, mode, choice)
 
                 try:
                     program = await (netns.run_async(attach) if netns
@@ -135,7 +154,7 @@ class ProgramTable:
                     self._count("attach", "error")
                     raise
                 self._count("attach", "adopted" if program.adopted else "ok")
-                shared = self._table[netdev] = _Shared(program, netns)
+                shared = self._table[netdev] = _Shared(program, choice, netns)
             shared.users += 1
             return shared.program
 
@@ -192,8 +211,7 @@ class ProgramTable:
                 if info.ifindex == current.ifindex and not query(info.ifindex).attached:
                     attach(info.ifindex, current.program, XdpMode(current.mode), ifname=netdev)
                     return None
-                return ensure_attached(netdev, info.ifindex, info.queue_slots, mode,
-                                       force=self.force_replace, object_path=self.bpf_object)
+                return self._ensure(netdev, info.ifindex, info.queue_slots, mode, shared.choice)
 
             try:
                 fresh = await asyncio.to_thread(fix)
@@ -208,6 +226,12 @@ class ProgramTable:
             current.mode, current.adopted = fresh.mode, fresh.adopted
             self._count("repair", "replaced")
             return "replaced"
+
+    def _ensure(self, netdev: str, ifindex: int, queues: int, mode: XdpMode,
+                choice: ProgramChoice) -> NetdevProgram:
+        return ensure_attached(netdev, ifindex, queues, mode, force=self.force_replace,
+                               object_path=choice.object_path or self.bpf_object,
+                               program_name=choice.name)
 
     def _count(self, operation: str, result: str) -> None:
         if self.metrics is not None:
@@ -263,7 +287,7 @@ class Registry:
             for netdev in spec.netdevs:
                 where, ifname = self._locate(spec, netdev)
                 program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode), where,
-                                                      ifname)
+                                                      ifname, spec.program_choice())
                 undo.push_async_callback(self.programs.release, netdev)
                 if where is not None:
                     undo.callback(where.close)

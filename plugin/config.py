@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from bpf.program import XdpMode
+from bpf.program import PROGRAM_NAME, XdpMode
 from cni_server.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -50,6 +50,10 @@ class PoolConfig:
     gid: int = 0
     socket_mode: int = 0o660
     queues: int = 0  # 0: every queue the netdev has
+    # A custom XDP program instead of ours: a compiled BPF object and the
+    # program's name in it (it must define an XSKMAP named xsks_map).
+    program_object: Path | None = None
+    program_name: str = PROGRAM_NAME
 
     def env_name(self) -> str:
         """AFXDP_DEVICES_<POOL>: the pool name upper-cased, other characters as '_'."""
@@ -91,9 +95,11 @@ _TOP = {
     "checkPeerNetns",
     "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
 }
+_PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
     "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
+    "program",
 }
 
 
@@ -195,9 +201,26 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             pool.socket_mode = parse_mode(value, at)
         elif key == "queues":
             pool.queues = _number(value, at, integer=True)
+        elif key == "program":
+            pool.program_object, pool.program_name = _program(value, at)
     if not (pool.devices or pool.drivers or pool.pci_addresses or pool.macs):
         raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs")
     return pool
+
+
+def _program(value: object, where: str) -> tuple[Path, str]:
+    """``program: {object: /path/prog.bpf.o, name: prog_fn}``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping with object and name")
+    for key in value:
+        if key not in ("object", "name"):
+            raise ConfigError(f"{where}.{key}: unknown setting (known: name, object)")
+    obj, name = value.get("object"), value.get("name")
+    if not isinstance(obj, str) or not obj.startswith("/"):
+        raise ConfigError(f"{where}.object: {obj!r} is not an absolute path to a BPF object")
+    if not isinstance(name, str) or not _PROG_NAME.fullmatch(name):
+        raise ConfigError(f"{where}.name: {name!r} is not a BPF program (function) name")
+    return Path(obj), name
 
 
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:

@@ -15,7 +15,11 @@ import os
 import socket
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from bpf import bpffs
+from bpf.errors import BpfError
+from bpf.program import verify
 from cni_server.cniendpoint import CniEndpoint
 from cni_server.control import ControlServer
 from cni_server.health import HealthServer
@@ -55,6 +59,7 @@ class KubernetesDaemon:
         raise_fd_limit(8192)
         self.netns = Netns.current()
         try:
+            await asyncio.to_thread(verify_programs, cfg)
             if any(p.pin_map != "socket" for p in cfg.pools):
                 bpffs.ensure_bpffs(cfg.bpffs_root)  # stays mounted: pods' pins live there
             cfg.socket_root.mkdir(parents=True, exist_ok=True)
@@ -168,3 +173,30 @@ class KubernetesDaemon:
         log.info("event=ready node=%s pools=%s", self.cfg.node_name,
                  ",".join(f"{n}:{len(self.inventory.pools[n]) if self.inventory else 0}"
                           for n in self.plugins))
+
+
+def verify_programs(cfg: PluginConfig) -> None:
+    """Load and attach each pool's custom program on a scratch veth, then remove it.
+
+    Raises BpfError naming the pool, with libbpf's (and the verifier's) messages.
+    """
+    pools = [p for p in cfg.pools if p.program_object is not None]
+    if not pools:
+        return
+    scratch = f"afxdpchk{os.getpid() % 100000}"
+    with IPRoute() as ipr:
+        # A veth pair: every kernel with XDP has veth (not every one has dummy).
+        ipr.link("add", ifname=scratch, kind="veth", peer=f"{scratch}p")
+        try:
+            ipr.link("set", index=ipr.link_lookup(ifname=scratch)[0], state="up")
+            for pool in pools:
+                assert pool.program_object is not None
+                try:
+                    verify(pool.program_object, pool.program_name, scratch)
+                except BpfError as e:
+                    raise BpfError(f"pool {pool.name}: program {pool.program_name!r} in "
+                                   f"{pool.program_object} cannot be used: {e}") from e
+                log.info("event=program_verified pool=%s object=%s program=%s", pool.name,
+                         pool.program_object, pool.program_name)
+        finally:
+            ipr.link("del", ifname=scratch)  # takes its peer along

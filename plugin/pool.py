@@ -114,6 +114,8 @@ class PoolBackend:
             xdp_mode=pool.xdp_mode.value, queues=pool.queues, uid=pool.uid, gid=pool.gid,
             mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
             idle_timeout=pool.uds_idle_timeout,
+            program_object=str(pool.program_object or ""),
+            program_name=pool.program_name if pool.program_object else "",
         )
         allocation = await self.registry.create(spec)
         if self.owners is not None:
