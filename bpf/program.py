@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,11 +432,47 @@ def ensure_attached(
     return NetdevProgram(netdev, ifindex, program, used, adopted=False)
 
 
-def verify(object_path: Path, program_name: str, check_netdev: str) -> None:
+def verify(object_path: Path, program_name: str, check_netdev: str,
+           map_keys: MapKeys = ()) -> None:
     """Load ``program_name`` from ``object_path`` and attach it (generic hook) to
     ``check_netdev``, then detach: a bad program fails here, with the verifier's log,
     instead of at a pod's start.  The caller provides a scratch netdev."""
     ifindex = socket.if_nametoindex(check_netdev)
     with LoadedProgram.load(1, object_path, program_name) as program:
+        fill_map_keys(program, map_keys)
         mode = attach(ifindex, program, XdpMode.SKB, ifname=check_netdev)
         detach(ifindex, program, mode, ifname=check_netdev)
+
+
+MapKeys = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def map_keys_from(keys: dict[str, list[int]]) -> MapKeys:
+    """The hashable form of ``{map name: [keys]}`` (as configured and persisted)."""
+    return tuple((name, tuple(ints)) for name, ints in sorted(keys.items()))
+
+
+def fill_map_keys(program: LoadedProgram, map_keys: MapKeys) -> None:
+    """Add keys (value 1) to maps a custom program uses, e.g. its udp_ports set.
+
+    Keys are integers in host byte order, sized to the map's key size; existing
+    keys stay (a key removed from the configuration is not deleted from a map
+    adopted after a restart).
+    """
+    for name, keys in map_keys:
+        try:
+            fd = libbpf.map_fd_by_name(program.prog_fd, name)
+        except LookupError:
+            raise ObjectInvalid(f"the program uses no map named {name!r}") from None
+        try:
+            info = libbpf.map_info(fd)
+            one = (1).to_bytes(info.value_size, sys.byteorder)
+            for key in keys:
+                try:
+                    raw = key.to_bytes(info.key_size, sys.byteorder)
+                except OverflowError:
+                    raise ObjectInvalid(f"key {key} does not fit map {name!r}'s "
+                                        f"{info.key_size}-byte keys") from None
+                libbpf.map_update_bytes(fd, raw, one, f"adding key {key} to map {name!r}")
+        finally:
+            os.close(fd)

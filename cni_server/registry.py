@@ -26,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from bpf import bpffs
-from bpf.program import PROGRAM_NAME, NetdevProgram, XdpMode, attach, ensure_attached, query
+from bpf.program import (
+    PROGRAM_NAME,
+    MapKeys,
+    NetdevProgram,
+    XdpMode,
+    attach,
+    ensure_attached,
+    fill_map_keys,
+    map_keys_from,
+    query,
+)
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
@@ -68,6 +78,7 @@ class AllocationSpec:
     # A custom XDP program (pool setting): its BPF object and program name; "" for ours.
     program_object: str = ""
     program_name: str = ""
+    program_map_keys: dict[str, list[int]] = field(default_factory=dict)
     # netdev -> where CNI ADD put it: {"netns": path, "ifname": name there, "container_id": id}
     attached: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -81,7 +92,8 @@ class AllocationSpec:
 
     def program_choice(self) -> ProgramChoice:
         return ProgramChoice(Path(self.program_object) if self.program_object else None,
-                             self.program_name or PROGRAM_NAME)
+                             self.program_name or PROGRAM_NAME,
+                             map_keys_from(self.program_map_keys))
 
     def pin_path(self, netdev: str) -> Path | None:
         return self.pin_base / netdev / PIN_NAME if self.pin_base else None
@@ -111,6 +123,7 @@ class ProgramChoice:
 
     object_path: Path | None = None  # None: the table's default (our redirect program)
     name: str = PROGRAM_NAME
+    map_keys: MapKeys = ()  # keys to add to the program's own maps (see fill_map_keys)
 
 
 @dataclass
@@ -229,9 +242,15 @@ class ProgramTable:
 
     def _ensure(self, netdev: str, ifindex: int, queues: int, mode: XdpMode,
                 choice: ProgramChoice) -> NetdevProgram:
-        return ensure_attached(netdev, ifindex, queues, mode, force=self.force_replace,
-                               object_path=choice.object_path or self.bpf_object,
-                               program_name=choice.name)
+        program = ensure_attached(netdev, ifindex, queues, mode, force=self.force_replace,
+                                  object_path=choice.object_path or self.bpf_object,
+                                  program_name=choice.name)
+        try:
+            fill_map_keys(program.program, choice.map_keys)
+        except BaseException:
+            program.detach()
+            raise
+        return program
 
     def _count(self, operation: str, result: str) -> None:
         if self.metrics is not None:

@@ -54,6 +54,7 @@ class PoolConfig:
     # program's name in it (it must define an XSKMAP named xsks_map).
     program_object: Path | None = None
     program_name: str = PROGRAM_NAME
+    program_map_keys: dict[str, list[int]] = field(default_factory=dict)
 
     def env_name(self) -> str:
         """AFXDP_DEVICES_<POOL>: the pool name upper-cased, other characters as '_'."""
@@ -202,25 +203,35 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
         elif key == "queues":
             pool.queues = _number(value, at, integer=True)
         elif key == "program":
-            pool.program_object, pool.program_name = _program(value, at)
+            pool.program_object, pool.program_name, pool.program_map_keys = _program(value, at)
     if not (pool.devices or pool.drivers or pool.pci_addresses or pool.macs):
         raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs")
     return pool
 
 
-def _program(value: object, where: str) -> tuple[Path, str]:
-    """``program: {object: /path/prog.bpf.o, name: prog_fn}``."""
+def _program(value: object, where: str) -> tuple[Path, str, dict[str, list[int]]]:
+    """``program: {object: /path/prog.bpf.o, name: prog_fn, mapKeys: {map: [1, 2]}}``."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a mapping with object and name")
     for key in value:
-        if key not in ("object", "name"):
-            raise ConfigError(f"{where}.{key}: unknown setting (known: name, object)")
+        if key not in ("object", "name", "mapKeys"):
+            raise ConfigError(f"{where}.{key}: unknown setting (known: mapKeys, name, object)")
     obj, name = value.get("object"), value.get("name")
     if not isinstance(obj, str) or not obj.startswith("/"):
         raise ConfigError(f"{where}.object: {obj!r} is not an absolute path to a BPF object")
     if not isinstance(name, str) or not _PROG_NAME.fullmatch(name):
         raise ConfigError(f"{where}.name: {name!r} is not a BPF program (function) name")
-    return Path(obj), name
+    keys = value.get("mapKeys", {})
+    if not isinstance(keys, dict):
+        raise ConfigError(f"{where}.mapKeys: must map map names to lists of integers")
+    for map_name, ints in keys.items():
+        at = f"{where}.mapKeys.{map_name}"
+        if not isinstance(map_name, str) or not _PROG_NAME.fullmatch(map_name):
+            raise ConfigError(f"{at}: {map_name!r} is not a BPF map name")
+        if not isinstance(ints, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise ConfigError(f"{at}: must be a list of non-negative integers")
+    return Path(obj), name, {str(m): list(k) for m, k in keys.items()}
 
 
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:

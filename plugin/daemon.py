@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 
 from bpf import bpffs
 from bpf.errors import BpfError
-from bpf.program import verify
+from bpf.program import map_keys_from, verify
 from cni_server.cniendpoint import CniEndpoint
 from cni_server.control import ControlServer
 from cni_server.health import HealthServer
@@ -192,7 +192,8 @@ def verify_programs(cfg: PluginConfig) -> None:
             for pool in pools:
                 assert pool.program_object is not None
                 try:
-                    verify(pool.program_object, pool.program_name, scratch)
+                    verify(pool.program_object, pool.program_name, scratch,
+                           map_keys_from(pool.program_map_keys))
                 except BpfError as e:
                     raise BpfError(f"pool {pool.name}: program {pool.program_name!r} in "
                                    f"{pool.program_object} cannot be used: {e}") from e

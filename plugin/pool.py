@@ -116,6 +116,7 @@ class PoolBackend:
             idle_timeout=pool.uds_idle_timeout,
             program_object=str(pool.program_object or ""),
             program_name=pool.program_name if pool.program_object else "",
+            program_map_keys=dict(pool.program_map_keys),
         )
         allocation = await self.registry.create(spec)
         if self.owners is not None:

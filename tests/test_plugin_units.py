@@ -74,11 +74,30 @@ def test_per_node_override_applies_only_on_that_node() -> None:
     ({"pools": [{"name": "a", "drivers": ["x"]}], "resourcePrefix": "Bad_Prefix"},
      "resourcePrefix"),
     ({"pools": [{"name": "a", "drivers": ["x"]}], "gcInterval": 0}, "gcInterval"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": "p.o"}]}, "pools[0].program"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {"object": "rel.o", "name": "f"}}]},
+     "pools[0].program.object"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {"object": "/p.o", "name": "1f"}}]},
+     "pools[0].program.name"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {"object": "/p.o", "name": "f",
+                                                             "section": "xdp"}}]},
+     "pools[0].program.section"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {
+        "object": "/p.o", "name": "f", "mapKeys": {"ports": [-1]}}}]},
+     "pools[0].program.mapKeys.ports"),
 ])
 def test_bad_configuration_names_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
         validate(raw, node_name="node-a")
     assert str(e.value).startswith(field), str(e.value)
+
+
+def test_a_pool_program_is_read_with_its_map_keys() -> None:
+    [p] = validate({"pools": [{"name": "a", "drivers": ["x"], "program": {
+        "object": "/opt/p.o", "name": "steer", "mapKeys": {"udp_ports": [4789, 2152]}}}]},
+        node_name="n").pools
+    assert (p.program_object, p.program_name, p.program_map_keys) == (
+        Path("/opt/p.o"), "steer", {"udp_ports": [4789, 2152]})
 
 
 def test_load_reads_yaml(tmp_path: Path) -> None:
