@@ -25,7 +25,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from bpf.errors import BpfError
-from bpf.program import PROGRAM_NAME, prog_name
+from bpf.program import PROGRAM_NAME, kernel_name, prog_name
 from plugin.config import PoolConfig
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ class Netdev:
     xdp_prog_id: int
     xdp_prog_name: str
 
-    @property
-    def foreign_xdp(self) -> bool:
-        return self.xdp_prog_id != 0 and self.xdp_prog_name != PROGRAM_NAME
+    def foreign_xdp(self, ours: str = PROGRAM_NAME) -> bool:
+        """Carries an XDP program that is neither our default one nor ``ours`` (a pool's)."""
+        return self.xdp_prog_id != 0 and self.xdp_prog_name not in (PROGRAM_NAME,
+                                                                     kernel_name(ours))
 
     @property
     def nic(self) -> str:
@@ -238,7 +239,7 @@ def exclusion(pool: PoolConfig, dev: Netdev) -> str:
         return "loopback"
     if dev.default_route:
         return "carries the default route"
-    if dev.foreign_xdp:
+    if dev.foreign_xdp(pool.program_name):
         return f"carries a foreign XDP program '{dev.xdp_prog_name or '?'}' (id {dev.xdp_prog_id})"
     if any(p.fullmatch(dev.name) for p in pool.exclude):
         return "matches exclude"

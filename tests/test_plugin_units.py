@@ -136,6 +136,16 @@ def test_our_own_program_is_not_foreign() -> None:
     assert "eth1" in c.members["fast"]
 
 
+def test_a_pools_custom_program_is_not_foreign_to_that_pool_only() -> None:
+    steer = {"object": "/opt/s.o", "name": "afxdp_udp_steer"}
+    mine, other = pools({"name": "mine", "devices": ["eth1"], "program": steer},
+                        {"name": "other", "devices": ["eth2"]})
+    c = classify({n: dev(n, xdp_prog_id=9, xdp_prog_name="afxdp_udp_steer")
+                  for n in ("eth1", "eth2")}, [mine, other])
+    assert "eth1" in c.members["mine"]
+    assert "foreign XDP program 'afxdp_udp_steer'" in c.excluded["other"]["eth2"]
+
+
 def test_allocated_netdev_stays_in_its_pool_even_with_an_address() -> None:
     [p] = pools({"name": "fast", "devices": ["eth1"], "excludeAddressed": True})
     c = classify({"eth1": dev("eth1", addressed=True)}, [p], keep={"eth1": "fast"})
