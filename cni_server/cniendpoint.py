@@ -213,44 +213,45 @@ class CniEndpoint:
             raise CniError(BAD_REQUEST, "add needs deviceID, containerID, ifname and a netns fd")
         target_name = cni_ifname if req.get("rename") else netdev
         async with self._lock(netdev):
-            alloc_id, device = self._allocated(netdev)
-            home = self.registry.netns
-            target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
-            handed_over = False  # once recorded, the registry owns ``target``
-            try:
-                if device.netns is not home:
-                    record = self.registry.specs[alloc_id].attached.get(netdev, {})
-                    if device.netns.inode == target.inode and record.get("container_id") == cid:
-                        state = await target.run_async(lambda: _link_state(record["ifname"]))
-                        return self._result(record["ifname"], state, req)  # a retried ADD
-                    raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
-                                   f"network namespace (container {record.get('container_id')})")
-                if await target.run_async(lambda: _exists(target_name)):
-                    raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
-                                   "the pod's network namespace")
+            with self.registry.moving(netdev):
+                alloc_id, device = self._allocated(netdev)
+                home = self.registry.netns
+                target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
+                handed_over = False  # once recorded, the registry owns ``target``
                 try:
-                    await asyncio.to_thread(_move_out, netdev, target.fileno())
-                except (NetlinkError, LookupError) as e:
-                    raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
-                                   ) from e
-                try:
-                    state = await target.run_async(lambda: _configure(
-                        netdev, target_name, int(req.get("mtu") or 0), req.get("ipam")))
-                except Exception as e:
-                    with contextlib.suppress(Exception):
-                        await target.run_async(lambda: bring_home(
-                            target_name if _exists(target_name) else netdev, netdev,
-                            home.fileno()))
-                    raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
-                                   str(e)) from e
-                record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
-                          "cni_ifname": cni_ifname, "container_id": cid}
-                self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
-                                                int(state["ifindex"]))
-                handed_over = True
-            finally:
-                if not handed_over:
-                    target.close()
+                    if device.netns is not home:
+                        record = self.registry.specs[alloc_id].attached.get(netdev, {})
+                        if device.netns.inode == target.inode and record.get("container_id") == cid:
+                            state = await target.run_async(lambda: _link_state(record["ifname"]))
+                            return self._result(record["ifname"], state, req)  # a retried ADD
+                        raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
+                                       f"network namespace (container {record.get('container_id')})")
+                    if await target.run_async(lambda: _exists(target_name)):
+                        raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
+                                       "the pod's network namespace")
+                    try:
+                        await asyncio.to_thread(_move_out, netdev, target.fileno())
+                    except (NetlinkError, LookupError) as e:
+                        raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
+                                       ) from e
+                    try:
+                        state = await target.run_async(lambda: _configure(
+                            netdev, target_name, int(req.get("mtu") or 0), req.get("ipam")))
+                    except Exception as e:
+                        with contextlib.suppress(Exception):
+                            await target.run_async(lambda: bring_home(
+                                target_name if _exists(target_name) else netdev, netdev,
+                                home.fileno()))
+                        raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
+                                       str(e)) from e
+                    record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
+                              "cni_ifname": cni_ifname, "container_id": cid}
+                    self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
+                                                    int(state["ifindex"]))
+                    handed_over = True
+                finally:
+                    if not handed_over:
+                        target.close()
         return self._result(target_name, state, req)
 
     @staticmethod
@@ -270,18 +271,19 @@ class CniEndpoint:
             record = self.registry.specs[allocation.id].attached.get(netdev)
             if record is None or (cid and record.get("container_id") not in ("", cid)):
                 return {"released": False}
-            device = allocation.netdevs[netdev]
-            home = self.registry.netns
-            where = device.netns
-            try:
-                await where.run_async(lambda: bring_home(record["ifname"], netdev, home.fileno()))
-            except (NetlinkError, LookupError) as e:
-                log.info("event=cni_del_nothing_to_move device=%s reason=%r", netdev, str(e))
-            try:
-                ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
-            except LookupError:
-                ifindex = 0  # gone with the pod (a veth end), or not back yet
-            self.registry.record_attachment(allocation.id, netdev, None, None, netdev, ifindex)
+            with self.registry.moving(netdev):
+                device = allocation.netdevs[netdev]
+                home = self.registry.netns
+                where = device.netns
+                try:
+                    await where.run_async(lambda: bring_home(record["ifname"], netdev, home.fileno()))
+                except (NetlinkError, LookupError) as e:
+                    log.info("event=cni_del_nothing_to_move device=%s reason=%r", netdev, str(e))
+                try:
+                    ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
+                except LookupError:
+                    ifindex = 0  # gone with the pod (a veth end), or not back yet
+                self.registry.record_attachment(allocation.id, netdev, None, None, netdev, ifindex)
         return {"released": True}
 
     def _by_container(self, cid: str, cni_ifname: str) -> str | None:

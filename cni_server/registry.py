@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,7 @@ class Registry:
         # Called when a netdev of an allocation moved (CNI ADD/DEL), so that
         # whoever judges device health (the inventory) looks again.
         self.on_moved: list[Callable[[str], None]] = []
+        self._moving: set[str] = set()
         server.metrics.track(server.metrics.allocations, lambda: len(self.allocations))
 
     # -- queries ---------------------------------------------------------------
@@ -287,6 +288,22 @@ class Registry:
             if netdev in a.netdevs:
                 return a
         return None
+
+    def is_moving(self, netdev: str) -> bool:
+        """A CNI ADD/DEL is moving ``netdev`` between namespaces right now."""
+        return netdev in self._moving
+
+    @contextlib.contextmanager
+    def moving(self, netdev: str) -> Iterator[None]:
+        """Mark ``netdev`` as being moved for the block (it is in neither namespace's
+        view for a moment: not a netdev that is gone), then have health re-judged."""
+        self._moving.add(netdev)
+        try:
+            yield
+        finally:
+            self._moving.discard(netdev)
+            for notify in self.on_moved:
+                notify(netdev)
 
     # -- changes ---------------------------------------------------------------
 

@@ -184,11 +184,15 @@ class Inventory:
     def _away(self, name: str) -> DeviceState:
         """An allocated netdev not in our netns: in its pod (CNI ADD moved it), or gone."""
         allocation = self.registry.by_netdev(name)
+        if self.registry.is_moving(name):
+            return DeviceState(name, None, True, "being moved by CNI")
         if allocation is not None and allocation.netdevs[name].netns is not self.registry.netns:
             return DeviceState(name, None, True, "in its pod's network namespace")
         return DeviceState(name, None, False, GONE)
 
     def _health(self, dev: Netdev) -> DeviceState:
+        if self.registry.is_moving(dev.name):  # taken down to move it, or back up
+            return DeviceState(dev.name, dev, True, "being moved by CNI")
         if not dev.up:
             return DeviceState(dev.name, dev, False, "link down")
         program = self.registry.programs.get(dev.name)

@@ -7,6 +7,7 @@ import ast
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     prog = 0
     k8s.kubelet.allocate(RESOURCE, ["p0"])
     prog = k8s.ns.xdp_prog_id("p0")
+    lists_before = len(k8s.kubelet.plugins[RESOURCE].lists)
     res = env.add()
     assert res.code == 0, res.out
     assert res.out["interfaces"][0]["name"] == "p0" and res.out["interfaces"][0]["sandbox"]
@@ -115,7 +117,12 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     assert env.addresses(pod, "p0") == [ip["address"]]
     assert pod.xdp_prog_id("p0") == prog  # the program went with it
     assert ipam_leases(k8s.work)
-    # The device plugin still reports it healthy while it is in the pod.
+    # The device plugin reports it healthy while it is in the pod, and never otherwise
+    # while CNI moved it (it is in neither netns's view for a moment).
+    time.sleep(0.1)  # longer than the inventory's debounce
+    seen = [{d.ID: d.health for d in lst}.get("p0")
+            for lst in k8s.kubelet.plugins[RESOURCE].lists[lists_before:]]
+    assert all(health == "Healthy" for health in seen), seen
     assert k8s.kubelet.devices(RESOURCE)["p0"].health == "Healthy"
     assert env.cni("CHECK", env.conf, netns=str(pod.path)).code == 0
     assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0
