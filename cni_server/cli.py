@@ -43,7 +43,8 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "xdpMode": a.xdp_mode, "socketMode": a.socket_mode, "socketOwner": a.socket_owner,
         "pinDir": a.pin_dir, "controlSocket": a.control_socket, "idleTimeout": a.idle_timeout,
         "maxConnections": a.max_connections, "maxConnectionsPerSocket": a.max_connections_per_socket,
-        "bpfObject": a.bpf_object, "readyFile": a.ready_file, "logLevel": a.log_level,
+        "bpfObject": a.bpf_object, "programName": a.program_name, "readyFile": a.ready_file,
+        "logLevel": a.log_level,
         "logFormat": a.log_format, "metricsAddress": a.metrics_address,
     }
     raw = {k: v for k, v in pairs.items() if v is not None}
@@ -371,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections", type=int)
     s.add_argument("--max-connections-per-socket", type=int)
     s.add_argument("--bpf-object", help="compiled redirect program (default: built-in)")
+    s.add_argument("--program-name", help="the program in --bpf-object (default: afxdp_redirect)")
     s.add_argument("--ready-file", help="write status JSON here once sockets are served")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["kv", "json"])

@@ -54,6 +54,7 @@ class StandaloneConfig:
     max_connections: int = 4096
     max_connections_per_socket: int = 128
     bpf_object: Path | None = None
+    program_name: str = ""  # the program in bpf_object; "": afxdp_redirect
     ready_file: Path | None = None
     log_level: str = "info"
     log_format: str = "kv"
@@ -191,6 +192,11 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             cfg.socket_uid, cfg.socket_gid = parse_owner(str(value), where)
         elif key in ("pinDir", "bpfObject", "readyFile", "controlSocket"):
             setattr(cfg, known[key], _path(value, where))
+        elif key == "programName":
+            name = _want(value, str, where, "a BPF program (function) name")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+                raise ConfigError(f"{where}: {name!r} is not a BPF program (function) name")
+            cfg.program_name = name
         elif key in ("forceReplace", "checkPeerNetns"):
             setattr(cfg, known[key], _want(value, bool, where, "true or false"))
         elif key == "idleTimeout":

@@ -139,6 +139,7 @@ class StandaloneDaemon:
             socket_base=self.cfg.socket_dir, pin_base=self.cfg.pin_dir,
             xdp_mode=self.cfg.xdp_mode.value, uid=self.cfg.socket_uid, gid=self.cfg.socket_gid,
             mode=self.cfg.socket_mode, check_peer_netns=self.cfg.check_peer_netns,
+            program_object=str(self.cfg.bpf_object or ""), program_name=self.cfg.program_name,
         ))
 
     def status(self) -> dict[str, Any]:

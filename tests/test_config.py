@@ -50,6 +50,8 @@ def test_yaml_octal_integer_mode_is_accepted(tmp_path: Path) -> None:
     ({"netdevs": ["eth 0"]}, "netdevs[0]"),
     ({"netdevs": ["v0", "a" * 16]}, "netdevs[1]"),
     ({"netdevs": ["v0", "v0"]}, "netdevs"),
+    ({"netdevs": ["v0"], "programName": "1bad"}, "programName"),
+    ({"netdevs": ["v0"], "programName": 7}, "programName"),
     ({"netdevs": ["v0"], "xdpMode": "fast"}, "xdpMode"),
     ({"netdevs": ["v0"], "socketMode": "rw-rw----"}, "socketMode"),
     ({"netdevs": ["v0"], "socketMode": "01777"}, "socketMode"),

@@ -22,9 +22,19 @@ from pathlib import Path
 import pytest
 
 from bpf import bpffs
+from bpf.program import prog_name
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.k8s_env import http_get
-from tests.kernel import ClientRuntime, Daemon, NsFixture, compile_test_program, run, setpriv, wait_for
+from tests.kernel import (
+    ROOT,
+    ClientRuntime,
+    Daemon,
+    NsFixture,
+    compile_test_program,
+    run,
+    setpriv,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kernel
 MAP_CAPS = ("net_raw", "ipc_lock")
@@ -238,6 +248,23 @@ def test_restart_after_sigkill_adopts_the_program_and_replaces_the_stale_socket(
     second = start_daemon(*serve_args(workdir, "va"))
     assert "event=xdp_adopted" in second.log() and "stale_socket_removed" in second.log()
     assert netns.xdp_prog_id("va") == prog
+    assert second.stop() == 0
+    assert netns.xdp_prog_id("va") == 0
+
+
+def test_serve_with_a_custom_program_attaches_hands_out_and_adopts_it(
+        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
+    netns.veth()
+    steer = ("--bpf-object", str(ROOT / "bpf" / "afxdp_udp_steer.bpf.o"),
+             "--program-name", "afxdp_udp_steer")
+    first = start_daemon(*serve_args(workdir, "va", extra=steer))
+    prog = netns.xdp_prog_id("va")
+    assert prog_name(prog) == "afxdp_udp_steer"
+    with netns.entered():
+        fetch_map_fd(workdir / "sock" / "va" / "afxdp.sock", "va").close()
+    first.stop(signal.SIGKILL)
+    second = start_daemon(*serve_args(workdir, "va", extra=steer))
+    assert netns.xdp_prog_id("va") == prog and "event=xdp_adopted" in second.log()
     assert second.stop() == 0
     assert netns.xdp_prog_id("va") == 0
 
