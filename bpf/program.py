@@ -65,6 +65,46 @@ def default_object() -> Path:
 
 
 @dataclass(frozen=True)
+class ProgramSpec:
+    """Which XDP program to load: ours, one in a compiled BPF object (loaded with
+    libbpf), or C source compiled on this node by bcc.  Every one must use an
+    XSKMAP named ``xsks_map``."""
+
+    name: str = PROGRAM_NAME
+    object_path: Path | None = None  # None (and no source): default_object()
+    source_path: Path | None = None  # C source for bcc
+    kernel_headers: Path | None = None  # bcc's header tree; None: bcc's own search
+
+    @property
+    def origin(self) -> str:
+        """Where the program comes from, for messages."""
+        if self.source_path is not None:
+            return f"source {self.source_path}"
+        return f"object {self.object_path or default_object()}"
+
+    def load(self, map_entries: int) -> LoadedProgram:
+        """Load a fresh copy with an XSKMAP of at least ``map_entries`` slots."""
+        if self.source_path is None:
+            return LoadedProgram.load(map_entries, self.object_path, self.name)
+        from bpf import bcc  # only programs from source need it
+
+        prog_fd = bcc.compile_and_load(self.source_path, self.name, map_entries,
+                                       self.kernel_headers)
+        program = LoadedProgram.from_prog_fd(prog_fd, f"the program compiled from "
+                                                      f"{self.source_path}")
+        if program.map_entries < map_entries:
+            program.close()
+            raise ObjectInvalid(
+                f"'{MAP_NAME}' in {self.source_path} has {program.map_entries} entries, fewer "
+                f"than the {map_entries} queues to serve: size it with "
+                f"BPF_XSKMAP({MAP_NAME}, {bcc.SIZE_MACRO})")
+        return program
+
+
+DEFAULT_PROGRAM = ProgramSpec()
+
+
+@dataclass(frozen=True)
 class XdpState:
     """What the kernel reports as attached to one netdev."""
 
@@ -229,6 +269,11 @@ class LoadedProgram:
         prog_fd = libbpf.check(
             libbpf.call("bpf_prog_get_fd_by_id", prog_id), f"opening BPF program {prog_id}"
         )
+        return cls.from_prog_fd(prog_fd, f"BPF program {prog_id}")
+
+    @classmethod
+    def from_prog_fd(cls, prog_fd: int, label: str) -> LoadedProgram:
+        """Own ``prog_fd`` (closed on failure) and a new fd for its ``xsks_map``."""
         try:
             map_fd = -1
             for map_id in libbpf.prog_map_ids(prog_fd):
@@ -236,12 +281,15 @@ class LoadedProgram:
                     libbpf.call("bpf_map_get_fd_by_id", map_id), f"opening BPF map {map_id}"
                 )
                 info = libbpf.map_info(fd)
-                if info.type == libbpf.BPF_MAP_TYPE_XSKMAP and info.name.decode() == MAP_NAME:
+                if info.name.decode() == MAP_NAME:
+                    if info.type != libbpf.BPF_MAP_TYPE_XSKMAP:
+                        os.close(fd)
+                        raise ObjectInvalid(f"map '{MAP_NAME}' of {label} is not an XSKMAP")
                     map_fd = fd
                     break
                 os.close(fd)
             if map_fd < 0:
-                raise ObjectInvalid(f"BPF program {prog_id} uses no XSKMAP named '{MAP_NAME}'")
+                raise ObjectInvalid(f"{label} uses no map named '{MAP_NAME}' (an XSKMAP)")
         except BaseException:
             os.close(prog_fd)
             raise
@@ -379,8 +427,7 @@ def ensure_attached(
     mode: XdpMode = XdpMode.AUTO,
     *,
     force: bool = False,
-    object_path: Path | None = None,
-    program_name: str = PROGRAM_NAME,
+    spec: ProgramSpec = DEFAULT_PROGRAM,
 ) -> NetdevProgram:
     """Make sure our program is attached to ``netdev``, with an XSKMAP of >= ``queues`` slots.
 
@@ -391,7 +438,7 @@ def ensure_attached(
       ``force``, in which case it is detached and ours attached.
     """
     state = query(ifindex)
-    if state.attached and state.name == kernel_name(program_name):
+    if state.attached and state.name == kernel_name(spec.name):
         adopted = LoadedProgram.adopt(state.prog_id)
         if adopted.map_entries >= queues and (mode is XdpMode.AUTO or mode.value == state.mode):
             log.info(
@@ -419,7 +466,7 @@ def ensure_attached(
             netdev, state.prog_id, state.name, state.mode,
         )
         detach_any(ifindex, state, ifname=netdev)
-    program = LoadedProgram.load(max(queues, 1), object_path, program_name)
+    program = spec.load(max(queues, 1))
     try:
         used = attach(ifindex, program, mode, ifname=netdev)
     except BaseException:
@@ -432,13 +479,12 @@ def ensure_attached(
     return NetdevProgram(netdev, ifindex, program, used, adopted=False)
 
 
-def verify(object_path: Path, program_name: str, check_netdev: str,
-           map_keys: MapKeys = ()) -> None:
-    """Load ``program_name`` from ``object_path`` and attach it (generic hook) to
+def verify(spec: ProgramSpec, check_netdev: str, map_keys: MapKeys = ()) -> None:
+    """Load the program ``spec`` names and attach it (generic hook) to
     ``check_netdev``, then detach: a bad program fails here, with the verifier's log,
     instead of at a pod's start.  The caller provides a scratch netdev."""
     ifindex = socket.if_nametoindex(check_netdev)
-    with LoadedProgram.load(1, object_path, program_name) as program:
+    with spec.load(1) as program:
         fill_map_keys(program, map_keys)
         mode = attach(ifindex, program, XdpMode.SKB, ifname=check_netdev)
         detach(ifindex, program, mode, ifname=check_netdev)

@@ -27,9 +27,11 @@ from typing import Any
 
 from bpf import bpffs
 from bpf.program import (
+    DEFAULT_PROGRAM,
     PROGRAM_NAME,
     MapKeys,
     NetdevProgram,
+    ProgramSpec,
     XdpMode,
     attach,
     ensure_attached,
@@ -75,9 +77,12 @@ class AllocationSpec:
     pool: str = ""
     owner: str = ""
     idle_timeout: float = 0.0
-    # A custom XDP program (pool setting): its BPF object and program name; "" for ours.
+    # A custom XDP program (pool setting): its BPF object or C source (bcc) and
+    # program name; "" for ours.
     program_object: str = ""
     program_name: str = ""
+    program_source: str = ""
+    program_kernel_headers: str = ""
     program_map_keys: dict[str, list[int]] = field(default_factory=dict)
     # netdev -> where CNI ADD put it: {"netns": path, "ifname": name there, "container_id": id}
     attached: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -91,9 +96,12 @@ class AllocationSpec:
         return tuple(self.socket_dir(n) / SOCKET_NAME for n in self.netdevs)
 
     def program_choice(self) -> ProgramChoice:
-        return ProgramChoice(Path(self.program_object) if self.program_object else None,
-                             self.program_name or PROGRAM_NAME,
-                             map_keys_from(self.program_map_keys))
+        def path(text: str) -> Path | None:
+            return Path(text) if text else None
+
+        spec = ProgramSpec(self.program_name or PROGRAM_NAME, path(self.program_object),
+                           path(self.program_source), path(self.program_kernel_headers))
+        return ProgramChoice(spec, map_keys_from(self.program_map_keys))
 
     def pin_path(self, netdev: str) -> Path | None:
         return self.pin_base / netdev / PIN_NAME if self.pin_base else None
@@ -119,11 +127,14 @@ class AllocationSpec:
 
 @dataclass(frozen=True)
 class ProgramChoice:
-    """Which XDP program a netdev gets: a BPF object and the program in it."""
+    """Which XDP program a netdev gets, and keys to put in its own maps."""
 
-    object_path: Path | None = None  # None: the table's default (our redirect program)
-    name: str = PROGRAM_NAME
+    spec: ProgramSpec = DEFAULT_PROGRAM  # no object or source: the table's default object
     map_keys: MapKeys = ()  # keys to add to the program's own maps (see fill_map_keys)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 @dataclass
@@ -242,9 +253,11 @@ class ProgramTable:
 
     def _ensure(self, netdev: str, ifindex: int, queues: int, mode: XdpMode,
                 choice: ProgramChoice) -> NetdevProgram:
+        spec = choice.spec
+        if spec.object_path is None and spec.source_path is None:
+            spec = replace(spec, object_path=self.bpf_object)
         program = ensure_attached(netdev, ifindex, queues, mode, force=self.force_replace,
-                                  object_path=choice.object_path or self.bpf_object,
-                                  program_name=choice.name)
+                                  spec=spec)
         try:
             fill_map_keys(program.program, choice.map_keys)
         except BaseException:

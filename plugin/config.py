@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from bpf.program import PROGRAM_NAME, XdpMode
+from bpf.program import PROGRAM_NAME, ProgramSpec, XdpMode
 from cni_server.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -50,11 +50,14 @@ class PoolConfig:
     gid: int = 0
     socket_mode: int = 0o660
     queues: int = 0  # 0: every queue the netdev has
-    # A custom XDP program instead of ours: a compiled BPF object and the
-    # program's name in it (it must define an XSKMAP named xsks_map).
-    program_object: Path | None = None
-    program_name: str = PROGRAM_NAME
+    # A custom XDP program instead of ours: a compiled BPF object or C source
+    # (bcc) and the program's name in it (it must use an XSKMAP named xsks_map).
+    program: ProgramSpec | None = None
     program_map_keys: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def program_name(self) -> str:
+        return self.program.name if self.program else PROGRAM_NAME
 
     def env_name(self) -> str:
         """AFXDP_DEVICES_<POOL>: the pool name upper-cased, other characters as '_'."""
@@ -203,24 +206,38 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
         elif key == "queues":
             pool.queues = _number(value, at, integer=True)
         elif key == "program":
-            pool.program_object, pool.program_name, pool.program_map_keys = _program(value, at)
+            pool.program, pool.program_map_keys = _program(value, at)
     if not (pool.devices or pool.drivers or pool.pci_addresses or pool.macs):
         raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs")
     return pool
 
 
-def _program(value: object, where: str) -> tuple[Path, str, dict[str, list[int]]]:
-    """``program: {object: /path/prog.bpf.o, name: prog_fn, mapKeys: {map: [1, 2]}}``."""
+def _program(value: object, where: str) -> tuple[ProgramSpec, dict[str, list[int]]]:
+    """``program: {object: /path/prog.bpf.o | source: /path/prog.c, name: prog_fn,
+    mapKeys: {map: [1, 2]}, kernelHeaders: /path}``."""
+    known = ("kernelHeaders", "mapKeys", "name", "object", "source")
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: must be a mapping with object and name")
+        raise ConfigError(f"{where}: must be a mapping with object (or source) and name")
     for key in value:
-        if key not in ("object", "name", "mapKeys"):
-            raise ConfigError(f"{where}.{key}: unknown setting (known: mapKeys, name, object)")
-    obj, name = value.get("object"), value.get("name")
-    if not isinstance(obj, str) or not obj.startswith("/"):
-        raise ConfigError(f"{where}.object: {obj!r} is not an absolute path to a BPF object")
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
+    if ("object" in value) == ("source" in value):
+        raise ConfigError(f"{where}: give either object (a compiled BPF object) or source "
+                          "(C compiled by bcc), not both or neither")
+    paths: dict[str, Path] = {}
+    for key, what in (("object", "a BPF object"), ("source", "a C source file"),
+                      ("kernelHeaders", "a kernel header tree")):
+        if key in value:
+            text = value[key]
+            if not isinstance(text, str) or not text.startswith("/"):
+                raise ConfigError(f"{where}.{key}: {text!r} is not an absolute path to {what}")
+            paths[key] = Path(text)
+    if "kernelHeaders" in paths and "source" not in paths:
+        raise ConfigError(f"{where}.kernelHeaders: only programs from source (bcc) use it")
+    name = value.get("name")
     if not isinstance(name, str) or not _PROG_NAME.fullmatch(name):
         raise ConfigError(f"{where}.name: {name!r} is not a BPF program (function) name")
+    spec = ProgramSpec(name, paths.get("object"), paths.get("source"), paths.get("kernelHeaders"))
     keys = value.get("mapKeys", {})
     if not isinstance(keys, dict):
         raise ConfigError(f"{where}.mapKeys: must map map names to lists of integers")
@@ -231,7 +248,7 @@ def _program(value: object, where: str) -> tuple[Path, str, dict[str, list[int]]
         if not isinstance(ints, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
             raise ConfigError(f"{at}: must be a list of non-negative integers")
-    return Path(obj), name, {str(m): list(k) for m, k in keys.items()}
+    return spec, {str(m): list(k) for m, k in keys.items()}
 
 
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:

@@ -180,7 +180,7 @@ def verify_programs(cfg: PluginConfig) -> None:
 
     Raises BpfError naming the pool, with libbpf's (and the verifier's) messages.
     """
-    pools = [p for p in cfg.pools if p.program_object is not None]
+    pools = [p for p in cfg.pools if p.program is not None]
     if not pools:
         return
     scratch = f"afxdpchk{os.getpid() % 100000}"
@@ -190,14 +190,14 @@ def verify_programs(cfg: PluginConfig) -> None:
         try:
             ipr.link("set", index=ipr.link_lookup(ifname=scratch)[0], state="up")
             for pool in pools:
-                assert pool.program_object is not None
+                spec = pool.program
+                assert spec is not None
                 try:
-                    verify(pool.program_object, pool.program_name, scratch,
-                           map_keys_from(pool.program_map_keys))
+                    verify(spec, scratch, map_keys_from(pool.program_map_keys))
                 except BpfError as e:
-                    raise BpfError(f"pool {pool.name}: program {pool.program_name!r} in "
-                                   f"{pool.program_object} cannot be used: {e}") from e
-                log.info("event=program_verified pool=%s object=%s program=%s", pool.name,
-                         pool.program_object, pool.program_name)
+                    raise BpfError(f"pool {pool.name}: program {spec.name!r} from "
+                                   f"{spec.origin} cannot be used: {e}") from e
+                log.info("event=program_verified pool=%s %s program=%s", pool.name,
+                         spec.origin.replace(" ", "=", 1), spec.name)
         finally:
             ipr.link("del", ifname=scratch)  # takes its peer along

@@ -22,6 +22,7 @@ import logging
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -114,9 +115,7 @@ class PoolBackend:
             xdp_mode=pool.xdp_mode.value, queues=pool.queues, uid=pool.uid, gid=pool.gid,
             mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
             idle_timeout=pool.uds_idle_timeout,
-            program_object=str(pool.program_object or ""),
-            program_name=pool.program_name if pool.program_object else "",
-            program_map_keys=dict(pool.program_map_keys),
+            **program_fields(pool),
         )
         allocation = await self.registry.create(spec)
         if self.owners is not None:
@@ -169,3 +168,14 @@ class PoolBackend:
                                      not nic or attr(d, "nic") != nic, d))
             chosen.append(pool.pop(0))
         return chosen
+
+
+def program_fields(pool: PoolConfig) -> dict[str, Any]:
+    """The pool's custom program, as AllocationSpec records it ("" for ours)."""
+    spec = pool.program
+    if spec is None:
+        return {}
+    return {"program_object": str(spec.object_path or ""), "program_name": spec.name,
+            "program_source": str(spec.source_path or ""),
+            "program_kernel_headers": str(spec.kernel_headers or ""),
+            "program_map_keys": dict(pool.program_map_keys)}

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   iproute2 util-linux ethtool                    # ip netns/link, nsenter/setpriv
   containernetworking-plugins                    # host-local/host-device for CNI tests
   libxdp1                                        # libxdp's AF_XDP program, a benchmark peer
+  python3-bpfcc                                  # bcc: pools with program.source (optional backend)
   make
 )
 
@@ -33,6 +34,19 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against kernel headers: the running kernel's package when Debian
+# has one, else the distro's current ones (the bcc tests merge that split
+# arch + -common pair into one tree and point bcc at it).
+arch=$(dpkg --print-architecture)
+if ! dpkg-query -W -f='${Status} ${Package}\n' 'linux-headers-*' 2>/dev/null \
+    | grep -qE "install ok installed linux-headers-($(uname -r)|.*-$arch)\$"; then
+  apt-get update -qq
+  headers=linux-headers-$(uname -r)
+  apt-cache show "$headers" >/dev/null 2>&1 || headers=linux-headers-$arch
+  echo "setup: installing $headers (kernel headers for bcc)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$headers" >/dev/null
 fi
 
 PY=/usr/bin/python3

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bpf.program import ProgramSpec
 from cni_server.config import ConfigError
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PoolConfig, load, validate
@@ -85,6 +86,15 @@ def test_per_node_override_applies_only_on_that_node() -> None:
     ({"pools": [{"name": "a", "drivers": ["x"], "program": {
         "object": "/p.o", "name": "f", "mapKeys": {"ports": [-1]}}}]},
      "pools[0].program.mapKeys.ports"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {
+        "object": "/p.o", "source": "/p.c", "name": "f"}}]}, "pools[0].program: give either"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {"name": "f"}}]},
+     "pools[0].program: give either"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {"source": "p.c", "name": "f"}}]},
+     "pools[0].program.source"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "program": {
+        "object": "/p.o", "name": "f", "kernelHeaders": "/usr/src"}}]},
+     "pools[0].program.kernelHeaders: only programs from source"),
 ])
 def test_bad_configuration_names_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -96,8 +106,17 @@ def test_a_pool_program_is_read_with_its_map_keys() -> None:
     [p] = validate({"pools": [{"name": "a", "drivers": ["x"], "program": {
         "object": "/opt/p.o", "name": "steer", "mapKeys": {"udp_ports": [4789, 2152]}}}]},
         node_name="n").pools
-    assert (p.program_object, p.program_name, p.program_map_keys) == (
-        Path("/opt/p.o"), "steer", {"udp_ports": [4789, 2152]})
+    assert (p.program, p.program_map_keys) == (
+        ProgramSpec("steer", object_path=Path("/opt/p.o")), {"udp_ports": [4789, 2152]})
+
+
+def test_a_pool_program_from_source_is_read_with_its_kernel_headers() -> None:
+    [p] = validate({"pools": [{"name": "a", "drivers": ["x"], "program": {
+        "source": "/opt/p.c", "name": "steer", "kernelHeaders": "/usr/src/k"}}]},
+        node_name="n").pools
+    assert p.program == ProgramSpec("steer", source_path=Path("/opt/p.c"),
+                                    kernel_headers=Path("/usr/src/k"))
+    assert p.program_name == "steer"
 
 
 def test_load_reads_yaml(tmp_path: Path) -> None:
