@@ -177,7 +177,7 @@ def test_without_kernel_headers_the_error_names_the_package(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     release = "6.99.0-nothere"
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
-    monkeypatch.setattr(bcc.os, "uname", lambda: os.uname_result(
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(
         ("Linux", "n", release, "#1", "x86_64")))
     with pytest.raises(bcc.KernelHeadersMissing, match=f"install linux-headers-{release}"):
         ProgramSpec("udp_steer", source_path=EXAMPLE).load(1)
