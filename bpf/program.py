@@ -8,6 +8,7 @@ it (see ``cni_server.netns``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -15,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +171,41 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def opened_object(path: Path, program_name: str,
+                  map_entries: int) -> Iterator[tuple[int, int, int, list[str]]]:
+    """A BPF object opened (not loaded) with its XSKMAP sized: yields (object,
+    program, map, libbpf's messages) and closes the object afterwards."""
+    if not path.is_file():
+        raise ObjectMissing(
+            f"BPF object {path} not found: build it with `make bpf` in the source tree "
+            "(needs clang and libbpf-dev), or point AFXDP_BPF_OBJECT at a built copy"
+        )
+    if map_entries < 1:
+        raise ValueError(f"an XSKMAP needs at least one entry, not {map_entries}")
+    with libbpf.capture_messages() as messages:
+        obj = libbpf.check_ptr(
+            libbpf.call("bpf_object__open_file", str(path).encode(), None),
+            f"opening BPF object {path}",
+        )
+        try:
+            bpf_map = libbpf.call("bpf_object__find_map_by_name", obj, MAP_NAME.encode())
+            if not bpf_map:
+                raise ObjectInvalid(f"BPF object {path} defines no map named '{MAP_NAME}'")
+            if libbpf.call("bpf_map__type", bpf_map) != libbpf.BPF_MAP_TYPE_XSKMAP:
+                raise ObjectInvalid(f"map '{MAP_NAME}' in {path} is not an XSKMAP")
+            prog = libbpf.call("bpf_object__find_program_by_name", obj, program_name.encode())
+            if not prog:
+                raise ObjectInvalid(f"BPF object {path} defines no program named '{program_name}'")
+            libbpf.check(
+                libbpf.call("bpf_map__set_max_entries", bpf_map, map_entries),
+                f"sizing '{MAP_NAME}' to {map_entries} entries",
+            )
+            yield obj, prog, bpf_map, messages
+        finally:
+            libbpf.call("bpf_object__close", obj)
+
+
 class LoadedProgram:
     """Owner of one loaded copy of the redirect program: its program fd and its XSKMAP fd."""
 
@@ -222,45 +259,22 @@ class LoadedProgram:
     ) -> LoadedProgram:
         """Open the object, size its XSKMAP to ``map_entries`` and load it into the kernel."""
         path = object_path or default_object()
-        if not path.is_file():
-            raise ObjectMissing(
-                f"BPF object {path} not found: build it with `make bpf` in the source tree "
-                "(needs clang and libbpf-dev), or point AFXDP_BPF_OBJECT at a built copy"
-            )
-        if map_entries < 1:
-            raise ValueError(f"an XSKMAP needs at least one entry, not {map_entries}")
-        with libbpf.capture_messages() as messages:
-            obj = libbpf.check_ptr(
-                libbpf.call("bpf_object__open_file", str(path).encode(), None),
-                f"opening BPF object {path}",
-            )
-            try:
-                bpf_map = libbpf.call("bpf_object__find_map_by_name", obj, MAP_NAME.encode())
-                if not bpf_map:
-                    raise ObjectInvalid(f"BPF object {path} defines no map named '{MAP_NAME}'")
-                if libbpf.call("bpf_map__type", bpf_map) != libbpf.BPF_MAP_TYPE_XSKMAP:
-                    raise ObjectInvalid(f"map '{MAP_NAME}' in {path} is not an XSKMAP")
-                prog = libbpf.call("bpf_object__find_program_by_name", obj, program_name.encode())
-                if not prog:
-                    raise ObjectInvalid(
-                        f"BPF object {path} defines no program named '{program_name}'"
-                    )
-                libbpf.check(
-                    libbpf.call("bpf_map__set_max_entries", bpf_map, map_entries),
-                    f"sizing '{MAP_NAME}' to {map_entries} entries",
-                )
-                ret = libbpf.call("bpf_object__load", obj)
-                if ret < 0:
-                    err = ctypes.get_errno() or -ret
-                    raise LibbpfError(f"loading BPF object {path}", err, messages[-60:])
-                prog_fd = os.dup(libbpf.call("bpf_program__fd", prog))
-                try:
-                    map_fd = os.dup(libbpf.call("bpf_map__fd", bpf_map))
-                except BaseException:
-                    os.close(prog_fd)
-                    raise
-            finally:
-                libbpf.call("bpf_object__close", obj)
+        with opened_object(path, program_name, map_entries) as (obj, prog, bpf_map, messages):
+            ret = libbpf.call("bpf_object__load", obj)
+            if ret < 0:
+                err = ctypes.get_errno() or -ret
+                raise LibbpfError(f"loading BPF object {path}", err, messages[-60:])
+            return cls.from_object(prog, bpf_map)
+
+    @classmethod
+    def from_object(cls, prog: int, bpf_map: int) -> LoadedProgram:
+        """Our own fds for a loaded libbpf program and its XSKMAP (the object may close)."""
+        prog_fd = os.dup(libbpf.call("bpf_program__fd", prog))
+        try:
+            map_fd = os.dup(libbpf.call("bpf_map__fd", bpf_map))
+        except BaseException:
+            os.close(prog_fd)
+            raise
         return cls._own(prog_fd, map_fd)
 
     @classmethod
