@@ -101,7 +101,7 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(KubernetesDaemon(cfg).run())
-    except PoolConflict as e:
+    except (PoolConflict, ConfigError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_USAGE, f"configuration: {e}")
     except (BpfError, ServerError, ControlError, RegistryError, StateError, OSError) as e:

@@ -28,7 +28,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info
 from cni_server.netns import Netns
-from cni_server.registry import Registry
+from cni_server.registry import AllocationSpec, Registry
+from cni_server.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
@@ -229,9 +230,17 @@ class CniEndpoint:
                     if await target.run_async(lambda: _exists(target_name)):
                         raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
                                        "the pod's network namespace")
+                    spec = self.registry.specs[alloc_id]
+                    if spec.virtual_kind:  # first, so a missing bridge fails before any move
+                        try:
+                            await asyncio.to_thread(plug, host_end(netdev), spec.virtual_bridge)
+                        except (VirtualError, NetlinkError) as e:
+                            raise CniError(MOVE_FAILED, f"cannot connect virtual device "
+                                           f"{netdev!r} on the node", str(e)) from e
                     try:
                         await asyncio.to_thread(_move_out, netdev, target.fileno())
                     except (NetlinkError, LookupError) as e:
+                        await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
                                        ) from e
                     try:
@@ -242,6 +251,7 @@ class CniEndpoint:
                             await target.run_async(lambda: bring_home(
                                 target_name if _exists(target_name) else netdev, netdev,
                                 home.fileno()))
+                        await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
                                        str(e)) from e
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
@@ -284,7 +294,17 @@ class CniEndpoint:
                 except LookupError:
                     ifindex = 0  # gone with the pod (a veth end), or not back yet
                 self.registry.record_attachment(allocation.id, netdev, None, None, netdev, ifindex)
+                await self._unplug(self.registry.specs[allocation.id], netdev)
         return {"released": True}
+
+    @staticmethod
+    async def _unplug(spec: AllocationSpec, netdev: str) -> None:
+        """A virtual device's node end off its bridge (the pod no longer has the other end)."""
+        if spec.virtual_kind:
+            try:
+                await asyncio.to_thread(unplug, host_end(netdev))
+            except NetlinkError as e:
+                log.warning("event=virtual_unplug_failed netdev=%s error=%r", netdev, str(e))
 
     def _by_container(self, cid: str, cni_ifname: str) -> str | None:
         for spec in self.registry.specs.values():

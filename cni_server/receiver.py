@@ -1,6 +1,7 @@
 """A minimal AF_XDP receiver: UMEM, fill/completion/RX/TX rings over mmap.
 
-Enough to prove a handed-out fd works and to count (or keep) received frames.
+Enough to prove a handed-out fd works and to count (or keep) received frames,
+and to transmit a few (``tx_frames`` of the UMEM frames are kept for TX).
 It can start from its own socket (needs CAP_NET_RAW) or from one the daemon
 created (``/xsk_socket``: needs no capability).  Setting up UMEM and rings needs
 no privilege; the UMEM is charged to RLIMIT_MEMLOCK unless the process has
@@ -76,12 +77,16 @@ class XskReceiver:
     """An AF_XDP socket with UMEM and rings, ready to bind and receive."""
 
     def __init__(self, sock: OwnedFd, *, frames: int = 2048, frame_size: int = 2048,
-                 ring_size: int = 2048) -> None:
+                 ring_size: int = 2048, tx_frames: int = 0) -> None:
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise ValueError("frames and ring_size must be powers of two")
+        if not 0 <= tx_frames < frames or tx_frames > ring_size:
+            raise ValueError("tx_frames must be fewer than frames and at most ring_size")
         self.sock = sock
         self.frame_size = frame_size
         self.frames = frames
+        self.tx_frames = tx_frames
+        self._tx_free = [(frames - tx_frames + i) * frame_size for i in range(tx_frames)]
         self._rings: list[_Ring] = []
         self._umem: mmap.mmap | None = None
         try:
@@ -124,11 +129,12 @@ class XskReceiver:
         self.tx = self._map(fd, xsk.XDP_PGOFF_TX_RING, tx, ring_size, 2)
         self.fill = self._map(fd, xsk.XDP_UMEM_PGOFF_FILL_RING, fr, fill_size, 1)
         self.comp = self._map(fd, xsk.XDP_UMEM_PGOFF_COMPLETION_RING, cr, ring_size, 1)
-        # Give the kernel every frame to fill.
+        # Give the kernel every frame to fill, except those kept for TX.
         start = self.fill.producer[0]
-        for i in range(self.frames):
+        rx_frames = self.frames - self.tx_frames
+        for i in range(rx_frames):
             self.fill.desc[(start + i) & self.fill.mask] = i * self.frame_size
-        self.fill.producer[0] = (start + self.frames) & _U32
+        self.fill.producer[0] = (start + rx_frames) & _U32
         self._rx_cons = self.rx.consumer[0]
 
     def _map(self, fd: int, pgoff: int, off: RingOffsets, entries: int, words: int) -> _Ring:
@@ -165,6 +171,41 @@ class XskReceiver:
         self._rx_cons = (cons + n) & _U32
         self.rx.consumer[0] = self._rx_cons
         self.fill.producer[0] = (fp + n) & _U32
+        return n
+
+    def transmit(self, frames: Sequence[bytes], timeout: float = 5.0) -> int:
+        """Send ``frames`` through the TX ring; returns how many the kernel completed."""
+        if not self.tx_frames:
+            raise ValueError("this socket keeps no frames for TX (tx_frames=0)")
+        umem = self._umem
+        assert umem is not None
+        done, pending = 0, list(frames)
+        deadline = time.monotonic() + timeout
+        while (pending or len(self._tx_free) < self.tx_frames) and time.monotonic() < deadline:
+            done += self._reap_completions()
+            prod = self.tx.producer[0]
+            n = 0
+            while pending and self._tx_free:
+                frame, addr = pending.pop(0), self._tx_free.pop()
+                if len(frame) > self.frame_size:
+                    raise ValueError(f"a {len(frame)}-byte frame does not fit a UMEM frame")
+                umem[addr: addr + len(frame)] = frame
+                idx = ((prod + n) & self.tx.mask) * 2
+                self.tx.desc[idx], self.tx.desc[idx + 1] = addr, len(frame)
+                n += 1
+            if n:
+                self.tx.producer[0] = (prod + n) & _U32
+            xsk.kick_tx(self.sock.fileno())
+            if not n:
+                time.sleep(0.001)
+        return done + self._reap_completions()
+
+    def _reap_completions(self) -> int:
+        prod, cons = self.comp.producer[0], self.comp.consumer[0]
+        n = (prod - cons) & _U32
+        for i in range(n):
+            self._tx_free.append(self.comp.desc[(cons + i) & self.comp.mask])
+        self.comp.consumer[0] = (cons + n) & _U32
         return n
 
     def receive(self, count: int, timeout: float, keep: list[bytes] | None = None) -> int:

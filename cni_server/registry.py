@@ -45,6 +45,7 @@ from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
+from cni_server.virtual import delete_pair, ensure_pair, host_end
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class AllocationSpec:
     program_source: str = ""
     program_kernel_headers: str = ""
     program_map_keys: dict[str, list[int]] = field(default_factory=dict)
+    # Virtual devices (pool setting): the pair kind ("veth"/"netkit") the registry
+    # creates for each netdev, "" for real netdevs; the bridge for their node ends.
+    virtual_kind: str = ""
+    virtual_bridge: str = ""
     # netdev -> where CNI ADD put it: {"netns": path, "ifname": name there, "container_id": id}
     attached: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -335,6 +340,9 @@ class Registry:
                 self._mkdir(spec.socket_base, 0o755, -1, -1, undo.callback)
             for netdev in spec.netdevs:
                 where, ifname = self._locate(spec, netdev)
+                if spec.virtual_kind and where is None and await asyncio.to_thread(
+                        ensure_pair, netdev, host_end(netdev), spec.virtual_kind):
+                    undo.callback(delete_pair, host_end(netdev))
                 program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode), where,
                                                       ifname, spec.program_choice())
                 undo.push_async_callback(self.programs.release, netdev)
@@ -396,6 +404,11 @@ class Registry:
             with contextlib.suppress(OSError):
                 spec.socket_dir(netdev).rmdir()
             await self.programs.release(netdev, detach=detach)
+            if spec.virtual_kind and detach:
+                try:
+                    await asyncio.to_thread(delete_pair, host_end(netdev))
+                except Exception as e:  # the rest of the release must still happen
+                    log.warning("event=virtual_delete_failed netdev=%s error=%r", netdev, str(e))
         if spec.own_socket_base:
             with contextlib.suppress(OSError):
                 spec.socket_base.rmdir()

@@ -136,3 +136,16 @@ def set_busy_poll(fd: int, timeout_us: int, budget: int) -> None:
     setsockopt_int(fd, socket.SOL_SOCKET, SO_BUSY_POLL, timeout_us, "setting SO_BUSY_POLL")
     setsockopt_int(fd, socket.SOL_SOCKET, SO_BUSY_POLL_BUDGET, budget,
                    "setting SO_BUSY_POLL_BUDGET")
+
+
+_libc.sendto.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_uint32]
+_libc.sendto.restype = ctypes.c_ssize_t
+
+
+def kick_tx(fd: int) -> None:
+    """Tell the kernel the TX ring has descriptors (copy mode needs the syscall)."""
+    if _libc.sendto(fd, None, 0, socket.MSG_DONTWAIT, None, 0) < 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS):
+            raise OSError(err, f"kicking the AF_XDP TX ring: {os.strerror(err)}")

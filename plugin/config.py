@@ -26,6 +26,7 @@ from cni_server.config import (
     choice,
     parse_mode,
 )
+from cni_server.virtual import host_end
 
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -54,6 +55,7 @@ class PoolConfig:
     # (bcc) and the program's name in it (it must use an XSKMAP named xsks_map).
     program: ProgramSpec | None = None
     program_map_keys: dict[str, list[int]] = field(default_factory=dict)
+    virtual: VirtualConfig | None = None
 
     @property
     def program_name(self) -> str:
@@ -103,8 +105,32 @@ _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
     "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
-    "program",
+    "program", "virtual",
 }
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+VIRTUAL_KINDS = ("auto", "veth", "netkit")
+
+
+@dataclass(frozen=True)
+class VirtualConfig:
+    """``virtual: {count, kind, bridge, prefix}``: devices the daemon creates itself.
+
+    Device i is a pair: ``<prefix><i>``, the end the pod gets, and
+    ``<prefix><i>h``, the end that stays on the node (enslaved to ``bridge``
+    while the pod runs, if one is named).
+    """
+
+    count: int
+    kind: str = "auto"  # auto: netkit where the kernel has it, else veth
+    bridge: str = ""
+    prefix: str = ""
+
+    def names(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(self.count)]
+
+    def all_names(self) -> set[str]:
+        """Both ends of every device: no other pool may take these."""
+        return {n for name in self.names() for n in (name, host_end(name))}
 
 
 def _str_list(value: object, where: str) -> list[str]:
@@ -207,9 +233,39 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             pool.queues = _number(value, at, integer=True)
         elif key == "program":
             pool.program, pool.program_map_keys = _program(value, at)
-    if not (pool.devices or pool.drivers or pool.pci_addresses or pool.macs):
-        raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs")
+        elif key == "virtual":
+            pool.virtual = _virtual(value, at, name)
+    selectors = pool.devices or pool.drivers or pool.pci_addresses or pool.macs
+    if pool.virtual is not None and selectors:
+        raise ConfigError(f"{where}: a virtual pool creates its devices: it takes no devices, "
+                          "drivers, pciAddresses or macs")
+    if pool.virtual is None and not selectors:
+        raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs "
+                          "(or virtual)")
     return pool
+
+
+def _virtual(value: object, where: str, pool: str) -> VirtualConfig:
+    """``virtual: {count: 4, kind: auto|veth|netkit, bridge: br0, prefix: vx}``."""
+    known = ("bridge", "count", "kind", "prefix")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping with count")
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
+    count = value.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
+        raise ConfigError(f"{where}.count: {count!r} is not a device count from 1 to 1024")
+    kind = choice(value.get("kind", "auto"), f"{where}.kind", VIRTUAL_KINDS)
+    bridge = value.get("bridge") or ""
+    if not isinstance(bridge, str) or (bridge and not _IFNAME.fullmatch(bridge)):
+        raise ConfigError(f"{where}.bridge: {bridge!r} is not an interface name")
+    prefix = value.get("prefix", re.sub(r"[^a-z0-9]", "", pool)[:8] + "v")
+    longest = f"{prefix}{count - 1}h"
+    if not isinstance(prefix, str) or not _IFNAME.fullmatch(longest):
+        raise ConfigError(f"{where}.prefix: {prefix!r} does not make interface names "
+                          f"(like {longest!r}: letters, digits, '_.-', at most 15)")
+    return VirtualConfig(count, kind, bridge, prefix)
 
 
 def _program(value: object, where: str) -> tuple[ProgramSpec, dict[str, list[int]]]:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -21,6 +22,7 @@ from bpf import bpffs
 from bpf.errors import BpfError
 from bpf.program import map_keys_from, verify
 from cni_server.cniendpoint import CniEndpoint
+from cni_server.config import ConfigError
 from cni_server.control import ControlServer
 from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
@@ -28,6 +30,7 @@ from cni_server.netns import Netns
 from cni_server.registry import ProgramTable, Registry
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
+from cni_server.virtual import VirtualError, resolve_kind
 from plugin.config import PluginConfig
 from plugin.deviceplugin import PluginServer
 from plugin.inventory import Inventory
@@ -60,6 +63,7 @@ class KubernetesDaemon:
         self.netns = Netns.current()
         try:
             await asyncio.to_thread(verify_programs, cfg)
+            await asyncio.to_thread(resolve_virtual, cfg)
             if any(p.pin_map != "socket" for p in cfg.pools):
                 bpffs.ensure_bpffs(cfg.bpffs_root)  # stays mounted: pods' pins live there
             cfg.socket_root.mkdir(parents=True, exist_ok=True)
@@ -173,6 +177,35 @@ class KubernetesDaemon:
         log.info("event=ready node=%s pools=%s", self.cfg.node_name,
                  ",".join(f"{n}:{len(self.inventory.pools[n]) if self.inventory else 0}"
                           for n in self.plugins))
+
+
+def resolve_virtual(cfg: PluginConfig) -> None:
+    """Settle each virtual pool's pair kind for this kernel (auto: netkit, else veth).
+
+    Raises ConfigError when a pool asks for netkit and the kernel has none.
+    """
+    for i, pool in enumerate(cfg.pools):
+        if pool.virtual is None:
+            continue
+        try:
+            kind = resolve_kind(pool.virtual.kind)
+        except VirtualError as e:
+            raise ConfigError(f"pools[{i}].virtual.kind: {e}") from e
+        pool.virtual = replace(pool.virtual, kind=kind)
+        bridge = pool.virtual.bridge
+        if bridge and not socket_if_exists(bridge):
+            log.warning("event=virtual_bridge_missing pool=%s bridge=%s effect=%r", pool.name,
+                        bridge, "CNI ADD fails until the bridge exists")
+        log.info("event=virtual_pool pool=%s kind=%s count=%d bridge=%s", pool.name, kind,
+                 pool.virtual.count, bridge or "-")
+
+
+def socket_if_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def verify_programs(cfg: PluginConfig) -> None:

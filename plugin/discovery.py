@@ -261,8 +261,13 @@ def classify(netdevs: dict[str, Netdev], pools: list[PoolConfig],
     in their pool even when they now carry our program or an address a pod gave them."""
     keep = keep or {}
     c = Classification({p.name: {} for p in pools}, {p.name: {} for p in pools})
+    virtual = {n: p.name for p in pools if p.virtual for n in p.virtual.all_names()}
     for dev in netdevs.values():
-        chosen = [p for p in pools if selects(p, dev)]
+        if dev.name in virtual:  # both ends of a virtual pool's devices are that pool's
+            if keep.get(dev.name) == virtual[dev.name]:
+                c.members[virtual[dev.name]][dev.name] = dev
+            continue
+        chosen = [p for p in pools if p.virtual is None and selects(p, dev)]
         if len(chosen) > 1:
             c.conflicts[dev.name] = [p.name for p in chosen]
             continue

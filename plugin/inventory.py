@@ -121,6 +121,9 @@ class Inventory:
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
                         states[name] = self._away(name)
+                if pool.virtual is not None:  # created at Allocate: always available
+                    for name in pool.virtual.names():
+                        states.setdefault(name, DeviceState(name, None, True))
                 metrics = self.registry.server.metrics
                 for health in (True, False):
                     metrics.devices.labels(pool.name, "healthy" if health else "unhealthy").set(

@@ -116,6 +116,8 @@ class PoolBackend:
             mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
             idle_timeout=pool.uds_idle_timeout,
             **program_fields(pool),
+            virtual_kind=pool.virtual.kind if pool.virtual else "",
+            virtual_bridge=pool.virtual.bridge if pool.virtual else "",
         )
         allocation = await self.registry.create(spec)
         if self.owners is not None:
