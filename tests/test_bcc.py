@@ -13,7 +13,6 @@ which do not depend on the exact kernel version.
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,9 @@ import pytest
 from bpf import bcc
 from bpf.errors import BpfError, ObjectInvalid
 from bpf.program import ProgramSpec, prog_name
-from cni_server.client import fetch_map_fd
-from cni_server.netdev import link_info
-from cni_server.receiver import XskReceiver
-from cni_server.traffic import send_frames
 from tests.k8s_env import RESOURCE, K8s, healthy, write_config
 from tests.kernel import ROOT
-from tests.test_programs import scratch_links
+from tests.test_programs import assert_only_port_4789_reaches_the_pod, scratch_links
 
 pytestmark = pytest.mark.kernel
 EXAMPLE = ROOT / "bpf" / "examples" / "udp_steer_bcc.c"
@@ -93,16 +88,7 @@ def test_a_pool_program_from_source_steers_its_port_to_the_pod_and_is_adopted(
     prog = k8s.ns.xdp_prog_id("p0")
     assert prog_name(prog) == "udp_steer"
     sock = Path(mount.host_path) / "afxdp.sock"
-    with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as map_fd, \
-            XskReceiver.with_own_socket(frames=1024, ring_size=1024) as rx:
-        rx.bind(link_info("p0").ifindex, 0)
-        rx.insert(map_fd.fileno(), 0)
-        assert send_frames("q0", 200, dport=9) == 200
-        assert rx.receive(1, 0.5) == 0  # not in udp_ports: the kernel's
-        kept: list[bytes] = []
-        assert send_frames("q0", 300, dport=4789) == 300
-        assert rx.receive(300, 5, kept) == 300
-        assert {struct.unpack_from("!H", f, 36)[0] for f in kept} == {4789}
+    assert_only_port_4789_reaches_the_pod(k8s, sock)
     assert first.stop() == 0
     second = k8s.start()
     assert "allocations=1 dropped=0" in second.log()

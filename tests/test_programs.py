@@ -73,8 +73,13 @@ def test_map_keys_from_the_config_steer_a_pods_port_to_its_socket(k8s: K8s) -> N
     k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
     mount = k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
     k.add_pod("default", "pod-a", RESOURCE, ["p0"])
-    with k8s.ns.entered(), fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "p0",
-                                        hostname="pod-a") as map_fd, \
+    assert_only_port_4789_reaches_the_pod(k8s, Path(mount.host_path) / "afxdp.sock")
+
+
+def assert_only_port_4789_reaches_the_pod(k8s: K8s, sock: Path) -> None:
+    """From inside the daemon's netns, as pod-a: frames to port 9 go to the kernel,
+    frames to 4789 to the pod's AF_XDP socket on p0."""
+    with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as map_fd, \
             XskReceiver.with_own_socket(frames=1024, ring_size=1024) as rx:
         rx.bind(link_info("p0").ifindex, 0)
         rx.insert(map_fd.fileno(), 0)
