@@ -53,6 +53,7 @@ class StandaloneConfig:
     idle_timeout: float = 30.0
     max_connections: int = 4096
     max_connections_per_socket: int = 128
+    handshake_spin_us: int = 50  # see server.Limits.handshake_spin; 0: off
     bpf_object: Path | None = None
     program_name: str = ""  # the program in bpf_object; "": afxdp_redirect
     ready_file: Path | None = None
@@ -203,6 +204,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             cfg.idle_timeout = float(_positive(value, where, real=True))
         elif key in ("maxConnections", "maxConnectionsPerSocket"):
             setattr(cfg, known[key], _positive(value, where))
+        elif key == "handshakeSpinUs":
+            cfg.handshake_spin_us = handshake_spin_us(value, where)
         elif key == "logLevel":
             cfg.log_level = choice(value, where, LOG_LEVELS)
         elif key == "logFormat":
@@ -217,6 +220,19 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             f"maxConnections ({cfg.max_connections})"
         )
     return cfg
+
+
+MAX_HANDSHAKE_SPIN_US = 1000
+
+
+def handshake_spin_us(value: object, where: str) -> int:
+    """Microseconds the handout server polls for a handshake's next request (0: off)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer number of microseconds, got {value!r}")
+    if not 0 <= value <= MAX_HANDSHAKE_SPIN_US:
+        raise ConfigError(f"{where}: {value} is out of range (0 to {MAX_HANDSHAKE_SPIN_US} "
+                          "microseconds; 0 turns the spin off)")
+    return value
 
 
 def load_file(path: Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class StandaloneDaemon:
             idle_timeout=self.cfg.idle_timeout,
             max_connections=self.cfg.max_connections,
             max_connections_per_socket=self.cfg.max_connections_per_socket,
+            handshake_spin=self.cfg.handshake_spin_us / 1e6,
         ))
 
     # -- lifecycle -----------------------------------------------------------

@@ -6,9 +6,11 @@ detail goes to the logs), so a client cannot grow the label set.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
 
@@ -17,18 +19,81 @@ def reason_label(reason: str) -> str:
     return reason.split(" (", 1)[0][:64] or "ok"
 
 
+class Counts:
+    """A labelled counter kept as a plain dict and exported at scrape time.
+
+    For the handout server's per-request counting: ``inc`` is a dict update
+    (~0.2 us) where prometheus-client's ``labels(...).inc()`` takes a lock and
+    builds the child's key (~2.5 us, several times per handshake).  Updated
+    from the event loop's thread only; a scrape copies the dict in one step.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: list[str],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def inc(self, *values: str) -> None:
+        counts = self.counts
+        counts[values] = counts.get(values, 0) + 1
+
+    def get(self, *values: str) -> int:
+        return self.counts.get(values, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, n in sorted(list(self.counts.items())):
+            family.add_metric(list(values), n)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+
+class Durations:
+    """An unlabelled histogram kept as plain numbers (see :class:`Counts` for why)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.buckets = name, documentation, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def collect(self) -> Iterator[Metric]:
+        counts, total = list(self.counts), self.sum
+        cumulative, running = [], 0
+        for bound, n in zip([*map(str, self.buckets), "+Inf"], counts, strict=True):
+            running += n
+            cumulative.append((bound, float(running)))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative,
+                                    sum_value=total)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.handshakes = Counter("afxdp_handshakes", "Connections to handout sockets, by "
-                                  "outcome", ["result"], registry=r)
-        self.replies = Counter("afxdp_replies", "Protocol replies by request, reply and reason",
-                               ["request", "reply", "reason"], registry=r)
-        self.fds = Counter("afxdp_fds_handed_out", "File descriptors handed to clients",
-                           ["kind"], registry=r)
-        self.handshake_seconds = Histogram("afxdp_handshake_duration_seconds",
+        self.handshakes = Counts("afxdp_handshakes", "Connections to handout sockets, by "
+                                 "outcome", ["result"], registry=r)
+        self.replies = Counts("afxdp_replies", "Protocol replies by request, reply and reason",
+                              ["request", "reply", "reason"], registry=r)
+        self.fds = Counts("afxdp_fds_handed_out", "File descriptors handed to clients",
+                          ["kind"], registry=r)
+        self.handshake_seconds = Durations("afxdp_handshake_duration_seconds",
                                            "Connection lifetime, accept to close",
-                                           buckets=HANDSHAKE_BUCKETS, registry=r)
+                                           HANDSHAKE_BUCKETS, registry=r)
         self.connections = Gauge("afxdp_connections", "Open handout connections", registry=r)
         self.dropped = Counter("afxdp_connections_dropped", "Handout connections the daemon "
                                "closed to protect itself, by reason", ["reason"], registry=r)

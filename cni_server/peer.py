@@ -16,6 +16,7 @@ session refuses the peer unless the operator disabled the netns check.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
@@ -30,7 +31,7 @@ PIDFD_GET_NET_NAMESPACE = 0xFF04  # _IO(PIDFS_IOCTL_MAGIC=0xFF, 4)
 _UCRED = struct.Struct("iII")
 
 
-def identify(sock: socket.socket, *, netns: bool = True) -> Peer:
+def identify(sock: _socket.socket, *, netns: bool = True) -> Peer:
     """Who is connected on ``sock``: pid/uid/gid from SO_PEERCRED, plus (if asked) their netns."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     if not netns:
@@ -39,7 +40,7 @@ def identify(sock: socket.socket, *, netns: bool = True) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid, netns=inode, netns_error=why)
 
 
-def _netns(sock: socket.socket, pid: int) -> tuple[int | None, str]:
+def _netns(sock: _socket.socket, pid: int) -> tuple[int | None, str]:
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as e:

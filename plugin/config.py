@@ -24,6 +24,7 @@ from cni_server.config import (
     ConfigError,
     address,
     choice,
+    handshake_spin_us,
     parse_mode,
 )
 from cni_server.virtual import host_end
@@ -83,6 +84,7 @@ class PluginConfig:
     metrics_address: str = "0.0.0.0:9402"  # /metrics, /healthz, /readyz; "": off
     ready_file: Path | None = None
     check_peer_netns: bool = True
+    handshake_spin_us: int = 50  # see cni_server.server.Limits.handshake_spin; 0: off
     gc_interval: float = 30.0
     gc_grace: float = 300.0  # an allocation no pod claims is released after this long
     rescan_interval: float = 60.0  # full dumps; events keep the view current in between
@@ -98,7 +100,7 @@ class PluginConfig:
 _TOP = {
     "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
     "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
-    "checkPeerNetns",
+    "checkPeerNetns", "handshakeSpinUs",
     "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
 }
 _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -343,6 +345,8 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
             setattr(cfg, attr, _path(value, key))
         elif key == "checkPeerNetns":
             cfg.check_peer_netns = _bool(value, key)
+        elif key == "handshakeSpinUs":
+            cfg.handshake_spin_us = handshake_spin_us(value, key)
         elif key == "metricsAddress":
             cfg.metrics_address = address(value, key) if value != "" else ""
         elif key in ("gcInterval", "gcGrace", "rescanInterval"):

@@ -28,7 +28,7 @@ from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.registry import ProgramTable, Registry
-from cni_server.server import HandoutServer
+from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
 from cni_server.virtual import VirtualError, resolve_kind
 from plugin.config import PluginConfig
@@ -45,7 +45,7 @@ class KubernetesDaemon:
     def __init__(self, cfg: PluginConfig, *, supervise_interval: float = 1.0) -> None:
         self.cfg = cfg
         self.supervise_interval = supervise_interval
-        self.server = HandoutServer()
+        self.server = HandoutServer(limits=Limits(handshake_spin=cfg.handshake_spin_us / 1e6))
         self.netns: Netns | None = None
         self.registry: Registry | None = None
         self.inventory: Inventory | None = None

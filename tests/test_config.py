@@ -26,7 +26,7 @@ def test_full_yaml_file_loads(tmp_path: Path) -> None:
         "netdevs: [v0, v1]\nsocketDir: /run/x\nallowHosts: [h1, h2]\nxdpMode: skb\n"
         "socketMode: '0600'\nsocketOwner: '65534:65534'\npinDir: /sys/fs/bpf/afxdp\n"
         "idleTimeout: 2.5\nmaxConnections: 10\nmaxConnectionsPerSocket: 5\n"
-        "checkPeerNetns: false\nforceReplace: true\nlogFormat: json\n"
+        "checkPeerNetns: false\nforceReplace: true\nlogFormat: json\nhandshakeSpinUs: 0\n"
     )
     cfg = validate(load_file(f))
     assert cfg.netdevs == ["v0", "v1"] and cfg.socket_dir == Path("/run/x")
@@ -35,6 +35,7 @@ def test_full_yaml_file_loads(tmp_path: Path) -> None:
     assert cfg.pin_dir == Path("/sys/fs/bpf/afxdp") and cfg.idle_timeout == 2.5
     assert (cfg.max_connections, cfg.max_connections_per_socket) == (10, 5)
     assert (cfg.check_peer_netns, cfg.force_replace, cfg.log_format) == (False, True, "json")
+    assert cfg.handshake_spin_us == 0 and validate({"netdevs": ["v0"]}).handshake_spin_us == 50
 
 
 def test_yaml_octal_integer_mode_is_accepted(tmp_path: Path) -> None:
@@ -64,6 +65,10 @@ def test_yaml_octal_integer_mode_is_accepted(tmp_path: Path) -> None:
     ({"netdevs": ["v0"], "maxConnections": 5, "maxConnectionsPerSocket": 6},
      "maxConnectionsPerSocket"),
     ({"netdevs": ["v0"], "checkPeerNetns": "no"}, "checkPeerNetns"),
+    ({"netdevs": ["v0"], "handshakeSpinUs": -1}, "handshakeSpinUs"),
+    ({"netdevs": ["v0"], "handshakeSpinUs": 1001}, "handshakeSpinUs"),
+    ({"netdevs": ["v0"], "handshakeSpinUs": 0.5}, "handshakeSpinUs"),
+    ({"netdevs": ["v0"], "handshakeSpinUs": True}, "handshakeSpinUs"),
     ({"netdevs": ["v0"], "logLevel": "loud"}, "logLevel"),
     ({"netdevs": ["v0"], "socketDri": "/x"}, "socketDri"),
 ])

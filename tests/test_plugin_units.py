@@ -75,6 +75,7 @@ def test_per_node_override_applies_only_on_that_node() -> None:
     ({"pools": [{"name": "a", "drivers": ["x"]}], "resourcePrefix": "Bad_Prefix"},
      "resourcePrefix"),
     ({"pools": [{"name": "a", "drivers": ["x"]}], "gcInterval": 0}, "gcInterval"),
+    ({"pools": [{"name": "a", "drivers": ["x"]}], "handshakeSpinUs": 5000}, "handshakeSpinUs"),
     ({"pools": [{"name": "a", "drivers": ["x"], "program": "p.o"}]}, "pools[0].program"),
     ({"pools": [{"name": "a", "drivers": ["x"], "program": {"object": "rel.o", "name": "f"}}]},
      "pools[0].program.object"),
@@ -100,6 +101,12 @@ def test_bad_configuration_names_the_field(raw: dict[str, Any], field: str) -> N
     with pytest.raises(ConfigError) as e:
         validate(raw, node_name="node-a")
     assert str(e.value).startswith(field), str(e.value)
+
+
+def test_handshake_spin_defaults_to_50_us_and_can_be_turned_off() -> None:
+    pools = [{"name": "a", "drivers": ["x"]}]
+    assert validate({"pools": pools}, node_name="n").handshake_spin_us == 50
+    assert validate({"pools": pools, "handshakeSpinUs": 0}, node_name="n").handshake_spin_us == 0
 
 
 def test_a_pool_program_is_read_with_its_map_keys() -> None:

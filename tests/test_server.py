@@ -12,6 +12,8 @@ import concurrent.futures
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -188,6 +190,67 @@ def test_connections_held_open_do_not_block_new_ones(served: Served, netns: NsFi
         finally:
             for h in held:
                 h.close()
+
+
+@pytest.mark.parametrize("spin", [0.0, 50e-6, 1e-3], ids=["spin-off", "spin-50us", "spin-1ms"])
+def test_handshakes_with_the_spin_off_default_and_long(netns: NsFixture, tmp_path: Path,
+                                                       spin: float) -> None:
+    with serve(netns, tmp_path, limits=Limits(handshake_spin=spin)) as s, netns.entered():
+        for _ in range(30):
+            with fetch_map_fd(s.path, "va", timeout=2) as fd:
+                assert libbpf.map_info(fd.fileno()).type == libbpf.BPF_MAP_TYPE_XSKMAP
+        with raw(s.path) as held:  # an open connection: the server spins after each reply
+            assert ask(held, f"/connect,{HOST}".encode()) == b"/host_ok"
+            with fetch_map_fd(s.path, "va", timeout=2):
+                pass
+            assert ask(held, b"/version") == b"0.1"
+        assert settle(s, 32)["handshakes"] == {"granted": 31, "ok": 1}
+
+
+# A client in another process that keeps one connection busy: /version as fast
+# as it gets answers, for up to 20 s or until killed.
+_CHATTY_CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.send(("/connect," + sys.argv[2]).encode()); assert s.recv(64) == b"/host_ok"
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    s.send(b"/version"); s.recv(64)
+"""
+
+
+def test_a_client_that_never_pauses_does_not_starve_the_event_loop(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """The spin keeps serving while requests keep coming; the loop's timers must still run."""
+    with serve(netns, tmp_path, limits=Limits(handshake_spin=1e-3)) as s, netns.entered():
+        client = subprocess.Popen([sys.executable, "-c", _CHATTY_CLIENT, str(s.path), HOST])
+        try:
+            deadline = time.monotonic() + 10
+            while s.stats()["replies"].get("0.1", 0) < 200 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            lateness: list[float] = []
+            done = threading.Event()
+
+            def tick(due: float) -> None:
+                now = time.monotonic()
+                lateness.append(now - due)
+                if len(lateness) < 40:
+                    s.loop.call_later(0.01, tick, now + 0.01)
+                else:
+                    done.set()
+
+            before = s.stats()["replies"].get("0.1", 0)
+            s.loop.call_soon_threadsafe(lambda: s.loop.call_later(0.01, tick,
+                                                                  time.monotonic() + 0.01))
+            assert done.wait(10), f"the loop ran {len(lateness)} of 40 timers in 10 s"
+            served_meanwhile = s.stats()["replies"].get("0.1", 0) - before
+        finally:
+            client.kill()
+            client.wait()
+    assert served_meanwhile > 400, served_meanwhile  # the client really was being served
+    # One wakeup serves for at most 5 ms (plus one request and the 1 ms spin).
+    assert max(lateness) < 0.05, sorted(lateness)[-5:]
 
 
 # -- hostile and broken clients ---------------------------------------------------------------
