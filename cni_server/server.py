@@ -350,15 +350,15 @@ class HandoutServer:
         A handshake is four round trips in quick succession (DPDK: one
         connection per queue, back to back), and the client's next request
         comes a few tens of microseconds after our reply.  Going back to the
-        event loop in between costs more than answering a request: a loop
-        round, and, when the loop finds nothing, a sleep and a wakeup of this
-        CPU (expensive in a VM).  So while connections are open we keep
-        polling our epoll set, busy, for up to ``limits.handshake_spin``
-        (default 50 us) after the last request, the way the kernel's socket
-        busy polling waits for the next packet.  Measured with
-        benchmarks/handshake.py: +20% sequential handshakes/s.  Waiting in
-        epoll_wait() with a timeout instead was no faster than no waiting: the
-        cost is the sleep, not the loop.
+        event loop in between costs a loop round per request (more Python
+        than answering it), and blocking in epoll_wait() until the request
+        comes costs a sleep and a wakeup of this CPU (as much again in a VM).
+        So while connections are open we keep polling our epoll set, busy,
+        for up to ``limits.handshake_spin`` (default 50 us) after the last
+        request, the way the kernel's socket busy polling waits for the next
+        packet.  Measured with benchmarks/handshake.py: +15-20% sequential
+        handshakes/s; the blocking wait was no faster than going back to the
+        loop.
 
         The event loop gets its turn when nothing comes within the spin, when
         no connection is open, and at the latest after ``_WAKEUP_BUDGET``, so
