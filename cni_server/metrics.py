@@ -23,8 +23,8 @@ class Counts:
     """A labelled counter kept as a plain dict and exported at scrape time.
 
     For the handout server's per-request counting: ``inc`` is a dict update
-    (~0.2 us) where prometheus-client's ``labels(...).inc()`` takes a lock and
-    builds the child's key (~2.5 us, several times per handshake).  Updated
+    (~0.3 us) where prometheus-client's ``labels(...).inc()`` takes a lock and
+    builds the child's key (~1.5 us, six times per handshake).  Updated
     from the event loop's thread only; a scrape copies the dict in one step.
     """
 
