@@ -47,8 +47,11 @@ _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
-# See _on_events: how long one loop wakeup may keep serving handshakes.
+# See _on_events: how long, and for how many rounds, one loop wakeup may keep
+# serving handshakes.  The round cap bounds the loop's wait by work, not only by
+# time, so a slowed-down machine cannot stretch it.
 _WAKEUP_BUDGET = 0.005
+_WAKEUP_ROUNDS = 32
 _PER_CLIENT_PER_ROUND = 4
 _ACCEPTS_PER_EVENT = 16
 _RESOLVE_TIMEOUT = 5.0
@@ -91,6 +94,7 @@ class Counters:
     rejected_limit: int = 0
     evicted: int = 0
     idle_closed: int = 0
+    longest_wakeup: int = 0  # most rounds served in one loop wakeup (see _on_events)
 
 
 class Connection:
@@ -361,9 +365,10 @@ class HandoutServer:
         loop.
 
         The event loop gets its turn when nothing comes within the spin, when
-        no connection is open, and at the latest after ``_WAKEUP_BUDGET``, so
-        timers, the control socket and gRPC wait at most that long under a
-        steady stream of handshakes.  The spin costs CPU only while a client
+        no connection is open, and at the latest after ``_WAKEUP_ROUNDS``
+        rounds or ``_WAKEUP_BUDGET``, whichever comes first, so timers, the
+        control socket and gRPC wait at most that long under a steady stream
+        of handshakes.  The spin costs CPU only while a client
         holds a connection open and is slow to send its next request.
 
         Fair between clients, not connections: when several clients have
@@ -377,25 +382,31 @@ class HandoutServer:
         assert self._epoll is not None
         epoll, handlers, spin = self._epoll, self._handlers, self.limits.handshake_spin
         deadline = time.monotonic() + _WAKEUP_BUDGET
-        while True:
-            events = epoll.poll(0, 256)
-            if not events:
-                if not self._connections or not spin:
-                    return
-                spin_until = time.monotonic() + spin
-                while not events and time.monotonic() < spin_until:
-                    events = epoll.poll(0, 256)
+        rounds = 0
+        try:
+            while rounds < _WAKEUP_ROUNDS:
+                events = epoll.poll(0, 256)
                 if not events:
+                    if not self._connections or not spin:
+                        return
+                    spin_until = time.monotonic() + spin
+                    while not events and time.monotonic() < spin_until:
+                        events = epoll.poll(0, 256)
+                    if not events:
+                        return
+                rounds += 1
+                if len(events) <= _PER_CLIENT_PER_ROUND:
+                    for fd, _mask in events:
+                        entry = handlers.get(fd)
+                        if entry is not None:
+                            entry[1]()
+                else:
+                    self._serve_fairly(events)
+                if time.monotonic() >= deadline:
                     return
-            if len(events) <= _PER_CLIENT_PER_ROUND:
-                for fd, _mask in events:
-                    entry = handlers.get(fd)
-                    if entry is not None:
-                        entry[1]()
-            else:
-                self._serve_fairly(events)
-            if time.monotonic() >= deadline:
-                return
+        finally:
+            if rounds > self.counters.longest_wakeup:
+                self.counters.longest_wakeup = rounds
 
     def _serve_fairly(self, events: list[tuple[int, int]]) -> None:
         """One round over many ready fds: at most ``_PER_CLIENT_PER_ROUND`` per client."""
@@ -589,6 +600,7 @@ class HandoutServer:
             "rejected_limit": self.counters.rejected_limit,
             "evicted": self.counters.evicted,
             "idle_closed": self.counters.idle_closed,
+            "longest_wakeup": self.counters.longest_wakeup,
         }
 
 

@@ -7,7 +7,6 @@ state in test_registry.py; bpffs mounted when missing in test_daemon.py/test_plu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -17,30 +16,34 @@ import grpc
 import pytest
 
 from bpf import bpffs, libbpf
-from bpf.errors import LibbpfError
 from bpf.program import PROGRAM_NAME, prog_name
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.k8s_env import RESOURCE, K8s, healthy, pod_receiver, send_frames, write_config
-from tests.kernel import ClientRuntime, compile_test_program, run
+from tests.kernel import (
+    ClientRuntime,
+    Daemon,
+    compile_test_program,
+    held_bpf_ids,
+    program_exists,
+    run,
+)
 
 pytestmark = pytest.mark.kernel
 
 
-def our_programs() -> list[int]:
-    """Ids of every loaded program named like ours (tests run one at a time)."""
-    found = []
-    for prog_id in libbpf.prog_ids():
-        with contextlib.suppress(LibbpfError):
-            if prog_name(prog_id) == PROGRAM_NAME:
-                found.append(prog_id)
-    return found
+def only_ours(k8s: K8s, daemon: Daemon, expected: list[int], gone: tuple[int, ...] = ()) -> None:
+    """The daemon under test holds exactly the programs ``expected`` (attached to the
+    test's netdevs) and programs it dropped (``gone``) are freed.  Judged by the
+    daemon's own fds and by program id, never by a host-wide count: other copies of
+    the product may run on this host.  The kernel frees a released program after an
+    RCU grace period, so wait a moment."""
+    def held() -> set[int]:
+        return held_bpf_ids(daemon.proc.pid)[0]
 
-
-def only_ours(k8s: K8s, expected: list[int]) -> None:
-    """No program of ours is loaded but ``expected`` (the kernel frees released programs
-    after an RCU grace period, so wait a moment; tests run one at a time)."""
-    k8s.kubelet.wait(lambda: our_programs() == sorted(expected), 5,
-                     f"loaded programs {our_programs()} to be {sorted(expected)}")
+    k8s.kubelet.wait(lambda: held() == set(expected)
+                     and not any(program_exists(p) for p in gone), 5,
+                     f"the daemon to hold programs {sorted(expected)} (holds {sorted(held())})"
+                     f" and {list(gone)} to be freed")
 
 
 def map_id(fd: int) -> int:
@@ -80,7 +83,7 @@ def test_sigkill_while_a_pod_receives_traffic_keeps_flowing_and_restart_restores
     assert report["received"] == 2000, report
     # Same program, no duplicate loaded, same socket path served, the same pin.
     assert k8s.ns.xdp_prog_id("p0") == prog
-    only_ours(k8s, [prog])
+    only_ours(k8s, second, [prog])
     with k8s.ns.entered(), fetch_map_fd(sock_dir / "afxdp.sock", "p0", hostname="rx-pod") as fd:
         served_map = map_id(fd.fileno())
     assert pinned_map_id(pin) == served_map
@@ -102,6 +105,7 @@ def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map
     with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as fd:
         old_map = map_id(fd.fileno())
     fds_before = daemon_fds(d.proc.pid)
+    old_prog = k8s.ns.xdp_prog_id("p0")
 
     run("ip", "-n", k8s.ns.name, "link", "del", "p0")
     k.wait_devices(RESOURCE, lambda devs: devs["p0"].health == "Unhealthy")
@@ -121,7 +125,7 @@ def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map
     assert new_map != old_map
     assert pinned_map_id(pin) == new_map  # re-pinned where the pod looks
     # The old program and map are gone; the daemon holds as many fds as before.
-    only_ours(k8s, [k8s.ns.xdp_prog_id("p0")])
+    only_ours(k8s, d, [k8s.ns.xdp_prog_id("p0")], gone=(old_prog,))
     k.wait(lambda: daemon_fds(d.proc.pid) <= fds_before, 5, "the daemon's fd count back")
     assert "event=xdp_repaired netdev=p0" in d.log() and "result=replaced" in d.log()
 
@@ -164,7 +168,7 @@ def test_a_foreign_program_in_its_place_is_left_alone_and_stays_unhealthy(k8s: K
 
 
 def test_kubelet_restart_during_allocate_ends_with_one_consistent_allocation(k8s: K8s) -> None:
-    k8s.start()
+    d = k8s.start()
     k = k8s.kubelet
     k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
     outcome: list[object] = []
@@ -192,4 +196,4 @@ def test_kubelet_restart_during_allocate_ends_with_one_consistent_allocation(k8s
     with k8s.ns.entered():
         for dev in ("p0", "p1", "p2"):
             fetch_map_fd(sock_base / dev / "afxdp.sock", dev, hostname="pod-r").close()
-    only_ours(k8s, sorted(k8s.ns.xdp_prog_id(dev) for dev in ("p0", "p1", "p2")))
+    only_ours(k8s, d, [k8s.ns.xdp_prog_id(dev) for dev in ("p0", "p1", "p2")])

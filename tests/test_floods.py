@@ -1,8 +1,9 @@
 """Floods against a real daemon process: idle connections, hammering clients, non-readers.
 
-The latency bound asserted here is deliberately loose (it catches a daemon
-that stops serving others, not a slow machine); the figures against the
-p99 target come from ``benchmarks/floods.py``.
+What is asserted is counted, not timed: every well-behaved handshake succeeds on
+its first try (within the client's own timeout) while the flood goes on, so a
+loaded machine slows these tests down but cannot fail them.  Latency figures
+against the p99 target come from ``benchmarks/floods.py``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from tests.load import (
     handshake_latencies,
     non_reader,
     open_idle,
-    pct,
 )
 
 pytestmark = pytest.mark.kernel
 HOST = socket.gethostname()
-LOOSE_P99 = 0.25  # s
 
 
 def server_stats(d: Daemon) -> dict[str, int]:
@@ -62,8 +61,7 @@ def test_two_thousand_idle_connections_are_held_then_dropped_at_their_timeout(
             assert wait_until(lambda: server_stats(d)["connections"] == 2000, 10), \
                 server_stats(d)
             lat, failures = handshake_latencies(path, 100)
-            assert failures == 0
-            assert pct(lat, 0.99) < LOOSE_P99, f"p99 {pct(lat, 0.99) * 1e3:.1f} ms"
+            assert (len(lat), failures) == (100, 0)
             assert closed_by_server(idle) == 0  # all still held
             assert wait_until(lambda: server_stats(d)["connections"] == 0, 10)
             assert closed_by_server(idle) == 2000
@@ -85,8 +83,7 @@ def test_with_default_limits_silent_connections_cannot_lock_others_out(
             assert server_stats(d)["connections"] == 128
             time.sleep(1.1)  # silent long enough to be evicted for a newcomer
             lat, failures = handshake_latencies(path, 50)
-            assert failures == 0
-            assert pct(lat, 0.99) < LOOSE_P99
+            assert (len(lat), failures) == (50, 0)
             # The first newcomer evicts one; its slot is free again once it is done.
             stats = server_stats(d)
             assert (stats["evicted"], stats["connections"]) == (1, 127)
@@ -102,10 +99,9 @@ def test_two_hundred_hammering_clients_do_not_starve_a_well_behaved_one(
         time.sleep(0.5)
         lat, failures = handshake_latencies(path, 100, pause=0.01)
     done = hammer_results(procs)
-    assert failures == 0
+    assert (len(lat), failures) == (100, 0)
     assert done["failures"] == 0, done
     assert done["handshakes"] > 200, done
-    assert pct(lat, 0.99) < LOOSE_P99 * 2, f"p99 {pct(lat, 0.99) * 1e3:.1f} ms"
     assert d.proc.poll() is None
 
 
@@ -124,7 +120,6 @@ def test_clients_that_never_read_are_disconnected_while_others_are_served(
         for t in readers:
             t.join(30)
     assert endings == ["disconnected"] * 20
-    assert failures == 0
-    assert pct(lat, 0.99) < LOOSE_P99
+    assert (len(lat), failures) == (50, 0)
     assert wait_until(lambda: server_stats(d)["connections"] == 0, 5)
     assert "client_not_reading_replies" in d.log()

@@ -214,15 +214,27 @@ def exchange(conn: Conn, data: bytes, kinds: list[str], read: bool) -> None:
 
 
 def settle(t: Target, baseline: int | None = None, timeout: float = 2.0) -> int:
-    """Wait until the daemon holds no connections (and its fd count is back to
-    ``baseline``, when given); return its fd count."""
+    """Wait until the daemon holds no connections and its fd count is at most
+    ``baseline`` (when given); return its fd count.
+
+    Asking the daemon for its connection count is itself a control connection,
+    which the daemon closes a moment after answering: the count may briefly show
+    that fd.  A leak never goes away, so waiting for the count to come down to
+    the baseline tells the two apart.  Without a baseline, the lowest count seen
+    over a short quiet spell is the baseline."""
     deadline = time.monotonic() + timeout
+    lowest = t.fd_count()
     while True:
-        count = t.fd_count()
-        if ((baseline is None or count == baseline) and t.connections() == 0) \
-                or time.monotonic() > deadline:
-            return count
+        idle = t.connections() == 0
         time.sleep(0.005)
+        count = t.fd_count()
+        lowest = min(lowest, count)
+        if idle and baseline is not None and count <= baseline:
+            return count
+        if time.monotonic() > deadline:
+            return count if baseline is not None else lowest
+        if idle and baseline is None and time.monotonic() > deadline - timeout + 0.2:
+            return lowest
 
 
 def check_serves(t: Target) -> None:
@@ -270,9 +282,9 @@ def test_fuzzed_sessions_leave_the_daemon_serving_with_no_leak(target: Target) -
     @given(cases)
     def one_case(steps: list[Step]) -> None:
         run_case(target, steps)
-        assert settle(target, baseline) == baseline, "daemon fd count did not return to baseline"
+        assert settle(target, baseline) <= baseline, "daemon fd count did not return to baseline"
         check_serves(target)
-        assert settle(target, baseline) == baseline
+        assert settle(target, baseline) <= baseline
         target.rss.append(target.rss_kib())
 
     one_case()

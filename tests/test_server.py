@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -222,35 +223,39 @@ while time.monotonic() < end:
 
 def test_a_client_that_never_pauses_does_not_starve_the_event_loop(
         netns: NsFixture, tmp_path: Path) -> None:
-    """The spin keeps serving while requests keep coming; the loop's timers must still run."""
+    """The spin keeps serving while requests keep coming; the loop's timers must still run.
+
+    Judged by counts, not by wall time (a loaded machine slows everything down):
+    every timer runs while the client is being served, and no loop wakeup served
+    more than its round cap before the loop got its turn back."""
     with serve(netns, tmp_path, limits=Limits(handshake_spin=1e-3)) as s, netns.entered():
         client = subprocess.Popen([sys.executable, "-c", _CHATTY_CLIENT, str(s.path), HOST])
         try:
             deadline = time.monotonic() + 10
             while s.stats()["replies"].get("0.1", 0) < 200 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            lateness: list[float] = []
+            served_at_tick: list[int] = []
             done = threading.Event()
 
-            def tick(due: float) -> None:
-                now = time.monotonic()
-                lateness.append(now - due)
-                if len(lateness) < 40:
-                    s.loop.call_later(0.01, tick, now + 0.01)
+            def tick() -> None:
+                served_at_tick.append(s.server.counters.replies.get("0.1", 0))  # on the loop
+                if len(served_at_tick) < 40:
+                    s.loop.call_later(0.01, tick)
                 else:
                     done.set()
 
-            before = s.stats()["replies"].get("0.1", 0)
-            s.loop.call_soon_threadsafe(lambda: s.loop.call_later(0.01, tick,
-                                                                  time.monotonic() + 0.01))
-            assert done.wait(10), f"the loop ran {len(lateness)} of 40 timers in 10 s"
-            served_meanwhile = s.stats()["replies"].get("0.1", 0) - before
+            s.loop.call_soon_threadsafe(lambda: s.loop.call_later(0.01, tick))
+            assert done.wait(30), f"the loop ran {len(served_at_tick)} of 40 timers in 30 s"
+            longest = s.stats()["longest_wakeup"]
         finally:
             client.kill()
             client.wait()
-    assert served_meanwhile > 400, served_meanwhile  # the client really was being served
-    # One wakeup serves for at most 5 ms (plus one request and the 1 ms spin).
-    assert max(lateness) < 0.05, sorted(lateness)[-5:]
+    # The client really was being served between the timers, not only before them.
+    between = [b - a for a, b in itertools.pairwise(served_at_tick)]
+    assert sum(between) > 100, between
+    assert sum(1 for n in between if n) > 20, between
+    # One wakeup serves at most 32 rounds (one request per round for one client).
+    assert 1 <= longest <= 32, longest
 
 
 # -- hostile and broken clients ---------------------------------------------------------------
@@ -347,8 +352,8 @@ def test_idle_connections_are_dropped_at_the_timeout(netns: NsFixture, tmp_path:
         try:
             t0 = time.monotonic()
             assert idle.recv(64) == b""  # closed by the server
-            waited = time.monotonic() - t0
-            assert 0.25 <= waited < 2.0
+            waited = time.monotonic() - t0  # never early; late only if the machine is slow
+            assert waited >= 0.25
             assert s.stats()["idle_closed"] >= 1
         finally:
             idle.close()
