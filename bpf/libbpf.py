@@ -193,6 +193,8 @@ def _install_printer(lib: ctypes.CDLL) -> None:
         buf = ctypes.create_string_buffer(4096)
         vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode("utf-8", "replace").rstrip("\n")
+        # Most of libbpf's messages carry their own "libbpf: " prefix; ours says it.
+        text = text.removeprefix("libbpf: ")
         sink: list[str] | None = getattr(_capture, "lines", None)
         if sink is not None:
             sink.append(text)

@@ -367,10 +367,17 @@ def detach(ifindex: int, program: LoadedProgram, mode: str, *, ifname: str = "")
         return True
     err = ctypes.get_errno() or -ret
     if err in (errno.EEXIST, errno.ENODEV, errno.ENOENT):
-        log.warning(
-            "event=xdp_detach_skipped netdev=%s reason=%s", label,
-            "replaced by another program" if err == errno.EEXIST else "netdev gone",
-        )
+        # EEXIST: the attached program is not ours; which one, or none at all?
+        reason = "netdev gone"
+        if err == errno.EEXIST:
+            try:
+                now = query(ifindex)
+            except LibbpfError:
+                now = XdpState(ifindex, 0, None)
+            reason = (f"replaced by program {now.prog_id} '{now.name}'" if now.attached
+                      else "already detached by someone else")
+        log.warning("event=xdp_detach_skipped netdev=%s prog_id=%d reason=%r", label,
+                    program.prog_id, reason)
         return False
     raise LibbpfError(f"detaching XDP program from {label}", err)
 

@@ -24,7 +24,8 @@ from cni_server.control import ControlServer
 from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
-from cni_server.registry import AllocationSpec, ProgramTable, Registry
+from cni_server.ownership import Claims, NetdevBusy, OwnershipError
+from cni_server.registry import SOCKET_NAME, AllocationSpec, ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,19 @@ class StandaloneDaemon:
     async def start(self) -> None:
         raise_fd_limit(self.cfg.max_connections + 256)
         self.netns = Netns.current()
+        claims = Claims(self.netns.inode, {
+            "pid": os.getpid(), "mode": "standalone",
+            "sockets": str(self.cfg.socket_dir / "<netdev>" / SOCKET_NAME),
+            "control": str(self.cfg.control_socket or "")})
         programs = ProgramTable(force_replace=self.cfg.force_replace,
-                                bpf_object=self.cfg.bpf_object, metrics=self.server.metrics)
+                                bpf_object=self.cfg.bpf_object, metrics=self.server.metrics,
+                                claims=claims)
         self.registry = Registry(self.server, self.netns, programs)
         try:
+            # Claim every netdev before touching anything: a netdev another daemon
+            # serves stops this start with nothing of the other daemon changed.
+            for netdev in self.cfg.netdevs:
+                claims.take(netdev)
             self._prepare_dirs()
             for netdev in self.cfg.netdevs:
                 await self._serve_netdev(netdev)
@@ -76,7 +86,7 @@ class StandaloneDaemon:
                 self.http = HealthServer(self.cfg.metrics_address, self.server.metrics,
                                          lambda: (self._ready, "starting"))
                 await self.http.start()
-        except LookupError as e:  # a netdev that does not exist
+        except (LookupError, NetdevBusy, OwnershipError) as e:  # LookupError: no such netdev
             await self.stop()
             raise DaemonError(str(e)) from e
         except BaseException:

@@ -43,6 +43,7 @@ from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
+from cni_server.ownership import Claims
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
 from cni_server.virtual import delete_pair, ensure_pair, host_end
@@ -157,6 +158,9 @@ class ProgramTable:
     force_replace: bool = False
     bpf_object: Path | None = None
     metrics: Metrics | None = None
+    # This daemon's claims on netdevs (one daemon per netdev); None: no claims
+    # (a table in a test that is not a daemon).
+    claims: Claims | None = None
     _table: dict[str, _Shared] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -176,10 +180,15 @@ class ProgramTable:
                     info = link_info(name)
                     return self._ensure(name, info.ifindex, info.queue_slots, mode, choice)
 
+                claimed_here = self.claims is not None and not self.claims.holds(netdev)
                 try:
+                    if self.claims is not None:
+                        self.claims.take(netdev)  # before touching it: NetdevBusy
                     program = await (netns.run_async(attach) if netns
                                      else asyncio.to_thread(attach))
                 except Exception:
+                    if claimed_here and self.claims is not None:
+                        self.claims.drop(netdev)
                     self._count("attach", "error")
                     raise
                 self._count("attach", "adopted" if program.adopted else "ok")
@@ -204,18 +213,22 @@ class ProgramTable:
             if shared.users > 0:
                 return
             del self._table[netdev]
-            if detach:
-                where = shared.netns
-                try:
-                    ok = await (where.run_async(shared.program.detach) if where
-                                else asyncio.to_thread(shared.program.detach))
-                except Exception:
-                    self._count("detach", "error")
-                    raise
-                self._count("detach", "ok" if ok else "skipped")
-                log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
-            else:
-                shared.program.close()
+            try:
+                if detach:
+                    where = shared.netns
+                    try:
+                        ok = await (where.run_async(shared.program.detach) if where
+                                    else asyncio.to_thread(shared.program.detach))
+                    except Exception:
+                        self._count("detach", "error")
+                        raise
+                    self._count("detach", "ok" if ok else "skipped")
+                    log.info("event=xdp_detached netdev=%s ok=%s", netdev, ok)
+                else:
+                    shared.program.close()
+            finally:
+                if self.claims is not None:
+                    self.claims.drop(netdev)
 
     async def repair(self, netdev: str, mode: XdpMode) -> str:
         """Our program is missing from ``netdev`` (in the daemon's netns): put it back.
@@ -536,6 +549,8 @@ class Registry:
                 program = self.programs.get(netdev)
                 if program is not None:
                     program.close()
+        if self.programs.claims is not None:
+            self.programs.claims.close()
 
     def save(self) -> None:
         if self.state is not None:

@@ -27,6 +27,7 @@ from cni_server.control import ControlServer
 from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
+from cni_server.ownership import Claims
 from cni_server.registry import ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
@@ -69,7 +70,11 @@ class KubernetesDaemon:
             cfg.socket_root.mkdir(parents=True, exist_ok=True)
             registry = self.registry = Registry(
                 self.server, self.netns,
-                ProgramTable(bpf_object=cfg.bpf_object, metrics=self.server.metrics),
+                ProgramTable(bpf_object=cfg.bpf_object, metrics=self.server.metrics,
+                             claims=Claims(self.netns.inode, {
+                                 "pid": os.getpid(), "mode": "kubernetes",
+                                 "sockets": str(cfg.socket_root),
+                                 "control": str(cfg.control_socket or "")})),
                 StateFile(cfg.state_dir / "state.json"))
             restored, dropped = await registry.restore()
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),

@@ -25,6 +25,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from cni_server.ownership import describe_holder
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
 from plugin.discovery import Netdev, NodeView, classify
@@ -198,6 +199,11 @@ class Inventory:
             return DeviceState(dev.name, dev, True, "being moved by CNI")
         if not dev.up:
             return DeviceState(dev.name, dev, False, "link down")
+        claims = self.registry.programs.claims
+        other = claims.other_holder(dev.name) if claims is not None else None
+        if other is not None:
+            return DeviceState(dev.name, dev, False, "served by another afxdp daemon "
+                                                     f"({describe_holder(other)})")
         program = self.registry.programs.get(dev.name)
         if program is not None and dev.xdp_prog_id != program.program.prog_id:
             return DeviceState(dev.name, dev, False, LOST_PROGRAM)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_server.netns import Netns, setns
+from cni_server.ownership import run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
@@ -104,6 +105,11 @@ def make_netns() -> Iterator[NsFixture]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
+        # Claims our daemons left by dying (SIGKILL) in this netns.
+        with contextlib.suppress(OSError):
+            inode = ns.path.stat().st_ino
+            for lock in (run_dir() / "netdevs").glob(f"{inode}-*.lock"):
+                lock.unlink()
         run("ip", "netns", "del", ns.name, check=False)
 
 
@@ -202,3 +208,36 @@ def compile_test_program(name: str, out: Path) -> Path:
     run("clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}", "-c",
         str(Path(__file__).parent / "bpf" / f"{name}.bpf.c"), "-o", str(out))
     return out
+
+
+def held_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
+    """(program ids, map ids) that process ``pid`` holds fds for, from /proc/PID/fdinfo.
+
+    This is how tests judge "what the daemon under test loaded": other copies of
+    the product may run on the same host, so a host-wide count proves nothing.
+    """
+    progs: set[int] = set()
+    maps: set[int] = set()
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir():
+        with contextlib.suppress(OSError):
+            for line in entry.read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "prog_id":
+                    progs.add(int(value))
+                elif key == "map_id":
+                    maps.add(int(value))
+    return progs, maps
+
+
+def program_exists(prog_id: int) -> bool:
+    """Whether BPF program ``prog_id`` is still loaded (freed programs disappear by id)."""
+    from bpf import libbpf
+    from bpf.errors import LibbpfError
+
+    try:
+        fd = libbpf.check(libbpf.call("bpf_prog_get_fd_by_id", prog_id), "opening")
+    except LibbpfError:
+        return False
+    os.close(fd)
+    return True
