@@ -157,6 +157,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_map__set_max_entries": ([vp, u32], i),
         "bpf_map__type": ([vp], i),
         "bpf_map__fd": ([vp], i),
+        "bpf_map__reuse_fd": ([vp, i], i),
         "bpf_program__fd": ([vp], i),
         "bpf_xdp_attach": ([i, i, u32, ctypes.POINTER(XdpAttachOpts)], i),
         "bpf_xdp_query": ([i, i, ctypes.POINTER(XdpQueryOpts)], i),

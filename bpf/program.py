@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bpf import libbpf
-from bpf.errors import ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
+from bpf.errors import BpfError, ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,15 @@ class ProgramSpec:
             return f"source {self.source_path}"
         return f"object {self.object_path or default_object()}"
 
-    def load(self, map_entries: int) -> LoadedProgram:
-        """Load a fresh copy with an XSKMAP of at least ``map_entries`` slots."""
+    def load(self, map_entries: int, *, reuse_map_fd: int = -1) -> LoadedProgram:
+        """Load a fresh copy with an XSKMAP of at least ``map_entries`` slots, or
+        using the existing XSKMAP ``reuse_map_fd`` (of exactly that size)."""
         if self.source_path is None:
-            return LoadedProgram.load(map_entries, self.object_path, self.name)
+            return LoadedProgram.load(map_entries, self.object_path, self.name,
+                                      reuse_map_fd=reuse_map_fd)
+        if reuse_map_fd >= 0:
+            raise ObjectInvalid(f"a program compiled from {self.source_path} cannot take over "
+                                "an existing map")
         from bpf import bcc  # only programs from source need it
 
         prog_fd = bcc.compile_and_load(self.source_path, self.name, map_entries,
@@ -120,9 +125,47 @@ class XdpState:
     def attached(self) -> bool:
         return self.prog_id != 0
 
-    @property
-    def ours(self) -> bool:
-        return self.attached and self.name == PROGRAM_NAME
+
+_TAGS: dict[tuple[str, str, int, int], str] = {}
+
+
+def expected_tag(spec: ProgramSpec) -> str | None:
+    """The tag (the kernel's hash of the instructions) this build of ``spec``'s
+    program gets when loaded; None for programs compiled from source, which are
+    known by name only.  Loaded once per object file and cached."""
+    if spec.source_path is not None:
+        return None
+    path = spec.object_path or default_object()
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # the load that follows says what is missing
+    key = (str(path), spec.name, st.st_mtime_ns, st.st_size)
+    tag = _TAGS.get(key)
+    if tag is None:
+        with LoadedProgram.load(1, path, spec.name) as program:
+            tag = _TAGS[key] = program.tag
+    return tag
+
+
+def identify(state: XdpState, spec: ProgramSpec = DEFAULT_PROGRAM) -> str:
+    """Whose program ``state`` shows: "this build" (same name, our map layout, the
+    tag this build loads with), "another build" (same name and map layout, another
+    tag: an older or newer release of ours), "foreign", or "" (none attached)."""
+    if not state.attached:
+        return ""
+    if state.name != kernel_name(spec.name):
+        return "foreign"
+    try:
+        with LoadedProgram.adopt(state.prog_id):
+            pass
+    except ObjectInvalid:
+        return "foreign"
+    try:
+        want = expected_tag(spec)
+    except BpfError:
+        want = None
+    return "this build" if want is None or want == state.tag else "another build"
 
 
 def kernel_name(program_name: str) -> str:
@@ -256,10 +299,19 @@ class LoadedProgram:
         map_entries: int,
         object_path: Path | None = None,
         program_name: str = PROGRAM_NAME,
+        *,
+        reuse_map_fd: int = -1,
     ) -> LoadedProgram:
-        """Open the object, size its XSKMAP to ``map_entries`` and load it into the kernel."""
+        """Open the object, size its XSKMAP to ``map_entries`` and load it into the kernel.
+
+        ``reuse_map_fd``: the program uses that existing XSKMAP instead of a new
+        one (an upgrade keeps the sockets clients put there).
+        """
         path = object_path or default_object()
         with opened_object(path, program_name, map_entries) as (obj, prog, bpf_map, messages):
+            if reuse_map_fd >= 0:
+                libbpf.check(libbpf.call("bpf_map__reuse_fd", bpf_map, reuse_map_fd),
+                             f"reusing XSKMAP fd {reuse_map_fd} for {path}")
             ret = libbpf.call("bpf_object__load", obj)
             if ret < 0:
                 err = ctypes.get_errno() or -ret
@@ -393,6 +445,21 @@ def detach_any(ifindex: int, state: XdpState, *, ifname: str = "") -> None:
     )
 
 
+def replace_attached(ifindex: int, new: LoadedProgram, old: LoadedProgram, mode: str, *,
+                     ifname: str = "") -> None:
+    """Swap ``old`` for ``new`` on ``ifindex`` in one step (XDP_FLAGS_REPLACE): no
+    frame sees the netdev without a program.  Fails (EEXIST) if ``old`` is no
+    longer the attached program."""
+    label = ifname or f"ifindex {ifindex}"
+    opts = libbpf.XdpAttachOpts(sz=ctypes.sizeof(libbpf.XdpAttachOpts), old_prog_fd=old.prog_fd)
+    with libbpf.capture_messages() as messages:
+        ret = libbpf.call("bpf_xdp_attach", ifindex, new.prog_fd,
+                          libbpf.XDP_FLAGS_REPLACE | _MODE_FLAGS[mode], ctypes.byref(opts))
+    if ret < 0:
+        raise LibbpfError(f"replacing program {old.prog_id} on {label} with {new.prog_id}",
+                          ctypes.get_errno() or -ret, messages)
+
+
 class NetdevProgram:
     """Our redirect program on one netdev, as the daemon manages it.
 
@@ -459,14 +526,17 @@ def ensure_attached(
       ``force``, in which case it is detached and ours attached.
     """
     state = query(ifindex)
-    if state.attached and state.name == kernel_name(spec.name):
-        adopted = LoadedProgram.adopt(state.prog_id)
+    adopted = _ours_attached(state, spec)
+    if adopted is not None:
         if adopted.map_entries >= queues and (mode is XdpMode.AUTO or mode.value == state.mode):
+            assert state.mode is not None
+            want = expected_tag(spec)
+            if want is not None and adopted.tag != want:
+                return _upgrade(netdev, ifindex, adopted, state.mode, spec)
             log.info(
                 "event=xdp_adopted netdev=%s prog_id=%d mode=%s queue_slots=%d",
                 netdev, state.prog_id, state.mode, adopted.map_entries,
             )
-            assert state.mode is not None
             return NetdevProgram(netdev, ifindex, adopted, state.mode, adopted=True)
         log.warning(
             "event=xdp_replacing_own netdev=%s prog_id=%d reason=%s",
@@ -498,6 +568,44 @@ def ensure_attached(
         netdev, program.prog_id, used, program.map_entries,
     )
     return NetdevProgram(netdev, ifindex, program, used, adopted=False)
+
+
+def _ours_attached(state: XdpState, spec: ProgramSpec) -> LoadedProgram | None:
+    """Our fds for the attached program if it is of ours (its name, and an XSKMAP named
+    ``xsks_map``: a program of that name without one is foreign), else None."""
+    if not state.attached or state.name != kernel_name(spec.name):
+        return None
+    try:
+        return LoadedProgram.adopt(state.prog_id)
+    except ObjectInvalid:
+        return None
+    except LibbpfError as e:
+        if e.errno == errno.ENOENT:  # detached and freed since the query
+            return None
+        raise
+
+
+def _upgrade(netdev: str, ifindex: int, old: LoadedProgram, mode: str,
+             spec: ProgramSpec) -> NetdevProgram:
+    """Another build of our program is attached (an upgrade, or a downgrade): load
+    this build on the same XSKMAP and swap it in atomically, so the sockets clients
+    put in the map keep receiving through the change."""
+    try:
+        new = spec.load(old.map_entries, reuse_map_fd=old.map_fd)
+    except BaseException:
+        old.close()
+        raise
+    try:
+        replace_attached(ifindex, new, old, mode, ifname=netdev)
+    except BaseException:
+        new.close()
+        old.close()
+        raise
+    log.info("event=xdp_upgraded netdev=%s old_prog_id=%d old_tag=%s prog_id=%d tag=%s "
+             "map_id=%d mode=%s", netdev, old.prog_id, old.tag, new.prog_id, new.tag,
+             new.map_id, mode)
+    old.close()
+    return NetdevProgram(netdev, ifindex, new, mode, adopted=True)
 
 
 def verify(spec: ProgramSpec, check_netdev: str, map_keys: MapKeys = ()) -> None:

@@ -236,22 +236,29 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def _kernel_view() -> list[dict[str, Any]]:
-    """XDP programs attached in this netns, marked ours or foreign."""
+    """XDP programs attached in this netns: which build of ours (by tag and map
+    layout, not by name alone) or foreign, and which daemon serves the netdev."""
     from pyroute2 import IPRoute
 
-    from bpf.program import query
+    from bpf.program import identify, query
+    from cni_server.netns import thread_netns_inode
+    from cni_server.ownership import describe_holder, holder_of
 
     rows = []
+    inode = thread_netns_inode()
     with IPRoute() as ipr:
         links = [(int(link["index"]), link.get("ifname")) for link in ipr.get_links()]
     for ifindex, name in links:
         try:
             st = query(ifindex)
+            who = identify(st)
         except BpfError:
             continue
         if st.attached:
+            holder = holder_of(name, inode) if name else None
             rows.append({"netdev": name, "prog_id": st.prog_id, "mode": st.mode,
-                         "name": st.name, "ours": st.ours})
+                         "name": st.name, "tag": st.tag, "ours": who != "foreign",
+                         "build": who, "served_by": describe_holder(holder) if holder else None})
     return rows
 
 
@@ -276,8 +283,11 @@ def _print_status(doc: dict[str, Any], error: str) -> None:
     if not doc["xdp"]:
         print("  none")
     for row in doc["xdp"]:
-        owner = "ours" if row["ours"] else "foreign"
-        print(f"  {row['netdev']}: prog {row['prog_id']} '{row['name']}' {row['mode']} mode ({owner})")
+        owner = f"ours, {row['build']}" if row["ours"] else "foreign"
+        served = (f", served by daemon {row['served_by']}" if row["served_by"]
+                  else ", served by no daemon" if row["ours"] else "")
+        print(f"  {row['netdev']}: prog {row['prog_id']} '{row['name']}' {row['mode']} mode "
+              f"({owner}{served})")
 
 
 # -- receive / send (test traffic) -----------------------------------------------

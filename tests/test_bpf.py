@@ -14,7 +14,15 @@ import pytest
 
 from bpf import bpffs, libbpf
 from bpf.errors import BpffsError, ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
-from bpf.program import LoadedProgram, XdpMode, attach, detach, ensure_attached, query
+from bpf.program import (
+    LoadedProgram,
+    XdpMode,
+    attach,
+    detach,
+    ensure_attached,
+    identify,
+    query,
+)
 from cni_server.netdev import link_info
 from cni_server.receiver import XskReceiver
 from cni_server.traffic import send_frames
@@ -73,8 +81,8 @@ def test_attach_in_each_mode_then_detach(veth: tuple[NsFixture, int], mode: XdpM
     with ns.entered():
         np = ensure_attached("va", ifindex, 4, mode)
         state = query(ifindex)
-        assert (np.mode, state.mode, state.ours, state.prog_id) == (
-            expected, expected, True, np.program.prog_id)
+        assert (np.mode, state.mode, identify(state), state.prog_id) == (
+            expected, expected, "this build", np.program.prog_id)
         assert np.detach() is True
         assert not query(ifindex).attached
 
@@ -122,7 +130,7 @@ def test_foreign_program_is_refused_unless_forced(veth: tuple[NsFixture, int],
             ours = ensure_attached("va", ifindex, 4, force=True)
             try:
                 state = query(ifindex)
-                assert state.ours and state.prog_id == ours.program.prog_id
+                assert identify(state) == "this build" and state.prog_id == ours.program.prog_id
                 assert state.mode == "native"
             finally:
                 ours.detach()

@@ -40,7 +40,7 @@ def test_a_second_daemon_on_a_served_netdev_is_refused_and_the_first_keeps_worki
     sock_dir = workdir / ("sock" if same_socket_dir else "other")
     code, out = second_daemon(netns, workdir, "--netdev", "va", "--socket-dir", str(sock_dir),
                               "--socket-owner", "65534:65534")
-    assert code != 0
+    assert code == 1
     # The refusal names the netdev and the daemon that serves it.
     assert f"va is already served by another afxdp daemon (pid {first.proc.pid}" in out, out
     assert str(workdir / "sock" / "<netdev>" / "afxdp.sock") in out, out
