@@ -43,7 +43,7 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "xdpMode": a.xdp_mode, "socketMode": a.socket_mode, "socketOwner": a.socket_owner,
         "pinDir": a.pin_dir, "controlSocket": a.control_socket, "idleTimeout": a.idle_timeout,
         "maxConnections": a.max_connections, "maxConnectionsPerSocket": a.max_connections_per_socket,
-        "handshakeSpinUs": a.handshake_spin_us,
+        "handshakeSpinUs": a.handshake_spin_us, "watchInterval": a.watch_interval,
         "bpfObject": a.bpf_object, "programName": a.program_name, "readyFile": a.ready_file,
         "logLevel": a.log_level,
         "logFormat": a.log_format, "metricsAddress": a.metrics_address,
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-spin-us", type=int, metavar="US",
                    help="poll this long for a handshake's next request before yielding to "
                         "the event loop (default 50; 0: off)")
+    s.add_argument("--watch-interval", type=float, metavar="SECONDS",
+                   help="check this often that each netdev still carries our program, and "
+                        "put it back if not (default 1; 0: off)")
     s.add_argument("--bpf-object", help="compiled redirect program (default: built-in)")
     s.add_argument("--program-name", help="the program in --bpf-object (default: afxdp_redirect)")
     s.add_argument("--ready-file", help="write status JSON here once sockets are served")

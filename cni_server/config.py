@@ -60,6 +60,7 @@ class StandaloneConfig:
     log_level: str = "info"
     log_format: str = "kv"
     metrics_address: str = ""  # host:port for /metrics, /healthz, /readyz; "": off
+    watch_interval: float = 1.0  # seconds between checks that our programs are attached; 0: off
 
 
 # YAML key -> (dataclass field, parser)
@@ -202,6 +203,11 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             setattr(cfg, known[key], _want(value, bool, where, "true or false"))
         elif key == "idleTimeout":
             cfg.idle_timeout = float(_positive(value, where, real=True))
+        elif key == "watchInterval":
+            interval = _want(value, (int, float), where, "a number of seconds (0: off)")
+            if interval < 0:
+                raise ConfigError(f"{where}: {value!r} must be >= 0 (0 turns the watch off)")
+            cfg.watch_interval = float(interval)
         elif key in ("maxConnections", "maxConnectionsPerSocket"):
             setattr(cfg, known[key], _positive(value, where))
         elif key == "handshakeSpinUs":

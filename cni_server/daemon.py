@@ -27,6 +27,7 @@ from cni_server.netns import Netns
 from cni_server.ownership import Claims, NetdevBusy, OwnershipError
 from cni_server.registry import SOCKET_NAME, AllocationSpec, ProgramTable, Registry
 from cni_server.server import HandoutServer, Limits
+from cni_server.watch import ProgramWatch
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
@@ -45,6 +46,7 @@ class StandaloneDaemon:
     _created_dirs: list[Path] = field(default_factory=list)
     _bpffs_mount: Path | None = None
     _control: ControlServer | None = None
+    _watch: ProgramWatch | None = None
     http: HealthServer | None = None
     _ready: bool = False
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,6 +80,8 @@ class StandaloneDaemon:
             self._prepare_dirs()
             for netdev in self.cfg.netdevs:
                 await self._serve_netdev(netdev)
+            self._watch = ProgramWatch(self.registry, self.cfg.watch_interval)
+            self._watch.start()
             if self.cfg.control_socket is not None:
                 self._control = ControlServer(self.cfg.control_socket)
                 self._control.register("status", self._status_op)
@@ -104,6 +108,9 @@ class StandaloneDaemon:
     async def stop(self) -> None:
         """Undo everything start() did, in reverse; safe to call on a partial start."""
         self._ready = False
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
         if self.http is not None:
             await self.http.close()
             self.http = None

@@ -1,4 +1,5 @@
-"""One daemon per netdev: a second daemon is refused and the first keeps working.
+"""One daemon per netdev, and it keeps its program there: a second daemon is refused
+and the first keeps working; a program taken off a served netdev is put back.
 
 Each test judges only what it created: its own netns, the program id it saw
 attached, the daemon processes it started.
@@ -7,14 +8,24 @@ attached, the daemon processes it started.
 from __future__ import annotations
 
 import signal
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cni_server.client import fetch_map_fd
+from bpf import libbpf
+from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.k8s_env import RESOURCE, K8s, healthy
-from tests.kernel import ClientRuntime, Daemon, NsFixture, held_bpf_ids
+from tests.kernel import (
+    ClientRuntime,
+    Daemon,
+    NsFixture,
+    compile_test_program,
+    held_bpf_ids,
+    run,
+)
 from tests.test_daemon import MAP_CAPS, receive_unprivileged, serve_args
 
 pytestmark = pytest.mark.kernel
@@ -107,3 +118,56 @@ def test_a_kubernetes_daemon_reports_a_netdev_another_daemon_serves_as_unhealthy
     reason = k8s.status()["pools"]["pool1"]["devices"]["p1"]["reason"]
     assert f"pid {other.proc.pid}" in reason, reason
     assert k8s.ns.xdp_prog_id("p1") == prog
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_standalone_daemon_puts_back_a_program_taken_off_its_netdev(
+        netns: NsFixture, workdir: Path, start_daemon: Start, client_runtime: ClientRuntime
+) -> None:
+    """As a DPDK run as root does on exit: the program goes, the daemon notices and
+    re-attaches the same program, so the map (and sockets in it) work again."""
+    netns.veth("va", "vb")
+    d = start_daemon(*serve_args(workdir, "va"), "--watch-interval", "0.1")
+    prog = netns.xdp_prog_id("va")
+    sock = workdir / "sock" / "va" / "afxdp.sock"
+    with netns.entered(), fetch_map_fd(sock, "va") as fd:
+        before = libbpf.map_info(fd.fileno()).id
+    run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
+    assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
+    assert "event=xdp_lost netdev=va" in d.log()
+    assert "event=xdp_repaired netdev=va allocation=va result=reattached" in d.log()
+    with netns.entered(), fetch_map_fd(sock, "va") as fd:
+        assert libbpf.map_info(fd.fileno()).id == before
+    report = receive_unprivileged(netns, client_runtime, workdir, MAP_CAPS, "--socket", str(sock))
+    assert report["received"] == 1000
+
+
+def test_a_standalone_daemon_leaves_a_foreign_program_and_refuses_handouts_until_it_goes(
+        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
+    netns.veth("va", "vb")
+    d = start_daemon(*serve_args(workdir, "va"), "--watch-interval", "0.1")
+    prog = netns.xdp_prog_id("va")
+    sock = workdir / "sock" / "va" / "afxdp.sock"
+    foreign = compile_test_program("foreign_pass", workdir / "f.o")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "obj", str(foreign),
+        "sec", "xdp")
+    foreign_id = netns.xdp_prog_id("va")
+    assert wait_until(lambda: "event=xdp_repair_failed netdev=va" in d.log()), d.log()
+    assert netns.xdp_prog_id("va") == foreign_id  # left alone
+    with netns.entered(), Client(sock) as c:
+        c.connect(socket.gethostname())
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("va")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "off")
+    assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
+    with netns.entered():
+        fetch_map_fd(sock, "va").close()
