@@ -26,6 +26,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def neighbour() -> Iterator[None]:
+    """Another copy of the product, serving on this host for the whole run.
+
+    Developer and CI machines may run the product too, so the suite must judge
+    only what each test created.  This daemon serves a netdev named like the
+    tests' own (``va``, in its own netns) with a pinned map under /sys/fs/bpf;
+    a test that counts host-wide, or that touches what it did not create, fails
+    or breaks it, and the check at the end of the run says so.
+    """
+    if not IS_ROOT or os.environ.get("AFXDP_TEST_NEIGHBOUR", "1") == "0":
+        yield
+        return
+    import socket
+
+    from cni_server.client import fetch_map_fd
+
+    host = socket.gethostname()
+    with make_netns() as ns, tempfile.TemporaryDirectory(prefix="afxdp-neighbour-") as tmp:
+        ns.veth("va", "vb")
+        pins = Path(f"/sys/fs/bpf/afxdp-neighbour-{os.getpid()}")
+        d = Daemon(ns, Path(tmp), "--netdev", "va", "--socket-dir", f"{tmp}/sock",
+                   "--pin-dir", str(pins), "--allow-host", host)
+        prog = ns.xdp_prog_id("va")
+        try:
+            yield
+        finally:
+            problems = []
+            if d.proc.poll() is not None:
+                problems.append(f"it exited with {d.proc.returncode}")
+            elif ns.xdp_prog_id("va") != prog:
+                problems.append(f"its program {prog} was replaced by {ns.xdp_prog_id('va')}")
+            else:
+                try:
+                    with ns.entered():
+                        fetch_map_fd(Path(tmp) / "sock" / "va" / "afxdp.sock", "va",
+                                     hostname=host).close()
+                except Exception as e:
+                    problems.append(f"its handshake failed: {e}")
+            if not (pins / "va" / "xsks_map").exists():
+                problems.append(f"its pin {pins}/va/xsks_map is gone")
+            d.stop()
+            assert not problems, ("the suite disturbed another afxdp daemon on this host: "
+                                  + "; ".join(problems) + f"\n{d.log()}")
+
+
 @pytest.fixture
 def netns() -> Iterator[NsFixture]:
     with make_netns() as ns:
