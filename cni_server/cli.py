@@ -265,16 +265,28 @@ def _kernel_view() -> list[dict[str, Any]]:
 def _print_status(doc: dict[str, Any], error: str) -> None:
     d = doc["daemon"]
     if d is None:
-        print(f"daemon: not reachable ({error})")
+        print(f"{error} (is `afxdp serve` or `afxdp daemon` running? "
+              "--control-socket names its control socket)")
     else:
         srv = d["server"]
-        print(f"daemon: pid {d['pid']} on {d['hostname']}, {srv['sockets']} socket(s), "
+        mode = f" node {d['node']} (kubernetes mode)" if "node" in d else ""
+        print(f"daemon: pid {d['pid']} on {d['hostname']}{mode}, {srv['sockets']} socket(s), "
               f"{srv['connections']} connection(s), fds sent {srv['fds_sent']}")
         print(f"  handshakes: {json.dumps(srv['handshakes'], sort_keys=True)}")
+        for name, pool in d.get("pools", {}).items():
+            healthy = sum(1 for dev in pool["devices"].values() if dev["healthy"])
+            print(f"  pool {name} ({pool['resource']}, "
+                  f"{'registered' if pool['registered'] else 'not registered'}): "
+                  f"{healthy} of {len(pool['devices'])} device(s) healthy")
+            for dev_name, dev in sorted(pool["devices"].items()):
+                if not dev["healthy"]:
+                    print(f"    {dev_name}: unhealthy: {dev['reason']}")
         for alloc in d["allocations"]:
             owner = f" for {alloc['owner']}" if alloc.get("owner") else ""
+            conns = (f" ({alloc['connections']} connection(s))" if "connections" in alloc
+                     else "")
             print(f"  allocation {alloc['id']}{owner}: sockets {', '.join(alloc['sockets']) or '-'}"
-                  f" ({alloc['connections']} connection(s))")
+                  f"{conns}")
             for name, dev in alloc["devices"].items():
                 pin = f", pinned XSKMAP at {dev['pin']}" if dev.get("pin") else ""
                 print(f"    {name}: {dev['mode']} mode, prog {dev['prog_id']}, map {dev['map_id']}, "
@@ -358,94 +370,134 @@ def cmd_send(a: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, where it has one (options merged with a config
+    file have none here: their help text says what the default is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afxdp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run the standalone daemon")
-    s.add_argument("--config", help="YAML file with the same settings (flags override it)")
-    s.add_argument("--netdev", action="append", help="netdev to serve (repeat for several)")
-    s.add_argument("--socket-dir", help="serve DIR/<netdev>/afxdp.sock (default /tmp/afxdp_dp)")
-    s.add_argument("--allow-host", action="append",
+    s = sub.add_parser("serve", help="run the standalone daemon", formatter_class=_Help)
+    s.add_argument("--config", metavar="FILE",
+                   help="YAML file with the same settings (flags override it)")
+    s.add_argument("--netdev", action="append", metavar="NAME",
+                   help="netdev to serve; repeat for several (required, unless the --config "
+                        "file lists netdevs)")
+    s.add_argument("--socket-dir", metavar="DIR",
+                   help="serve DIR/<netdev>/afxdp.sock (default /tmp/afxdp_dp)")
+    s.add_argument("--allow-host", action="append", metavar="HOST",
                    help="hostname clients may /connect with (repeatable; default: this host)")
-    s.add_argument("--xdp-mode", choices=["auto", "native", "skb"])
-    s.add_argument("--socket-mode", help="octal mode of sockets and pins (default 0660)")
-    s.add_argument("--socket-owner", help="UID[:GID] owning sockets and pins")
-    s.add_argument("--pin-dir", help="also pin each XSKMAP at DIR/<netdev>/xsks_map")
-    s.add_argument("--control-socket", help="status socket (default /run/afxdp/control.sock)")
-    s.add_argument("--no-control-socket", action="store_true")
+    s.add_argument("--xdp-mode", choices=["auto", "native", "skb"],
+                   help="where to attach: the driver's hook, the generic one, or native with "
+                        "fallback to skb (default auto)")
+    s.add_argument("--socket-mode", metavar="MODE", help="octal mode of sockets and pins (default 0660)")
+    s.add_argument("--socket-owner", metavar="USER[:GROUP]",
+                   help="owner of sockets and pins, names or numbers (default: root)")
+    s.add_argument("--pin-dir", metavar="DIR",
+                   help="also pin each XSKMAP at DIR/<netdev>/xsks_map, in bpffs (default: "
+                        "no pins)")
+    s.add_argument("--control-socket", metavar="PATH",
+                   help="status socket (default /run/afxdp/control.sock)")
+    s.add_argument("--no-control-socket", action="store_true", help="serve no control socket")
     s.add_argument("--force", action="store_true",
                    help="replace a foreign XDP program instead of refusing")
     s.add_argument("--no-peer-netns-check", action="store_true",
                    help="do not require clients to live in the netdev's network namespace")
-    s.add_argument("--idle-timeout", type=float, help="seconds (default 30)")
-    s.add_argument("--max-connections", type=int)
-    s.add_argument("--max-connections-per-socket", type=int)
+    s.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="close a client connection silent this long (default 30)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections in all (default 4096)")
+    s.add_argument("--max-connections-per-socket", type=int, metavar="N",
+                   help="client connections per served socket (default 128)")
     s.add_argument("--handshake-spin-us", type=int, metavar="US",
                    help="poll this long for a handshake's next request before yielding to "
                         "the event loop (default 50; 0: off)")
     s.add_argument("--watch-interval", type=float, metavar="SECONDS",
                    help="check this often that each netdev still carries our program, and "
                         "put it back if not (default 1; 0: off)")
-    s.add_argument("--bpf-object", help="compiled redirect program (default: built-in)")
+    s.add_argument("--bpf-object", metavar="FILE",
+                   help="compiled redirect program (default: the one built with afxdp)")
     s.add_argument("--program-name", help="the program in --bpf-object (default: afxdp_redirect)")
-    s.add_argument("--ready-file", help="write status JSON here once sockets are served")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log-format", choices=["kv", "json"])
-    s.add_argument("--metrics-address", help="host:port for /metrics, /healthz, /readyz")
+    s.add_argument("--ready-file", metavar="FILE",
+                   help="write status JSON here once sockets are served (default: none)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="(default info)")
+    s.add_argument("--log-format", choices=["kv", "json"],
+                   help="key=value lines or JSON objects (default kv)")
+    s.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve /metrics, /healthz, /readyz here (default: off)")
     s.set_defaults(fn=cmd_serve)
 
-    dm = sub.add_parser("daemon", help="run the Kubernetes node daemon (device plugin)")
+    dm = sub.add_parser("daemon", help="run the Kubernetes node daemon (device plugin)",
+                        formatter_class=_Help)
     dm.add_argument("--config", required=True, help="YAML configuration (docs/kubernetes.md)")
     dm.add_argument("--node-name", help="this node's name (default: $NODE_NAME, else hostname)")
     dm.add_argument("--ready-file", help="write status JSON here once registered")
     dm.set_defaults(fn=cmd_daemon)
 
-    ic = sub.add_parser("install-cni", help="install the CNI executable (host python3, stdlib)")
+    ic = sub.add_parser("install-cni", help="install the CNI executable (host python3, stdlib)",
+                        formatter_class=_Help)
     ic.add_argument("--dest", default="/opt/cni/bin")
     ic.add_argument("--name", default="afxdp")
     ic.set_defaults(fn=cmd_install_cni)
 
-    r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd")
+    r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd",
+                       formatter_class=_Help)
     r.add_argument("--socket", help="default /tmp/afxdp_dp/<netdev>/afxdp.sock")
     r.add_argument("--netdev", required=True)
     r.add_argument("--hostname", help="name sent in /connect (default: gethostname())")
     r.add_argument("--json", action="store_true")
-    r.add_argument("--timeout", type=float, default=5.0)
+    r.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="for each reply")
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- CMD ARGS: exec CMD with the fd inherited, its number in "
                         "AFXDP_XSKMAP_FD")
     r.set_defaults(fn=cmd_request)
 
-    st = sub.add_parser("status", help="what the daemon serves and what is attached")
+    st = sub.add_parser("status", help="what the daemon serves and what is attached",
+                        formatter_class=_Help)
     st.add_argument("--control-socket", default=str(config_mod.DEFAULT_CONTROL_SOCKET))
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
-    rc = sub.add_parser("receive", help="receive frames through a handed-out fd (test client)")
-    rc.add_argument("--socket")
-    rc.add_argument("--netdev", required=True)
+    rc = sub.add_parser("receive", help="receive frames through a handed-out fd (test client)",
+                        formatter_class=_Help)
+    rc.add_argument("--socket", metavar="PATH",
+                    help="the handout socket (default /tmp/afxdp_dp/<netdev>/afxdp.sock)")
+    rc.add_argument("--netdev", required=True, help="the netdev to receive on")
     rc.add_argument("--queue", type=int, action="append", help="repeatable (default 0)")
     rc.add_argument("--mode", choices=["map", "xsk", "pinned"], default="map",
                     help="map: XSKMAP fd, own socket (CAP_NET_RAW); xsk: daemon-made socket, "
                          "no capability; pinned: bpf_obj_get(--pin)")
     rc.add_argument("--pin", help="pinned XSKMAP path (pinned mode)")
-    rc.add_argument("--hostname")
-    rc.add_argument("--count", type=int, default=1000)
-    rc.add_argument("--timeout", type=float, default=10.0)
+    rc.add_argument("--hostname", help="name sent in /connect (default: gethostname())")
+    rc.add_argument("--count", type=int, default=1000, help="frames to wait for")
+    rc.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="give up after this long")
     rc.add_argument("--frames", type=int, default=2048, help="UMEM frames per queue")
     rc.add_argument("--ready-file", help="written once the socket is in the map")
-    rc.add_argument("--json", action="store_true")
+    rc.add_argument("--json", action="store_true", help="print a JSON report")
     rc.set_defaults(fn=cmd_receive)
 
-    se = sub.add_parser("send", help="send test UDP frames on a netdev (AF_PACKET)")
-    se.add_argument("--netdev", required=True)
-    se.add_argument("--count", type=int, default=1000)
+    se = sub.add_parser("send", help="send test UDP frames on a netdev (AF_PACKET)",
+                        formatter_class=_Help)
+    se.add_argument("--netdev", required=True,
+                    help="where to send: the peer of the served netdev (e.g. the other end "
+                         "of a veth pair)")
+    se.add_argument("--count", type=int, default=1000, help="frames to send")
     se.add_argument("--flows", type=int, default=1, help="distinct UDP source ports")
-    se.add_argument("--size", type=int, default=64)
-    se.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff")
-    se.add_argument("--json", action="store_true")
+    se.add_argument("--size", type=int, default=64, help="frame size in bytes")
+    se.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff", help="destination MAC address")
+    se.add_argument("--json", action="store_true", help="print a JSON report")
     se.set_defaults(fn=cmd_send)
     return p
 

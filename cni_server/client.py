@@ -8,6 +8,7 @@ closed on arrival.
 from __future__ import annotations
 
 import array
+import errno
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,14 @@ from cni_server import protocol as p
 from cni_server.fds import OwnedFd, fds_from_ancillary
 
 _ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+def _connect_hint(err: int | None) -> str:
+    if err == errno.EACCES:
+        return " (the socket's owner and mode decide who may connect: see --socket-owner)"
+    if err in (errno.ENOENT, errno.ECONNREFUSED):
+        return " (is the daemon serving this netdev? see `afxdp status`)"
+    return ""
 
 
 class HandshakeError(Exception):
@@ -36,9 +45,10 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
-        except OSError:
+        except OSError as e:
             self.sock.close()
-            raise
+            raise OSError(e.errno, f"cannot connect to the handout socket {self.path}: "
+                                   f"{e.strerror}{_connect_hint(e.errno)}") from e
 
     def close(self) -> None:
         self.sock.close()

@@ -30,6 +30,7 @@ from cni_server.protocol import valid_netdev_name
 
 DEFAULT_SOCKET_DIR = Path("/tmp/afxdp_dp")  # DPDK's default dp_path root
 DEFAULT_CONTROL_SOCKET = Path("/run/afxdp/control.sock")
+_OWNER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
 _HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?")
 
 
@@ -71,6 +72,9 @@ def _camel(name: str) -> str:
 
 def parse_owner(text: str, where: str) -> tuple[int, int]:
     """'UID[:GID]' with numbers or names -> (uid, gid); gid defaults to the user's group."""
+    if not _OWNER_RE.fullmatch(str(text)):
+        raise ConfigError(f"{where}: {text!r} is not USER[:GROUP] (a name or a number each, "
+                          "e.g. 1000:1000 or afxdp:afxdp)")
     user, _, group = str(text).partition(":")
     try:
         if user.isdigit():
@@ -154,12 +158,16 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
     """Build a StandaloneConfig from camelCase keys; every error names its field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, not {type(raw).__name__}")
-    known = {_camel(f.name): f.name for f in fields(StandaloneConfig)}
+    known = {_camel(f.name): f.name for f in fields(StandaloneConfig)
+             if f.name not in ("socket_uid", "socket_gid")}  # both come from socketOwner
     known["socketOwner"] = "socket_owner"
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
     netdevs = raw.get("netdevs")
+    if netdevs is None:
+        raise ConfigError("netdevs: no netdev to serve: give --netdev NAME (repeat it for "
+                          "several), or list them under netdevs: in the --config file")
     if not isinstance(netdevs, list) or not netdevs:
         raise ConfigError(f"netdevs: {netdevs!r} must be a non-empty list of interface names")
     for i, name in enumerate(netdevs):
@@ -218,8 +226,6 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             cfg.log_format = choice(value, where, LOG_FORMATS)
         elif key == "metricsAddress":
             cfg.metrics_address = address(value, where)
-        elif key in ("socketUid", "socketGid"):
-            setattr(cfg, known[key], _want(value, int, where, "an integer id"))
     if cfg.max_connections_per_socket > cfg.max_connections:
         raise ConfigError(
             f"maxConnectionsPerSocket: {cfg.max_connections_per_socket} exceeds "

@@ -75,6 +75,7 @@ class StandaloneDaemon:
         try:
             # Claim every netdev before touching anything: a netdev another daemon
             # serves stops this start with nothing of the other daemon changed.
+            self._preflight()
             for netdev in self.cfg.netdevs:
                 claims.take(netdev)
             self._prepare_dirs()
@@ -136,6 +137,16 @@ class StandaloneDaemon:
 
     # -- pieces ----------------------------------------------------------------
 
+    def _preflight(self) -> None:
+        """Fail before touching any netdev when a place we must write is unusable,
+        naming the place and the option that sets it."""
+        _check_writable_dir(self.cfg.socket_dir,
+                            f"socket directory {self.cfg.socket_dir} (--socket-dir, socketDir)")
+        if self.cfg.control_socket is not None:
+            _check_writable_dir(self.cfg.control_socket.parent,
+                                f"control socket {self.cfg.control_socket} (--control-socket, "
+                                "controlSocket; --no-control-socket turns it off)")
+
     def _prepare_dirs(self) -> None:
         if not self.cfg.socket_dir.exists():
             self.cfg.socket_dir.mkdir(parents=True, mode=0o755)
@@ -181,3 +192,17 @@ class StandaloneDaemon:
         report_ready(self.cfg.ready_file, self.status())
         log.info("event=ready netdevs=%s sockets=%s", ",".join(self.cfg.netdevs),
                  ",".join(str(p) for p in self.server.listeners))
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """DaemonError unless ``path`` is, or can be created as, a directory we can write."""
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DaemonError(f"{what}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        readonly = os.statvfs(probe).f_flag & os.ST_RDONLY
+        reason = "read-only file system" if readonly else f"not writable by uid {os.geteuid()}"
+        where = "" if probe == path else f": cannot create it in {probe}"
+        raise DaemonError(f"{what}{where}: {reason}")
