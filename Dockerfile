@@ -31,6 +31,6 @@ RUN python3 -m venv /opt/afxdp \
  && rm -rf /tmp/dist
 ENV PATH=/opt/afxdp/bin:$PATH
 # Runs as root only because attaching XDP programs and creating AF_XDP sockets
-# need CAP_BPF/CAP_NET_ADMIN/CAP_NET_RAW; the DaemonSet (issue 5) grants only those.
+# need CAP_BPF/CAP_NET_ADMIN/CAP_NET_RAW; the DaemonSet grants only those.
 ENTRYPOINT ["afxdp"]
 CMD ["serve", "--config", "/etc/afxdp/config.yaml"]

@@ -18,7 +18,7 @@ process that runs no load of its own, sequential DPDK handshakes
   Kubernetes: another pod's);
 - non-readers-20: 20 clients sending requests without reading replies.
 
-Target (issue 6): the well-behaved client's p99 stays under 20 ms.
+Target: the well-behaved client's p99 stays under 20 ms.
 """
 
 from __future__ import annotations

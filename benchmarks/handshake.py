@@ -16,7 +16,7 @@ handshake to a file, as in production), then measures, with two clients:
 
 Daemon CPU per handshake comes from /proc/<pid>/stat (utime+stime).
 
-Targets (issue 2, 2-core machine): >= 5,000/s sequential; p99 < 20 ms at 50 clients.
+Targets (2-core machine): >= 5,000/s sequential; p99 < 20 ms at 50 clients.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fd-handout protocol (``shared/PROTOCOL.md``) as a sans-I/O state machine.
+"""The fd-handout protocol (``docs/protocol.md``) as a sans-I/O state machine.
 
 No sockets, no clocks, no kernel calls here.  The I/O layer (``server.py``)
 turns each received datagram into a :class:`Request` (text, how many fds came

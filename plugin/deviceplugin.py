@@ -3,7 +3,7 @@
 Knows nothing of AF_XDP: a :class:`Backend` supplies the device list,
 allocations and preferences.  One :class:`PluginServer` per resource.
 
-kubelet facts this follows (shared/KUBELET_API_FACTS.md): ``Register`` is
+kubelet facts this follows (docs/kubelet-api.md): ``Register`` is
 synchronous and kubelet dials the plugin's socket inside it, so the plugin
 serves first; ListAndWatch sends the full list at once and on every change; on
 restart kubelet deletes the plugins' sockets and re-creates ``kubelet.sock``,

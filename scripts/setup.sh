@@ -3,7 +3,7 @@
 # Idempotent: a second run only checks.  Must run as root (apt, and the tests
 # need CAP_NET_ADMIN/CAP_BPF anyway).
 #
-#   scripts/setup.sh          # apt packages, .venv, BPF object
+#   scripts/setup.sh          # apt packages, .venv, BPF object, /usr/local/bin/afxdp
 #
 # The venv is built on Debian's /usr/bin/python3 on purpose: tests run clients
 # as uid 65534, which must be able to execute the interpreter (a pyenv build
@@ -32,8 +32,10 @@ if ((${#missing[@]})); then
   fi
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Wait for another apt/dpkg (unattended-upgrades, a first boot) instead of failing.
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" \
+    >/dev/null
 fi
 
 # bcc compiles against kernel headers: the running kernel's package when Debian
@@ -42,11 +44,12 @@ fi
 arch=$(dpkg --print-architecture)
 if ! dpkg-query -W -f='${Status} ${Package}\n' 'linux-headers-*' 2>/dev/null \
     | grep -qE "install ok installed linux-headers-($(uname -r)|.*-$arch)\$"; then
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
   headers=linux-headers-$(uname -r)
   apt-cache show "$headers" >/dev/null 2>&1 || headers=linux-headers-$arch
   echo "setup: installing $headers (kernel headers for bcc)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$headers" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends "$headers" >/dev/null
 fi
 
 PY=/usr/bin/python3
@@ -64,3 +67,13 @@ if [[ ! -f $stamp ]] || [[ "$(cat $stamp)" != "$want" ]]; then
 fi
 
 make -s bpf proto
+
+# `afxdp` on PATH: a link to this checkout's venv, unless something else (a
+# packaged install) already owns that name.
+link=/usr/local/bin/afxdp
+target=$(pwd)/.venv/bin/afxdp
+if [[ $(id -u) -eq 0 ]] && { [[ ! -e $link && ! -L $link ]] || [[ -L $link && $(readlink "$link") == */.venv/bin/afxdp ]]; }; then
+  ln -sfn "$target" "$link"
+elif [[ "$(readlink -f "$link" 2>/dev/null)" != "$(readlink -f "$target")" ]]; then
+  echo "setup: $link is not this checkout's; run $target, or link it yourself" >&2
+fi

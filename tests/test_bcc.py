@@ -1,4 +1,4 @@
-"""Pools whose program is C source compiled on the node by bcc (issue 7).
+"""Pools whose program is C source compiled on the node by bcc.
 
 bcc is Debian's python3-bpfcc (scripts/setup.sh installs it).  It compiles
 against the running kernel's headers.  When the running kernel has no headers

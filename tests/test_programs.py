@@ -1,4 +1,4 @@
-"""Custom XDP programs per pool (issue 7), in Kubernetes mode on the real kernel."""
+"""Custom XDP programs per pool, in Kubernetes mode on the real kernel."""
 
 from __future__ import annotations
 

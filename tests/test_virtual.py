@@ -1,4 +1,4 @@
-"""Virtual device pools (issue 7): pairs the daemon creates, on the real kernel.
+"""Virtual device pools: pairs the daemon creates, on the real kernel.
 
 The daemon runs in the test netns (the "node"), which holds bridge br0; each
 pod is its own netns; CNI ADD/DEL go through our stdlib-only plugin executable,
