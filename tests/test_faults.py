@@ -157,8 +157,9 @@ def test_a_foreign_program_in_its_place_is_left_alone_and_stays_unhealthy(k8s: K
     k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0"))
     k.allocate(RESOURCE, ["p0"])
     foreign = compile_test_program("foreign_pass", k8s.work / "f.o")
-    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "off")
-    run("ip", "-n", k8s.ns.name, "link", "set", "p0", "xdpgeneric", "obj", str(foreign),
+    # In one step (-force replaces the attached program): the daemon would put ours
+    # back between a detach and an attach.
+    run("ip", "-force", "-n", k8s.ns.name, "link", "set", "p0", "xdp", "obj", str(foreign),
         "sec", "xdp")
     k.wait_devices(RESOURCE, lambda devs: devs["p0"].health == "Unhealthy")
     k.wait(lambda: "event=xdp_repair_failed netdev=p0" in d.log(), what="the repair to fail")

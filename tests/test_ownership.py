@@ -157,17 +157,19 @@ def test_a_standalone_daemon_leaves_a_foreign_program_and_refuses_handouts_until
     prog = netns.xdp_prog_id("va")
     sock = workdir / "sock" / "va" / "afxdp.sock"
     foreign = compile_test_program("foreign_pass", workdir / "f.o")
-    run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
-    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "obj", str(foreign),
+    # In one step (-force replaces the attached program): the watch would put ours
+    # back between a detach and an attach.
+    run("ip", "-force", "-n", netns.name, "link", "set", "va", "xdp", "obj", str(foreign),
         "sec", "xdp")
     foreign_id = netns.xdp_prog_id("va")
+    assert foreign_id not in (0, prog)
     assert wait_until(lambda: "event=xdp_repair_failed netdev=va" in d.log()), d.log()
     assert netns.xdp_prog_id("va") == foreign_id  # left alone
     with netns.entered(), Client(sock) as c:
         c.connect(socket.gethostname())
         with pytest.raises(HandshakeError, match="/fd_nak"):
             c.xsk_map_fd("va")
-    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "off")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
     assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
     with netns.entered():
         fetch_map_fd(sock, "va").close()
