@@ -117,6 +117,19 @@ def test_reattaching_our_program_adopts_it_and_keeps_its_map(veth: tuple[NsFixtu
         assert ns.xdp_prog_id("va") == 0
 
 
+def test_detaching_a_program_someone_else_already_detached_says_so(
+        veth: tuple[NsFixture, int], caplog: pytest.LogCaptureFixture) -> None:
+    ns, ifindex = veth
+    with ns.entered():
+        np = ensure_attached("va", ifindex, 4)
+        run("ip", "-n", ns.name, "link", "set", "va", "xdp", "off")
+        with caplog.at_level("WARNING", logger="bpf.program"):
+            assert np.detach() is False
+    text = caplog.text
+    assert "event=xdp_detach_skipped netdev=va" in text
+    assert "already detached by someone else" in text and "replaced" not in text
+
+
 def test_foreign_program_is_refused_unless_forced(veth: tuple[NsFixture, int],
                                                   test_objects: dict[str, Path]) -> None:
     ns, ifindex = veth
