@@ -86,7 +86,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
+    from cni_server.ownership import OwnershipError
     from cni_server.registry import RegistryError
+    from cni_server.safedir import UnsafeDirectory
     from cni_server.server import ServerError
     from cni_server.state import StateError
     from plugin.config import load
@@ -105,7 +107,8 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     except (PoolConflict, ConfigError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_USAGE, f"configuration: {e}")
-    except (BpfError, ServerError, ControlError, RegistryError, StateError, OSError) as e:
+    except (BpfError, ServerError, ControlError, RegistryError, StateError, OSError,
+            UnsafeDirectory, OwnershipError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_ERROR, str(e))
     log.info("event=stopped")

@@ -26,6 +26,7 @@ from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.ownership import Claims, NetdevBusy, OwnershipError
 from cni_server.registry import SOCKET_NAME, AllocationSpec, ProgramTable, Registry
+from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer, Limits
 from cni_server.watch import ProgramWatch
 
@@ -148,13 +149,22 @@ class StandaloneDaemon:
                                 "controlSocket; --no-control-socket turns it off)")
 
     def _prepare_dirs(self) -> None:
-        if not self.cfg.socket_dir.exists():
-            self.cfg.socket_dir.mkdir(parents=True, mode=0o755)
-            self._created_dirs.append(self.cfg.socket_dir)
+        try:
+            if ensure_dir(self.cfg.socket_dir, "socket directory (--socket-dir, socketDir)"):
+                self._created_dirs.append(self.cfg.socket_dir)
+        except UnsafeDirectory as e:
+            raise DaemonError(str(e)) from e
         if self.cfg.pin_dir is not None:
-            existed = self.cfg.pin_dir.exists()
+            what = "pin directory (--pin-dir, pinDir)"
+            existed = os.path.lexists(self.cfg.pin_dir)
             try:
+                # Check before mounting anything there, and again on the bpffs.
+                if existed:
+                    ensure_dir(self.cfg.pin_dir, what)
                 self._bpffs_mount = bpffs.ensure_bpffs(self.cfg.pin_dir)
+                ensure_dir(self.cfg.pin_dir, what)
+            except UnsafeDirectory as e:
+                raise DaemonError(str(e)) from e
             except (OSError, BpffsError) as e:
                 raise DaemonError(f"pin directory {self.cfg.pin_dir}: {e}") from e
             if not existed:

@@ -21,7 +21,6 @@ anyone else: a pre-existing one owned by another user is refused.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -29,6 +28,8 @@ import os
 import stat
 from pathlib import Path
 from typing import Any
+
+from cni_server.safedir import UnsafeDirectory, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +47,6 @@ class OwnershipError(Exception):
 
 def run_dir() -> Path:
     return Path(os.environ.get("AFXDP_RUN_DIR") or DEFAULT_RUN_DIR)
-
-
-def _secure_dir(path: Path, parent_fd: int | None = None) -> int:
-    """Open (creating it 0755 if missing) a directory we own that nobody else can
-    write, without following a symlink; returns an O_PATH-free directory fd."""
-    name: str | Path = path.name if parent_fd is not None else path
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o755, dir_fd=parent_fd)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=parent_fd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise OwnershipError(f"{path} is not a directory (a symlink?): remove it") from e
-        raise OwnershipError(f"cannot open the run directory {path}: {e.strerror}") from e
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        os.close(fd)
-        raise OwnershipError(
-            f"{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; "
-            f"it must belong to uid {os.geteuid()} and be writable by nobody else: remove it "
-            "(the daemon re-creates it)")
-    return fd
 
 
 class NetdevClaim:
@@ -126,12 +104,13 @@ def claim(netdev: str, netns_inode: int, holder: dict[str, Any]) -> NetdevClaim:
     """
     base = run_dir()
     name = _lock_name(netns_inode, netdev)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    top = _secure_dir(base)
     try:
-        locks = _secure_dir(base / _LOCKS, top)
-    finally:
-        os.close(top)
+        ensure_dir(base, "run directory")
+        ensure_dir(base / _LOCKS, "run directory", inside=base)
+        locks = os.open(base / _LOCKS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                        | os.O_CLOEXEC)
+    except (UnsafeDirectory, OSError) as e:
+        raise OwnershipError(str(e)) from e
     try:
         for _attempt in range(100):
             fd = _lock(locks, base / _LOCKS / name, name, netdev)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,6 +43,7 @@ from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.ownership import Claims
+from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
 from cni_server.virtual import delete_pair, ensure_pair, host_end
@@ -350,7 +350,7 @@ class Registry:
             devices: dict[str, AllocatedDevice] = {}
             aliases: dict[str, str] = {}
             if spec.own_socket_base:
-                self._mkdir(spec.socket_base, 0o755, -1, -1, undo.callback)
+                self._mkdir(spec.socket_base, spec.socket_base.parent, undo.callback)
             for netdev in spec.netdevs:
                 where, ifname = self._locate(spec, netdev)
                 if spec.virtual_kind and where is None and await asyncio.to_thread(
@@ -361,11 +361,12 @@ class Registry:
                 undo.push_async_callback(self.programs.release, netdev)
                 if where is not None:
                     undo.callback(where.close)
-                self._mkdir(spec.socket_dir(netdev), 0o750, spec.uid, spec.gid, undo.callback)
+                self._mkdir(spec.socket_dir(netdev), spec.socket_base, undo.callback)
                 pin = spec.pin_path(netdev)
-                if pin is not None:
-                    self._mkdir(pin.parent, 0o750, spec.uid, spec.gid, undo.callback,
-                                parents=True)
+                if pin is not None and spec.pin_base is not None:
+                    if spec.own_socket_base:  # the allocation's own pin directory too
+                        self._mkdir(spec.pin_base, spec.pin_base.parent, undo.callback)
+                    self._mkdir(pin.parent, spec.pin_base, undo.callback)
                     bpffs.pin(program.map_fd, pin, uid=spec.uid, gid=spec.gid, mode=spec.mode)
                     undo.callback(bpffs.unpin, pin)
                 if spec.pin_placeholder:
@@ -563,13 +564,15 @@ class Registry:
         self.specs.pop(allocation_id, None)
 
     @staticmethod
-    def _mkdir(path: Path, mode: int, uid: int, gid: int,
-               on_undo: Callable[..., Any], *, parents: bool = False) -> None:
-        existed = path.exists()
-        path.mkdir(mode=mode, parents=parents, exist_ok=True)
-        os.chown(path, uid, gid)
-        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
-        if not existed:
+    def _mkdir(path: Path, inside: Path, on_undo: Callable[..., Any]) -> None:
+        """A directory of ours (root, 0755) in one the daemon made safe at start.
+        Clients get access through the socket's or pin's own owner and mode: a
+        directory they owned would let them replace what the daemon put there."""
+        try:
+            created = ensure_dir(path, "directory", inside=inside)
+        except (OSError, UnsafeDirectory) as e:
+            raise RegistryError(f"cannot make directory {path}: {e}") from e
+        if created:
             on_undo(_rmdir_quietly, path)
 
 

@@ -29,6 +29,7 @@ from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.ownership import Claims
 from cni_server.registry import ProgramTable, Registry
+from cni_server.safedir import ensure_dir
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
 from cni_server.virtual import VirtualError, resolve_kind
@@ -67,7 +68,9 @@ class KubernetesDaemon:
             await asyncio.to_thread(resolve_virtual, cfg)
             if any(p.pin_map != "socket" for p in cfg.pools):
                 bpffs.ensure_bpffs(cfg.bpffs_root)  # stays mounted: pods' pins live there
-            cfg.socket_root.mkdir(parents=True, exist_ok=True)
+                ensure_dir(cfg.bpffs_root, "bpffsRoot")
+            ensure_dir(cfg.socket_root, "socketRoot")
+            ensure_dir(cfg.state_dir, "stateDir", mode=0o700)
             registry = self.registry = Registry(
                 self.server, self.netns,
                 ProgramTable(bpf_object=cfg.bpf_object, metrics=self.server.metrics,
