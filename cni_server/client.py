@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import array
 import errno
+import os
 import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 from cni_server import protocol as p
+from cni_server import xsk
 from cni_server.fds import OwnedFd, fds_from_ancillary
 
+_XSKMAP_TYPE = 17  # BPF_MAP_TYPE_XSKMAP
 _ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+def is_xskmap(fd: int) -> bool:
+    """Whether ``fd`` is a BPF map of type XSKMAP (from /proc: needs no capability)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            return any(line.split() == ["map_type:", str(_XSKMAP_TYPE)] for line in f)
+    except OSError:
+        return False
+
+
+def is_af_xdp(fd: int) -> bool:
+    return xsk.socket_domain(fd) == xsk.AF_XDP
 
 
 def _connect_hint(err: int | None) -> str:
@@ -36,10 +53,23 @@ class HandshakeError(Exception):
         super().__init__(message or f"{request!r} was answered {reply!r}")
 
 
-class Client:
-    """One connection to a handout socket."""
+class UntrustedServer(HandshakeError):
+    """The process serving the socket is not the daemon (wrong uid), or it handed out
+    something other than what the request asks for."""
 
-    def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
+
+def trusted_server_uid() -> int:
+    """The uid the daemon runs as: 0, or $AFXDP_SERVER_UID (e.g. when this client runs
+    in a user namespace where the host's root shows as the overflow uid)."""
+    text = os.environ.get("AFXDP_SERVER_UID", "0")
+    return int(text) if text.isdigit() else 0
+
+
+class Client:
+    """One connection to a handout socket, served by a process of the trusted uid."""
+
+    def __init__(self, path: str | Path, timeout: float = 5.0,
+                 server_uid: int | None = None) -> None:
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
@@ -49,6 +79,18 @@ class Client:
             self.sock.close()
             raise OSError(e.errno, f"cannot connect to the handout socket {self.path}: "
                                    f"{e.strerror}{_connect_hint(e.errno)}") from e
+        # Whoever could create a socket at this path could serve anything: trust
+        # only the daemon's uid, as the kernel reports it.
+        want = trusted_server_uid() if server_uid is None else server_uid
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                     struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != want:
+            self.sock.close()
+            raise UntrustedServer("", "", f"the server at {self.path} (pid {pid}) runs as uid "
+                                          f"{uid}, not the daemon's uid {want}: refusing to "
+                                          "trust it (set AFXDP_SERVER_UID if the daemon runs "
+                                          "as another uid)")
 
     def close(self) -> None:
         self.sock.close()
@@ -94,10 +136,10 @@ class Client:
         return reply
 
     def xsk_map_fd(self, netdev: str) -> OwnedFd:
-        return self._want_fd(f"{p.XSK_MAP_FD},{netdev}")
+        return self._want_fd(f"{p.XSK_MAP_FD},{netdev}", is_xskmap, "an XSKMAP")
 
     def xsk_socket(self, netdev: str, queue: int) -> OwnedFd:
-        return self._want_fd(f"{p.XSK_SOCKET},{netdev},{queue}")
+        return self._want_fd(f"{p.XSK_SOCKET},{netdev},{queue}", is_af_xdp, "an AF_XDP socket")
 
     def xsk_bind(self, netdev: str, queue: int, sock_fd: int) -> None:
         self._no_fd(self._expect(f"{p.XSK_BIND},{netdev},{queue}", p.XSK_BIND_ACK, [sock_fd]))
@@ -109,10 +151,14 @@ class Client:
     def fin(self) -> None:
         self._no_fd(self._expect(p.FIN, p.FIN_ACK))
 
-    def _want_fd(self, text: str) -> OwnedFd:
+    def _want_fd(self, text: str, kind: Callable[[int], bool], what: str) -> OwnedFd:
         fd = self._expect(text, p.FD_ACK)
         if fd is None:
             raise HandshakeError(text, p.FD_ACK, f"{text!r} was acknowledged without an fd")
+        if not kind(fd.fileno()):
+            fd.close()
+            raise UntrustedServer(text, p.FD_ACK, f"the server at {self.path} answered "
+                                                  f"{text!r} with an fd that is not {what}")
         return fd
 
     @staticmethod

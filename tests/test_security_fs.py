@@ -1,4 +1,4 @@
-"""A hostile local user against the daemon's directories, on the real kernel.
+"""A hostile local user against the daemon's directories and our clients, on the real kernel.
 
 The user (uid 65534 here) can write in world-writable sticky directories such as
 /tmp (``workdir/out`` is one) and, with earlier releases, owned the per-netdev
@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.kernel import UNPRIV, Daemon, NsFixture, setpriv
+from tests.kernel import ROOT, UNPRIV, Daemon, NsFixture, setpriv
 
 pytestmark = pytest.mark.kernel
 Start = Callable[..., Daemon]
@@ -156,3 +157,73 @@ def test_pins_are_the_clients_to_open_but_not_to_remove(
                          capture_output=True, text=True, timeout=30)
     assert res.stdout.strip() == "EACCES", res
     assert pin.exists()
+
+
+_FAKE_SERVER = r"""
+import array, os, socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+srv.bind(path)
+os.chmod(path, 0o666)
+srv.listen(4)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        while True:
+            req = conn.recv(256)
+            if not req:
+                break
+            if req.startswith(b"/xsk_map_fd"):
+                r, w = os.pipe()  # "the map"
+                conn.sendmsg([b"/fd_ack"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [r]))])
+                os.close(r); os.close(w)
+            elif req.startswith(b"/connect"):
+                conn.send(b"/host_ok")
+            elif req == b"/version":
+                conn.send(b"0.1")
+            else:
+                conn.send(b"/fin_ack")
+"""
+
+
+def fake_server(workdir: Path, *run_as: str) -> tuple[subprocess.Popen[str], Path]:
+    d = workdir / "out" / f"fake-{len(run_as)}"
+    d.mkdir()
+    d.chmod(0o777)
+    path = d / "afxdp.sock"
+    proc = subprocess.Popen([*run_as, "/usr/bin/python3", "-c", _FAKE_SERVER, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc, path
+
+
+def afxdp_request(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cni_server.cli", "request", "--netdev", "va",
+                           "--socket", str(path)], capture_output=True, text=True, timeout=30,
+                          cwd=ROOT)
+
+
+def test_our_client_refuses_a_server_that_does_not_run_as_the_daemons_uid(workdir: Path
+                                                                         ) -> None:
+    proc, path = fake_server(workdir, *setpriv())
+    try:
+        res = afxdp_request(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode != 0
+    assert f"the server at {path} (pid {proc.pid}) runs as uid {UNPRIV}, not the daemon's " \
+        "uid 0: refusing to trust it" in res.stderr, res.stderr
+
+
+def test_our_client_refuses_an_fd_that_is_not_the_map_it_asked_for(workdir: Path) -> None:
+    proc, path = fake_server(workdir)
+    try:
+        res = afxdp_request(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode != 0
+    assert "with an fd that is not an XSKMAP" in res.stderr, res.stderr
