@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cni_server.logs import esc_token
+
 PROTOCOL_VERSION = "0.1"
 
 # DPDK sends at most 63 bytes (64-byte buffer incl. NUL) and reads replies into
@@ -172,8 +174,9 @@ class Step:
     arg: str = ""
 
     def label(self) -> str:
-        """``/verb(arg)=result`` with no spaces (log values are space-separated)."""
-        arg = f"({self.arg})" if self.arg else ""
+        """``/verb(arg)=result`` as one log token: the argument (client text) is
+        percent-encoded, so it cannot fake a step, a field or a line."""
+        arg = f"({esc_token(self.arg)})" if self.arg else ""
         return f"{self.verb}{arg}={self.result}".replace(" ", "_")
 
 

@@ -560,11 +560,12 @@ class HandoutServer:
         self.metrics.handshakes.inc(outcome)
         self.metrics.handshake_seconds.observe(time.monotonic() - conn.opened)
         if log.isEnabledFor(logging.INFO):
-            # One f-string, passed as a single argument: the handshake line is the
-            # daemon's most frequent log line.
+            # One f-string and no arguments: the handshake line is the daemon's most
+            # frequent log line.  Its values are escaped here: the steps' arguments
+            # (client text) by Step.label, the hostname passed /connect's grammar.
             steps = ",".join([st.label() for st in s.steps]) or "-"
             extra = f" closed_because={why.replace(' ', '_')}" if why else ""
-            log.info("%s", f"event=handshake socket={listener.path_text} peer_pid={s.peer.pid} "
+            log.info(f"event=handshake socket={listener.path_text} peer_pid={s.peer.pid} "
                      f"peer_uid={s.peer.uid} peer_netns={s.peer.netns or 'unknown'} "
                      f"host={s.hostname or '-'} result={outcome} steps={steps} "
                      f"duration_ms={(time.monotonic() - conn.opened) * 1000.0:.2f}{extra}")
