@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.ownership import Claims
+from cni_server.protocol import valid_netdev_name
 from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
@@ -122,13 +123,71 @@ class AllocationSpec:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> AllocationSpec:
-        return cls(**{
-            **doc,
-            "netdevs": tuple(doc["netdevs"]),
-            "hostnames": frozenset(doc["hostnames"]),
-            "socket_base": Path(doc["socket_base"]),
-            "pin_base": Path(doc["pin_base"]) if doc.get("pin_base") else None,
-        })
+        """Parse a persisted record strictly: every field of the right type, no
+        unknown field, every netdev name and path well-formed.  ValueError names the
+        field; what the configuration allows is checked by the daemon's own check."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(doc) - set(kinds))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: unknown field")
+        for name in ("id", "netdevs", "hostnames", "socket_base"):
+            if name not in doc:
+                raise ValueError(f"{name}: missing")
+        values: dict[str, Any] = {}
+        for name, value in doc.items():
+            values[name] = _parse_field(name, str(kinds[name]), value)
+        for i, netdev in enumerate(values["netdevs"]):
+            if not valid_netdev_name(netdev):
+                raise ValueError(f"netdevs[{i}]: {netdev!r} is not a valid interface name")
+        for netdev, record in values.get("attached", {}).items():
+            if netdev not in values["netdevs"]:
+                raise ValueError(f"attached.{netdev}: not one of the allocation's netdevs")
+            if not isinstance(record, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+                raise ValueError(f"attached.{netdev}: not a mapping of strings")
+            ifname = record.get("ifname", "")
+            if ifname and not valid_netdev_name(ifname):
+                raise ValueError(f"attached.{netdev}.ifname: {ifname!r} is not a valid "
+                                 "interface name")
+        return cls(**values)
+
+
+def _parse_field(name: str, kind: str, value: Any) -> Any:
+    """One persisted field, checked against its declared type."""
+    def want(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{name}: {value!r} is not {what}")
+
+    if kind == "str":
+        want(isinstance(value, str) and "\0" not in value, "a string")
+        return value
+    if kind == "bool":
+        want(isinstance(value, bool), "true or false")
+        return value
+    if kind == "int":
+        want(isinstance(value, int) and not isinstance(value, bool), "an integer")
+        return value
+    if kind == "float":
+        want(isinstance(value, (int, float)) and not isinstance(value, bool), "a number")
+        return float(value)
+    if kind in ("tuple[str, ...]", "frozenset[str]"):
+        want(isinstance(value, list) and all(isinstance(v, str) for v in value),
+             "a list of strings")
+        return tuple(value) if kind.startswith("tuple") else frozenset(value)
+    if kind in ("Path", "Path | None"):
+        if value is None and kind == "Path | None":
+            return None
+        want(isinstance(value, str) and value.startswith("/") and "\0" not in value
+             and ".." not in Path(value).parts, "an absolute path")
+        return Path(value)
+    if kind.startswith("dict"):
+        want(isinstance(value, dict), "a mapping")
+        if kind == "dict[str, list[int]]":
+            want(all(isinstance(k, str) and isinstance(v, list)
+                     and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                     for k, v in value.items()), "a mapping of names to integer lists")
+        return value
+    raise ValueError(f"{name}: cannot be restored (type {kind})")
 
 
 @dataclass(frozen=True)
@@ -355,12 +414,12 @@ class Registry:
                 where, ifname = self._locate(spec, netdev)
                 if spec.virtual_kind and where is None and await asyncio.to_thread(
                         ensure_pair, netdev, host_end(netdev), spec.virtual_kind):
-                    undo.callback(delete_pair, host_end(netdev))
+                    undo.callback(_undo_step, delete_pair, host_end(netdev))
                 program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode), where,
                                                       ifname, spec.program_choice())
-                undo.push_async_callback(self.programs.release, netdev)
+                undo.push_async_callback(_undo_async_step, self.programs.release, netdev)
                 if where is not None:
-                    undo.callback(where.close)
+                    undo.callback(_undo_step, where.close)
                 self._mkdir(spec.socket_dir(netdev), spec.socket_base, undo.callback)
                 pin = spec.pin_path(netdev)
                 if pin is not None and spec.pin_base is not None:
@@ -368,11 +427,11 @@ class Registry:
                         self._mkdir(spec.pin_base, spec.pin_base.parent, undo.callback)
                     self._mkdir(pin.parent, spec.pin_base, undo.callback)
                     bpffs.pin(program.map_fd, pin, uid=spec.uid, gid=spec.gid, mode=spec.mode)
-                    undo.callback(bpffs.unpin, pin)
+                    undo.callback(_undo_step, bpffs.unpin, pin)
                 if spec.pin_placeholder:
                     spot = spec.socket_dir(netdev) / PIN_NAME
                     spot.touch(mode=0o644)
-                    undo.callback(spot.unlink, missing_ok=True)
+                    undo.callback(_undo_step, spot.unlink, missing_ok=True)
                 devices[netdev] = AllocatedDevice(netdev, program, where or self.netns,
                                                   spec.queues, pin)
                 if where is not None and ifname != netdev:
@@ -384,10 +443,10 @@ class Registry:
                 aliases=aliases,
             )
             self.server.serve(allocation, mode=spec.mode, uid=spec.uid, gid=spec.gid)
-            undo.callback(self.server.stop_serving, spec.id)
+            undo.callback(_undo_step, self.server.stop_serving, spec.id)
             self.allocations[spec.id] = allocation
             self.specs[spec.id] = spec
-            undo.callback(self._forget, spec.id)
+            undo.callback(_undo_step, self._forget, spec.id)
             if persist:
                 self.save()
             undo.pop_all()
@@ -516,16 +575,30 @@ class Registry:
                                             hostnames=hostnames)
         self.save()
 
-    async def restore(self) -> tuple[list[str], list[str]]:
-        """Re-create the saved allocations: same paths, same programs (adopted), same maps."""
+    async def restore(self, check: Callable[[AllocationSpec], AllocationSpec] | None = None
+                      ) -> tuple[list[str], list[str]]:
+        """Re-create the saved allocations: same paths, same programs (adopted), same maps.
+
+        Each record is parsed strictly and passed to ``check`` (the daemon's: would
+        its configuration have produced this allocation? it returns the spec to
+        create) before anything is done for it; a record that fails is refused, with
+        the reason, and nothing of it is created, chowned or attached.  Refused
+        records are kept aside in ``<state>.refused-<time>`` for the operator.
+        """
         if self.state is None:
             return [], []
         restored, dropped = [], []
-        for record in self.state.load():
+        refused: list[dict[str, Any]] = []
+        for i, record in enumerate(self.state.load()):
             try:
                 spec = AllocationSpec.from_json(record)
+                if check is not None:
+                    spec = check(spec)
             except (KeyError, TypeError, ValueError) as e:
-                log.error("event=restore_skipped reason=bad_record error=%r", str(e))
+                log.error("event=restore_refused record=%d error=%r", i,
+                          f"{self.state.path}: allocations[{i}].{e}")
+                refused.append(record)
+                dropped.append(str(record.get("id", f"record {i}")))
                 continue
             try:
                 await self.create(spec, persist=False)
@@ -534,6 +607,8 @@ class Registry:
                 log.error("event=restore_failed id=%s netdevs=%s error=%r", spec.id,
                           ",".join(spec.netdevs), str(e))
                 dropped.append(spec.id)
+        if refused:
+            self.state.set_aside(refused, "refused")
         self.save()
         return restored, dropped
 
@@ -574,6 +649,22 @@ class Registry:
             raise RegistryError(f"cannot make directory {path}: {e}") from e
         if created:
             on_undo(_rmdir_quietly, path)
+
+
+def _undo_step(fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
+    """Undo one step of a failed create; a failure here is logged, not raised, so
+    the error that made the create fail is the one the caller sees."""
+    try:
+        fn(*args, **kw)
+    except Exception as e:
+        log.error("event=undo_failed step=%s error=%r", getattr(fn, "__qualname__", fn), str(e))
+
+
+async def _undo_async_step(fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception as e:
+        log.error("event=undo_failed step=%s error=%r", getattr(fn, "__qualname__", fn), str(e))
 
 
 def _rmdir_quietly(path: Path) -> None:

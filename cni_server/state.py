@@ -49,6 +49,17 @@ class StateFile:
             return []
         return records
 
+    def set_aside(self, records: list[dict[str, Any]], why: str) -> Path:
+        """Keep records the daemon will not use (e.g. refused at restore) beside the
+        state, for the operator: ``<state>.<why>-<time>``, mode 0600."""
+        aside = self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": VERSION, "allocations": records}, f, indent=1)
+        log.warning("event=state_records_set_aside count=%d path=%s", len(records), aside)
+        return aside
+
     def save(self, records: list[dict[str, Any]]) -> None:
         data = json.dumps({"version": VERSION, "allocations": records}, indent=1).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)

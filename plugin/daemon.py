@@ -37,7 +37,7 @@ from plugin.config import PluginConfig
 from plugin.deviceplugin import PluginServer
 from plugin.inventory import Inventory
 from plugin.owners import Owners
-from plugin.pool import PoolBackend
+from plugin.pool import PoolBackend, restored_spec_check
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
@@ -79,7 +79,7 @@ class KubernetesDaemon:
                                  "sockets": str(cfg.socket_root),
                                  "control": str(cfg.control_socket or "")})),
                 StateFile(cfg.state_dir / "state.json"))
-            restored, dropped = await registry.restore()
+            restored, dropped = await registry.restore(restored_spec_check(cfg))
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),
                      len(dropped))
             self.cni = CniEndpoint(cfg.cni_socket, registry)

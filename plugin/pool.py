@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +184,49 @@ def program_fields(pool: PoolConfig) -> dict[str, Any]:
             "program_source": str(spec.source_path or ""),
             "program_kernel_headers": str(spec.kernel_headers or ""),
             "program_map_keys": dict(pool.program_map_keys)}
+
+
+_NETNS_PATH = re.compile(r"/(var/)?run/netns/[A-Za-z0-9._-]+|/proc/[0-9]+/ns/net")
+
+
+def restored_spec_check(cfg: PluginConfig) -> Callable[[AllocationSpec], AllocationSpec]:
+    """Registry.restore's check: the state file is input like any other, so a
+    record must be one this configuration could have produced (its pool, its id
+    format, paths under socketRoot/bpffsRoot, netdev names the pool selects).
+    Access (uid, gid, mode) and the program come from the configuration as it is
+    now, not from the file."""
+    def check(spec: AllocationSpec) -> AllocationSpec:
+        pools = {p.name: p for p in cfg.pools}
+        pool = pools.get(spec.pool)
+        if pool is None:
+            raise ValueError(f"pool: {spec.pool!r} is not a pool of this configuration")
+        if not re.fullmatch(rf"{re.escape(pool.name)}-[0-9a-f]{{12}}", spec.id):
+            raise ValueError(f"id: {spec.id!r} is not an allocation id of pool {pool.name}")
+        if spec.socket_base != cfg.socket_root / spec.id or not spec.own_socket_base:
+            raise ValueError(f"socket_base: {str(spec.socket_base)!r} is not "
+                             f"{cfg.socket_root / spec.id} (socketRoot/<id>)")
+        pin_base = cfg.bpffs_root / spec.id if pool.pin_map != "socket" else None
+        if spec.pin_base != pin_base:
+            raise ValueError(f"pin_base: {str(spec.pin_base)!r} is not {pin_base} for pool "
+                             f"{pool.name} (pinMap {pool.pin_map})")
+        for i, netdev in enumerate(spec.netdevs):
+            if pool.virtual is not None:
+                ok = netdev in pool.virtual.names()
+            else:
+                ok = not pool.devices or any(p.fullmatch(netdev) for p in pool.devices)
+            if not ok:
+                raise ValueError(f"netdevs[{i}]: {netdev!r} is not a device of pool {pool.name}")
+        for netdev, record in spec.attached.items():
+            if record.get("netns") and not _NETNS_PATH.fullmatch(record["netns"]):
+                raise ValueError(f"attached.{netdev}.netns: {record['netns']!r} is not a "
+                                 "network namespace path a runtime gives (/run/netns/NAME, "
+                                 "/var/run/netns/NAME, /proc/PID/ns/net)")
+        return replace(
+            spec, uid=pool.uid, gid=pool.gid, mode=pool.socket_mode,
+            serve_socket=pool.pin_map != "pin", pin_placeholder=pool.pin_map == "both",
+            virtual_kind=pool.virtual.kind if pool.virtual else "",
+            virtual_bridge=pool.virtual.bridge if pool.virtual else "",
+            **{"program_object": "", "program_name": "", "program_source": "",
+               "program_kernel_headers": "", "program_map_keys": {}, **program_fields(pool)})
+
+    return check
