@@ -56,6 +56,9 @@ class Allocation:
     idle_timeout: float = 0.0  # seconds; 0: the server's default
     # pod-visible name -> netdev, for netdevs CNI ADD renamed (DPDK asks by that name)
     aliases: dict[str, str] = field(default_factory=dict)
+    # /xsk_socket may hand out unbound sockets (opt-in: see docs/security.md)
+    allow_unbound_xsk: bool = False
+    umem_limit: int = protocol.DEFAULT_UMEM_LIMIT  # bytes per /xsk_bound_socket
     # (netdev, queue) -> inode of the AF_XDP socket last handed out for it by
     # /xsk_socket: /xsk_bind only binds that very socket.
     _xsk_handouts: dict[tuple[str, int], int] = field(default_factory=dict)

@@ -7,6 +7,7 @@ socket, and the socket to bind is the very one handed out for that queue.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class Outcome:
     fd: int | None = None
     created: OwnedFd | None = None
     reason: str = ""
+    extra: OwnedFd | None = None  # a second new fd sent after ``fd`` (the UMEM memfd)
 
 
 class Broker:
@@ -41,12 +43,20 @@ class Broker:
                 return self._map_fd(allocation, grant)
             if grant.op is Op.XSK_SOCKET:
                 return self._xsk_socket(allocation, grant)
+            if grant.op is Op.XSK_BOUND:
+                return self._xsk_bound(allocation, grant)
             if grant.op is Op.XSK_BIND:
                 return self._xsk_bind(allocation, grant, received[0])
             return self._busy_poll(grant, received[0])
         except (OSError, ValueError) as e:
             log.warning("event=grant_failed op=%s netdev=%s queue=%d error=%r",
                         grant.op.value, grant.netdev, grant.queue, str(e))
+            if isinstance(e, xsk.XskError) and "rings of an AF_XDP socket bound" in str(e):
+                return Outcome(False, reason="kernel cannot map rings after bind")
+            if grant.op is Op.XSK_BOUND and isinstance(e, OSError) and e.errno == errno.EBUSY:
+                # Another socket holds the queue, or one just closed: the kernel
+                # frees a queue some milliseconds after its socket is released.
+                return Outcome(False, reason="queue busy")
             return Outcome(False, reason=f"{grant.op.value} failed")
 
     @staticmethod
@@ -67,6 +77,28 @@ class Broker:
             sock.close()
             raise
         return Outcome(True, created=sock, fd=sock.fileno())
+
+    @staticmethod
+    def _xsk_bound(allocation: Allocation, grant: Grant) -> Outcome:
+        """A socket the client can use but not re-bind: made, bound and put in the
+        XSKMAP here; sent with its UMEM memfd."""
+        name = allocation.resolve(grant.netdev)
+        device = allocation.netdevs[name]
+        sock = device.netns.run(xsk.create_socket)
+        try:
+            umem = xsk.make_bound(sock.fileno(), device.program.ifindex, grant.queue,
+                                  grant.frames, grant.frame_size)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            xsk.insert(device.program.map_fd, grant.queue, sock.fileno())
+            allocation.record_xsk(name, grant.queue, xsk.inode(sock.fileno()))
+        except BaseException:
+            sock.close()
+            umem.close()
+            raise
+        return Outcome(True, created=sock, fd=sock.fileno(), extra=umem)
 
     @staticmethod
     def _xsk_bind(allocation: Allocation, grant: Grant, sock: OwnedFd) -> Outcome:

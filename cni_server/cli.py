@@ -44,6 +44,7 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "pinDir": a.pin_dir, "controlSocket": a.control_socket, "idleTimeout": a.idle_timeout,
         "maxConnections": a.max_connections, "maxConnectionsPerSocket": a.max_connections_per_socket,
         "handshakeSpinUs": a.handshake_spin_us, "watchInterval": a.watch_interval,
+        "maxUmemBytes": a.max_umem_bytes,
         "bpfObject": a.bpf_object, "programName": a.program_name, "readyFile": a.ready_file,
         "logLevel": a.log_level,
         "logFormat": a.log_format, "metricsAddress": a.metrics_address,
@@ -53,6 +54,8 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         raw["forceReplace"] = True
     if a.no_peer_netns_check:
         raw["checkPeerNetns"] = False
+    if a.allow_unbound_xsk:
+        raw["allowUnboundXsk"] = True
     return raw
 
 
@@ -320,6 +323,17 @@ def cmd_receive(a: argparse.Namespace) -> int:
     try:
         if a.mode == "xsk":
             for q in queues:
+                sock, umem = client_mod.fetch_bound_xsk(path, a.netdev, q, a.frames, 2048,
+                                                        a.hostname)
+                try:
+                    r = XskReceiver.from_bound(sock, umem, frames=a.frames, frame_size=2048)
+                except BaseException:
+                    sock.close()
+                    umem.close()
+                    raise
+                receivers.append(r)
+        elif a.mode == "xsk-unbound":
+            for q in queues:
                 sock = client_mod.fetch_xsk_socket(path, a.netdev, q, a.hostname)
                 try:
                     r = XskReceiver(sock, **kw)
@@ -424,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-spin-us", type=int, metavar="US",
                    help="poll this long for a handshake's next request before yielding to "
                         "the event loop (default 50; 0: off)")
+    s.add_argument("--allow-unbound-xsk", action="store_true",
+                   help="let /xsk_socket hand out unbound AF_XDP sockets, which a client can "
+                        "bind to any netdev of its namespace (risky: see docs/security.md)")
+    s.add_argument("--max-umem-bytes", type=int, metavar="BYTES",
+                   help="most UMEM one daemon-made socket may have (default 64 MiB)")
     s.add_argument("--watch-interval", type=float, metavar="SECONDS",
                    help="check this often that each netdev still carries our program, and "
                         "put it back if not (default 1; 0: off)")
@@ -478,9 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the handout socket (default /tmp/afxdp_dp/<netdev>/afxdp.sock)")
     rc.add_argument("--netdev", required=True, help="the netdev to receive on")
     rc.add_argument("--queue", type=int, action="append", help="repeatable (default 0)")
-    rc.add_argument("--mode", choices=["map", "xsk", "pinned"], default="map",
-                    help="map: XSKMAP fd, own socket (CAP_NET_RAW); xsk: daemon-made socket, "
-                         "no capability; pinned: bpf_obj_get(--pin)")
+    rc.add_argument("--mode", choices=["map", "xsk", "xsk-unbound", "pinned"], default="map",
+                    help="map: XSKMAP fd, own socket (CAP_NET_RAW); xsk: a socket the daemon "
+                         "made and bound, no capability; xsk-unbound: an unbound socket the "
+                         "client has bound (only where the daemon allows it); pinned: "
+                         "bpf_obj_get(--pin)")
     rc.add_argument("--pin", help="pinned XSKMAP path (pinned mode)")
     rc.add_argument("--hostname", help="name sent in /connect (default: gethostname())")
     rc.add_argument("--count", type=int, default=1000, help="frames to wait for")

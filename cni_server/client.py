@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def is_xskmap(fd: int) -> bool:
 
 def is_af_xdp(fd: int) -> bool:
     return xsk.socket_domain(fd) == xsk.AF_XDP
+
+
+def _is_memfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
 
 
 def _connect_hint(err: int | None) -> str:
@@ -103,6 +111,15 @@ class Client:
 
     def request(self, text: str | bytes, fds: list[int] | None = None) -> tuple[str, OwnedFd | None]:
         """Send one datagram (optionally with fds) and read one reply (and its fd)."""
+        reply, got = self.request_fds(text, fds)
+        first = got[0] if got else None
+        for extra in got[1:]:
+            extra.close()
+        return reply, first
+
+    def request_fds(self, text: str | bytes, fds: list[int] | None = None
+                    ) -> tuple[str, list[OwnedFd]]:
+        """Send one datagram (optionally with fds); the reply and every fd it carried."""
         data = text.encode() if isinstance(text, str) else text
         if fds:
             self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -112,10 +129,7 @@ class Client:
         got = fds_from_ancillary(anc)
         if not reply and not got:
             raise HandshakeError(data.decode("ascii", "replace"), "", "server closed the connection")
-        first = got[0] if got else None
-        for extra in got[1:]:
-            extra.close()
-        return reply.decode("ascii", "replace"), first
+        return reply.decode("ascii", "replace"), got
 
     def _expect(self, text: str, want: str, fds: list[int] | None = None) -> OwnedFd | None:
         reply, fd = self.request(text, fds)
@@ -140,6 +154,22 @@ class Client:
 
     def xsk_socket(self, netdev: str, queue: int) -> OwnedFd:
         return self._want_fd(f"{p.XSK_SOCKET},{netdev},{queue}", is_af_xdp, "an AF_XDP socket")
+
+    def xsk_bound_socket(self, netdev: str, queue: int, frames: int, frame_size: int
+                         ) -> tuple[OwnedFd, OwnedFd]:
+        """Our extension: an AF_XDP socket the daemon made, sized, bound to netdev/queue
+        and put in the XSKMAP, and the memfd holding its UMEM."""
+        text = f"{p.XSK_BOUND_SOCKET},{netdev},{queue},{frames},{frame_size}"
+        reply, got = self.request_fds(text)
+        if reply != p.FD_ACK or len(got) != 2 or not is_af_xdp(got[0].fileno()) \
+                or not _is_memfd(got[1].fileno()):
+            for fd in got:
+                fd.close()
+            if reply != p.FD_ACK:
+                raise HandshakeError(text, reply)
+            raise UntrustedServer(text, reply, f"the server at {self.path} answered {text!r} "
+                                               "without an AF_XDP socket and a memfd")
+        return got[0], got[1]
 
     def xsk_bind(self, netdev: str, queue: int, sock_fd: int) -> None:
         self._no_fd(self._expect(f"{p.XSK_BIND},{netdev},{queue}", p.XSK_BIND_ACK, [sock_fd]))
@@ -196,6 +226,35 @@ def fetch_xsk_socket(path: str | Path, netdev: str, queue: int, hostname: str | 
                      timeout: float = 5.0) -> OwnedFd:
     """Our extension, step 1: an AF_XDP socket created by the daemon (not yet bound)."""
     return _fetch_fd(path, hostname, timeout, lambda c: c.xsk_socket(netdev, queue))
+
+
+def fetch_bound_xsk(path: str | Path, netdev: str, queue: int, frames: int, frame_size: int,
+                    hostname: str | None = None, timeout: float = 5.0, busy_wait: float = 0.5
+                    ) -> tuple[OwnedFd, OwnedFd]:
+    """Our extension, the default: (bound AF_XDP socket, its UMEM memfd).
+
+    The kernel frees a queue some milliseconds after the socket that held it is
+    closed (a client restarting at once finds it busy), so a refusal is retried
+    for up to ``busy_wait`` seconds before it is final."""
+    deadline = time.monotonic() + busy_wait
+    while True:
+        with Client(path, timeout) as c:
+            c.connect(hostname)
+            try:
+                sock, umem = c.xsk_bound_socket(netdev, queue, frames, frame_size)
+            except HandshakeError as e:
+                if e.reply != p.FD_NAK or time.monotonic() > deadline:
+                    raise
+                c.fin()
+                time.sleep(0.02)
+                continue
+            try:
+                c.fin()
+            except BaseException:
+                sock.close()
+                umem.close()
+                raise
+            return sock, umem
 
 
 def bind_xsk_socket(path: str | Path, netdev: str, queue: int, sock_fd: int,

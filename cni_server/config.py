@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from bpf.program import XdpMode
-from cni_server.protocol import valid_netdev_name
+from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
 
 DEFAULT_SOCKET_DIR = Path("/tmp/afxdp_dp")  # DPDK's default dp_path root
 DEFAULT_CONTROL_SOCKET = Path("/run/afxdp/control.sock")
@@ -62,6 +62,8 @@ class StandaloneConfig:
     log_format: str = "kv"
     metrics_address: str = ""  # host:port for /metrics, /healthz, /readyz; "": off
     watch_interval: float = 1.0  # seconds between checks that our programs are attached; 0: off
+    allow_unbound_xsk: bool = False  # /xsk_socket hands out unbound sockets (see docs/security.md)
+    max_umem_bytes: int = DEFAULT_UMEM_LIMIT  # per /xsk_bound_socket
 
 
 # YAML key -> (dataclass field, parser)
@@ -207,7 +209,9 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
                 raise ConfigError(f"{where}: {name!r} is not a BPF program (function) name")
             cfg.program_name = name
-        elif key in ("forceReplace", "checkPeerNetns"):
+        elif key == "maxUmemBytes":
+            cfg.max_umem_bytes = umem_limit(value, where)
+        elif key in ("forceReplace", "checkPeerNetns", "allowUnboundXsk"):
             setattr(cfg, known[key], _want(value, bool, where, "true or false"))
         elif key == "idleTimeout":
             cfg.idle_timeout = float(_positive(value, where, real=True))
@@ -235,6 +239,15 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
 
 
 MAX_HANDSHAKE_SPIN_US = 1000
+
+
+def umem_limit(value: object, where: str) -> int:
+    """Bytes of UMEM one /xsk_bound_socket may ask for: 4 KiB .. 4 GiB."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a number of bytes, got {value!r}")
+    if not 4096 <= value <= 2**32:
+        raise ConfigError(f"{where}: {value} is out of range (4096 to {2**32} bytes)")
+    return value
 
 
 def handshake_spin_us(value: object, where: str) -> int:

@@ -179,6 +179,7 @@ class StandaloneDaemon:
             xdp_mode=self.cfg.xdp_mode.value, uid=self.cfg.socket_uid, gid=self.cfg.socket_gid,
             mode=self.cfg.socket_mode, check_peer_netns=self.cfg.check_peer_netns,
             program_object=str(self.cfg.bpf_object or ""), program_name=self.cfg.program_name,
+            allow_unbound_xsk=self.cfg.allow_unbound_xsk, umem_limit=self.cfg.max_umem_bytes,
         ))
 
     def status(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ CONNECT = "/connect"
 VERSION = "/version"
 XSK_MAP_FD = "/xsk_map_fd"
 XSK_SOCKET = "/xsk_socket"
+XSK_BOUND_SOCKET = "/xsk_bound_socket"
 XSK_BIND = "/xsk_bind"
 BUSY_POLL = "/config_busy_poll"
 FIN = "/fin"
@@ -59,6 +60,11 @@ _UINT_RE = re.compile(r"[0-9]{1,10}")
 U32_MAX = 2**32 - 1
 INT_MAX = 2**31 - 1
 U16_MAX = 2**16 - 1
+# UMEM geometry a client may ask for with /xsk_bound_socket: frame sizes the
+# kernel takes in aligned mode, frame counts that are ring sizes (powers of two).
+FRAME_SIZES = (2048, 4096)
+MAX_FRAMES = 2**16
+DEFAULT_UMEM_LIMIT = 64 * 2**20
 
 
 def valid_netdev_name(name: str) -> bool:
@@ -71,6 +77,9 @@ class Op(enum.Enum):
 
     MAP_FD = "map_fd"  # attach the netdev's XSKMAP fd to grant.ok
     XSK_SOCKET = "xsk_socket"  # create an AF_XDP socket in the netdev's netns; attach it
+    # create an AF_XDP socket with a UMEM (memfd) and rings, bind it to netdev/queue,
+    # insert it into the XSKMAP; attach the socket and the memfd
+    XSK_BOUND = "xsk_bound_socket"
     XSK_BIND = "xsk_bind"  # bind the received socket to netdev/queue, insert into XSKMAP
     BUSY_POLL = "busy_poll"  # set SO_PREFER_BUSY_POLL/SO_BUSY_POLL/_BUDGET on received fd
 
@@ -109,6 +118,8 @@ class Grant:
     queue: int = 0
     timeout_us: int = 0
     budget: int = 0
+    frames: int = 0  # XSK_BOUND: UMEM frames (and ring size)
+    frame_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,16 @@ class Allocation(Protocol):
     def device(self, name: str) -> Device | None: ...
 
     def devices(self) -> Iterable[Device]: ...
+
+    @property
+    def allow_unbound_xsk(self) -> bool:
+        """Whether /xsk_socket may hand out an unbound socket (an explicit opt-in)."""
+        ...
+
+    @property
+    def umem_limit(self) -> int:
+        """Most UMEM bytes one /xsk_bound_socket may ask for."""
+        ...
 
 
 # Replies without a reason are the same every time: built once, not per request.
@@ -344,10 +365,37 @@ class Session:
         if parsed is None or request.nfds:
             return self._note(XSK_SOCKET, Reply(NAK, reason="malformed"), arg or "")
         netdev, queue = parsed
+        if not self.allocation.allow_unbound_xsk:
+            # An unbound AF_XDP socket can be bound to any netdev of its netns:
+            # raw frames anywhere, without CAP_NET_RAW.  Only by explicit opt-in.
+            return self._note(XSK_SOCKET, Reply(FD_NAK, reason="unbound sockets not allowed"),
+                              f"{netdev}:{queue}")
         checked = self._queue_check(XSK_SOCKET, f"{netdev}:{queue}", netdev, queue, FD_NAK)
         if isinstance(checked, Reply):
             return checked
         return Grant(Op.XSK_SOCKET, _FD_ACK, _FD_NAK, netdev=netdev, queue=queue)
+
+    def _xsk_bound_socket(self, arg: str | None, request: Request, size: int) -> Reply | Grant:
+        parts = arg.split(",") if arg is not None else []
+        if len(parts) != 4 or request.nfds or not parts[0] \
+                or not all(_UINT_RE.fullmatch(p) for p in parts[1:]):
+            return self._note(XSK_BOUND_SOCKET, Reply(NAK, reason="malformed"), arg or "")
+        netdev = parts[0]
+        queue, frames, frame_size = (int(p) for p in parts[1:])
+        label = f"{netdev}:{queue}:{frames}x{frame_size}"
+        if frame_size not in FRAME_SIZES or not 0 < frames <= MAX_FRAMES \
+                or frames & (frames - 1):
+            return self._note(XSK_BOUND_SOCKET, Reply(FD_NAK, reason="bad umem geometry"), label)
+        if frames * frame_size > self.allocation.umem_limit:
+            return self._note(XSK_BOUND_SOCKET, Reply(FD_NAK, reason="umem over the limit"),
+                              label)
+        if queue > U32_MAX:
+            return self._note(XSK_BOUND_SOCKET, Reply(NAK, reason="malformed"), label)
+        checked = self._queue_check(XSK_BOUND_SOCKET, label, netdev, queue, FD_NAK)
+        if isinstance(checked, Reply):
+            return checked
+        return Grant(Op.XSK_BOUND, _FD_ACK, _FD_NAK, netdev=netdev, queue=queue, frames=frames,
+                     frame_size=frame_size)
 
     def _xsk_bind(self, arg: str | None, request: Request, size: int) -> Reply | Grant:
         parsed = self._netdev_queue(arg)
@@ -391,9 +439,10 @@ _HANDLERS = {
     VERSION: Session._version,
     XSK_MAP_FD: Session._map_fd,
     XSK_SOCKET: Session._xsk_socket,
+    XSK_BOUND_SOCKET: Session._xsk_bound_socket,
     XSK_BIND: Session._xsk_bind,
     BUSY_POLL: Session._busy_poll,
 }
 _GRANT_VERB = {Op.MAP_FD: XSK_MAP_FD, Op.XSK_SOCKET: XSK_SOCKET, Op.XSK_BIND: XSK_BIND,
-               Op.BUSY_POLL: BUSY_POLL}
+               Op.XSK_BOUND: XSK_BOUND_SOCKET, Op.BUSY_POLL: BUSY_POLL}
 _GRANTING = set(_GRANT_VERB.values())

@@ -15,7 +15,6 @@ memory writes, ordered on x86-64; this is a test and demo tool, not a data path.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import select
 import struct
@@ -27,8 +26,6 @@ from cni_server import xsk
 from cni_server.fds import OwnedFd
 
 # struct xdp_mmap_offsets: rx, tx, fr, cr rings, each (producer, consumer, desc, flags)
-_OFFSETS = struct.Struct("=16Q")
-_UMEM_REG = struct.Struct("=QQIIII")  # addr, len, chunk_size, headroom, flags, tx_metadata_len
 _STATS = struct.Struct("=6Q")
 _U32 = 0xFFFFFFFF
 
@@ -78,22 +75,27 @@ class XskReceiver:
 
     def __init__(self, sock: OwnedFd, *, frames: int = 2048, frame_size: int = 2048,
                  ring_size: int = 2048, tx_frames: int = 0) -> None:
+        self._init(sock, frames, frame_size, ring_size, tx_frames)
+        try:
+            self._setup(ring_size)
+        except BaseException:
+            self._unmap()
+            raise
+
+    def _init(self, sock: OwnedFd, frames: int, frame_size: int, ring_size: int,
+              tx_frames: int) -> None:
         if frames & (frames - 1) or ring_size & (ring_size - 1):
             raise ValueError("frames and ring_size must be powers of two")
         if not 0 <= tx_frames < frames or tx_frames > ring_size:
             raise ValueError("tx_frames must be fewer than frames and at most ring_size")
         self.sock = sock
+        self.umem_fd: OwnedFd | None = None  # the daemon's memfd (from_bound), ours to close
         self.frame_size = frame_size
         self.frames = frames
         self.tx_frames = tx_frames
         self._tx_free = [(frames - tx_frames + i) * frame_size for i in range(tx_frames)]
         self._rings: list[_Ring] = []
         self._umem: mmap.mmap | None = None
-        try:
-            self._setup(ring_size)
-        except BaseException:
-            self._unmap()
-            raise
 
     @classmethod
     def with_own_socket(cls, **kw: int) -> XskReceiver:
@@ -105,25 +107,38 @@ class XskReceiver:
             sock.close()
             raise
 
+    @classmethod
+    def from_bound(cls, sock: OwnedFd, umem: OwnedFd, *, frames: int, frame_size: int,
+                   tx_frames: int = 0) -> XskReceiver:
+        """A socket the daemon made, sized and bound (/xsk_bound_socket), with its UMEM
+        memfd: map both and start receiving.  Needs no capability and no memlock."""
+        rx = cls.__new__(cls)
+        rx._init(sock, frames, frame_size, frames, tx_frames)
+        try:
+            rx._umem = mmap.mmap(umem.fileno(), frames * frame_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            rx._map_rings(frames, frames)
+        except BaseException:
+            rx._unmap()
+            raise
+        rx.umem_fd = umem
+        return rx
+
     def _setup(self, ring_size: int) -> None:
         fd = self.sock.fileno()
         size = self.frames * self.frame_size
         self._umem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                mmap.PROT_READ | mmap.PROT_WRITE)
-        anchor = (ctypes.c_char * size).from_buffer(self._umem)
-        addr = ctypes.addressof(anchor)
-        del anchor  # release the buffer export so the mmap can be closed later
-        xsk.setsockopt_bytes(fd, xsk.SOL_XDP, xsk.XDP_UMEM_REG,
-                             _UMEM_REG.pack(addr, size, self.frame_size, 0, 0, 0),
-                             "registering UMEM (RLIMIT_MEMLOCK too low without CAP_IPC_LOCK?)")
+        xsk.register_umem(fd, self._umem, self.frame_size)
         fill_size = max(ring_size, self.frames)
-        for name, entries in ((xsk.XDP_UMEM_FILL_RING, fill_size),
-                              (xsk.XDP_UMEM_COMPLETION_RING, ring_size),
-                              (xsk.XDP_RX_RING, ring_size), (xsk.XDP_TX_RING, ring_size)):
-            xsk.setsockopt_int(fd, xsk.SOL_XDP, name, entries, f"sizing ring {name}")
-        raw = xsk.getsockopt_bytes(fd, xsk.SOL_XDP, xsk.XDP_MMAP_OFFSETS, _OFFSETS.size,
+        xsk.size_rings(fd, fill_size, ring_size, ring_size, ring_size)
+        self._map_rings(ring_size, fill_size)
+
+    def _map_rings(self, ring_size: int, fill_size: int) -> None:
+        fd = self.sock.fileno()
+        raw = xsk.getsockopt_bytes(fd, xsk.SOL_XDP, xsk.XDP_MMAP_OFFSETS, xsk.MMAP_OFFSETS.size,
                                    "reading ring offsets")
-        v = _OFFSETS.unpack(raw)
+        v = xsk.MMAP_OFFSETS.unpack(raw)
         rx, tx, fr, cr = (RingOffsets(*v[i: i + 4]) for i in range(0, 16, 4))
         self.rx = self._map(fd, xsk.XDP_PGOFF_RX_RING, rx, ring_size, 2)
         self.tx = self._map(fd, xsk.XDP_PGOFF_TX_RING, tx, ring_size, 2)
@@ -229,6 +244,8 @@ class XskReceiver:
         """Close the socket first (the kernel stops writing), then unmap."""
         self.sock.close()
         self._unmap()
+        if self.umem_fd is not None:
+            self.umem_fd.close()
 
     def __enter__(self) -> XskReceiver:
         return self

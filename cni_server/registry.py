@@ -43,7 +43,7 @@ from cni_server.metrics import Metrics
 from cni_server.netdev import bring_home, link_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.ownership import Claims
-from cni_server.protocol import valid_netdev_name
+from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
 from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
@@ -80,6 +80,8 @@ class AllocationSpec:
     pool: str = ""
     owner: str = ""
     idle_timeout: float = 0.0
+    allow_unbound_xsk: bool = False  # /xsk_socket hands out unbound sockets (opt-in)
+    umem_limit: int = DEFAULT_UMEM_LIMIT  # bytes one /xsk_bound_socket may ask for
     # A custom XDP program (pool setting): its BPF object or C source (bcc) and
     # program name; "" for ours.
     program_object: str = ""
@@ -440,7 +442,8 @@ class Registry:
                 id=spec.id, netdevs=devices, hostnames_allowed=spec.hostnames,
                 socket_paths=spec.socket_paths(), check_peer_netns=spec.check_peer_netns,
                 pool=spec.pool, owner=spec.owner, idle_timeout=spec.idle_timeout,
-                aliases=aliases,
+                aliases=aliases, allow_unbound_xsk=spec.allow_unbound_xsk,
+                umem_limit=spec.umem_limit,
             )
             self.server.serve(allocation, mode=spec.mode, uid=spec.uid, gid=spec.gid)
             undo.callback(_undo_step, self.server.stop_serving, spec.id)

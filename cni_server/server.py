@@ -499,20 +499,24 @@ class HandoutServer:
                 reply = decision
         except Exception:  # a bug in our code must not take the daemon down
             log.exception("event=session_error socket=%s", conn.listener.path)
-            if outcome is not None and outcome.created is not None:
-                outcome.created.close()
+            if outcome is not None:
+                _close_created(outcome)
             self._close(conn, "internal error")
             return False
         finally:
             close_all(fds)
         try:
-            fd = outcome.fd if outcome is not None and outcome.ok else None
-            kind = "xsk_socket" if isinstance(decision, protocol.Grant) and \
-                decision.op is protocol.Op.XSK_SOCKET else "xsk_map"
-            sent = self._send(conn, reply.text, fd, kind)
+            send_fds: list[int] = []
+            if outcome is not None and outcome.ok and outcome.fd is not None:
+                send_fds.append(outcome.fd)
+                if outcome.extra is not None:
+                    send_fds.append(outcome.extra.fileno())
+            kind = "xsk_socket" if isinstance(decision, protocol.Grant) and decision.op in (
+                protocol.Op.XSK_SOCKET, protocol.Op.XSK_BOUND) else "xsk_map"
+            sent = self._send(conn, reply.text, send_fds, kind)
         finally:
-            if outcome is not None and outcome.created is not None:
-                outcome.created.close()
+            if outcome is not None:
+                _close_created(outcome)
         key = reply.reason or reply.text
         self.counters.replies[key] = self.counters.replies.get(key, 0) + 1
         verb = session.steps[-1].verb if session.steps else "?"
@@ -524,14 +528,15 @@ class HandoutServer:
             return False
         return True
 
-    def _send(self, conn: Connection, text: str, fd: int | None, kind: str = "") -> bool:
+    def _send(self, conn: Connection, text: str, fds: list[int], kind: str = "") -> bool:
         payload = text.encode()
         try:
-            if fd is None:
+            if not fds:
                 conn.sock.send(payload, _DONTWAIT)
             else:
+                # One SCM_RIGHTS message; DPDK reads its first fd.
                 conn.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               array.array("i", [fd]))], _DONTWAIT)
+                                               array.array("i", fds))], _DONTWAIT)
                 self.counters.fds_sent += 1
                 self.metrics.fds.inc(kind)
         except BlockingIOError:
@@ -603,6 +608,13 @@ class HandoutServer:
             "idle_closed": self.counters.idle_closed,
             "longest_wakeup": self.counters.longest_wakeup,
         }
+
+
+def _close_created(outcome: Outcome) -> None:
+    """The fds a grant made for its reply are closed once the reply is sent (or not)."""
+    for made in (outcome.created, outcome.extra):
+        if made is not None:
+            made.close()
 
 
 def _clear_stale_socket(path: Path) -> None:

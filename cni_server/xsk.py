@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import mmap
 import os
 import socket
 import struct
@@ -117,7 +119,67 @@ def setsockopt_bytes(fd: int, level: int, name: int, data: bytes, what: str) -> 
         _raise(what)
 
 
+UMEM_REG = struct.Struct("=QQIIII")  # addr, len, chunk_size, headroom, flags, tx_metadata_len
+MMAP_OFFSETS = struct.Struct("=16Q")  # rx, tx, fill, completion: producer, consumer, desc, flags
 _SOCKADDR_XDP = struct.Struct("=HHIII")  # family, flags, ifindex, queue_id, shared_umem_fd
+
+
+def register_umem(fd: int, umem: mmap.mmap, frame_size: int) -> None:
+    """XDP_UMEM_REG with the pages of ``umem`` (a mapping of ours); the kernel pins them."""
+    anchor = (ctypes.c_char * len(umem)).from_buffer(umem)
+    addr = ctypes.addressof(anchor)
+    del anchor  # release the buffer export so the mmap can be closed later
+    setsockopt_bytes(fd, SOL_XDP, XDP_UMEM_REG, UMEM_REG.pack(addr, len(umem), frame_size,
+                                                              0, 0, 0),
+                     "registering UMEM (RLIMIT_MEMLOCK too low without CAP_IPC_LOCK?)")
+
+
+def size_rings(fd: int, fill: int, completion: int, rx: int, tx: int) -> None:
+    for name, entries in ((XDP_UMEM_FILL_RING, fill), (XDP_UMEM_COMPLETION_RING, completion),
+                          (XDP_RX_RING, rx), (XDP_TX_RING, tx)):
+        setsockopt_int(fd, SOL_XDP, name, entries, f"sizing ring {name} to {entries}")
+
+
+def make_bound(fd: int, ifindex: int, queue: int, frames: int, frame_size: int) -> OwnedFd:
+    """The daemon's side of /xsk_bound_socket, on a fresh AF_XDP socket ``fd``.
+
+    UMEM in a memfd of ours (sealed: its size cannot change), every ring sized to
+    ``frames``, the socket bound to (ifindex, queue).  The client gets the socket
+    and the memfd and maps both; it can use the socket but never bind it
+    elsewhere (a bound socket refuses a second bind).  Returns the memfd.
+    """
+    size = frames * frame_size
+    memfd = OwnedFd(os.memfd_create("afxdp-umem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+    try:
+        os.ftruncate(memfd.fileno(), size)
+        fcntl.fcntl(memfd.fileno(), fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        with mmap.mmap(memfd.fileno(), size, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE) as umem:
+            register_umem(fd, umem, frame_size)
+        size_rings(fd, frames, frames, frames, frames)
+        bind(fd, ifindex, queue)
+        _check_rings_mappable(fd)
+    except BaseException:
+        memfd.close()
+        raise
+    return memfd
+
+
+def _check_rings_mappable(fd: int) -> None:
+    """Kernels before the "allow remap of rings after bind" change in net/xdp/xsk.c
+    refuse to map a bound socket's rings: then the client could not use it."""
+    try:
+        ring = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ,
+                         offset=XDP_PGOFF_RX_RING)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        raise XskError(errno.EBUSY, "this kernel does not let a client map the rings of an "
+                                    "AF_XDP socket bound by the daemon (it needs the 'allow "
+                                    "remap of rings after bind' change); use map mode with "
+                                    "CAP_NET_RAW instead") from e
+    ring.close()
 
 
 def bind(fd: int, ifindex: int, queue: int, flags: int = 0, shared_umem_fd: int = 0) -> None:

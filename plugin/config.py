@@ -26,7 +26,9 @@ from cni_server.config import (
     choice,
     handshake_spin_us,
     parse_mode,
+    umem_limit,
 )
+from cni_server.protocol import DEFAULT_UMEM_LIMIT
 from cni_server.virtual import host_end
 
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -57,6 +59,9 @@ class PoolConfig:
     program: ProgramSpec | None = None
     program_map_keys: dict[str, list[int]] = field(default_factory=dict)
     virtual: VirtualConfig | None = None
+    # /xsk_socket may hand out unbound AF_XDP sockets (see docs/security.md)
+    allow_unbound_xsk: bool = False
+    max_umem_bytes: int = DEFAULT_UMEM_LIMIT  # per /xsk_bound_socket
 
     @property
     def program_name(self) -> str:
@@ -107,7 +112,7 @@ _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
     "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
-    "program", "virtual",
+    "program", "virtual", "allowUnboundXsk", "maxUmemBytes",
 }
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 VIRTUAL_KINDS = ("auto", "veth", "netkit")
@@ -237,6 +242,10 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             pool.program, pool.program_map_keys = _program(value, at)
         elif key == "virtual":
             pool.virtual = _virtual(value, at, name)
+        elif key == "allowUnboundXsk":
+            pool.allow_unbound_xsk = _bool(value, at)
+        elif key == "maxUmemBytes":
+            pool.max_umem_bytes = umem_limit(value, at)
     selectors = pool.devices or pool.drivers or pool.pci_addresses or pool.macs
     if pool.virtual is not None and selectors:
         raise ConfigError(f"{where}: a virtual pool creates its devices: it takes no devices, "

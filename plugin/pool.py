@@ -118,6 +118,7 @@ class PoolBackend:
             xdp_mode=pool.xdp_mode.value, queues=pool.queues, uid=pool.uid, gid=pool.gid,
             mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
             idle_timeout=pool.uds_idle_timeout,
+            allow_unbound_xsk=pool.allow_unbound_xsk, umem_limit=pool.max_umem_bytes,
             **program_fields(pool),
             virtual_kind=pool.virtual.kind if pool.virtual else "",
             virtual_bridge=pool.virtual.bridge if pool.virtual else "",
@@ -223,6 +224,7 @@ def restored_spec_check(cfg: PluginConfig) -> Callable[[AllocationSpec], Allocat
                                  "/var/run/netns/NAME, /proc/PID/ns/net)")
         return replace(
             spec, uid=pool.uid, gid=pool.gid, mode=pool.socket_mode,
+            allow_unbound_xsk=pool.allow_unbound_xsk, umem_limit=pool.max_umem_bytes,
             serve_socket=pool.pin_map != "pin", pin_placeholder=pool.pin_map == "both",
             virtual_kind=pool.virtual.kind if pool.virtual else "",
             virtual_bridge=pool.virtual.bridge if pool.virtual else "",

@@ -66,7 +66,7 @@ def main() -> int:
             clients = [
                 ("XSKMAP fd over the socket (DPDK use_cni)", ("net_raw", "ipc_lock"),
                  ["--socket", str(sock), "--mode", "map"]),
-                ("daemon-made AF_XDP socket (/xsk_socket + /xsk_bind)", (),
+                ("AF_XDP socket made, bound and put in the map by the daemon (/xsk_bound_socket)", (),
                  ["--socket", str(sock), "--mode", "xsk"]),
                 ("pinned XSKMAP (DPDK use_pinned_map)", ("net_raw", "ipc_lock"),
                  ["--mode", "pinned", "--pin", str(pin)]),

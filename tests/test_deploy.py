@@ -106,7 +106,7 @@ def test_probes_and_port_match_the_metrics_address() -> None:
 def test_daemon_runs_with_exactly_the_capabilities_it_needs_and_unprivileged() -> None:
     sc = daemon_container()["securityContext"]
     assert sc["privileged"] is False and sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"]["add"]) == {"BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN",
+    assert set(sc["capabilities"]["add"]) == {"BPF", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "SYS_ADMIN",
                                               "SYS_PTRACE", "CHOWN", "FOWNER"}
     spec = find("DaemonSet", "afxdp")["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True and not spec.get("hostPID")

@@ -23,6 +23,8 @@ class Alloc:
         "eth1": Device("eth1", NETNS, 4), "eth2": Device("eth2", NETNS, 4)})
     hosts: frozenset[str] = frozenset({HOST})
     check_peer_netns: bool = True
+    allow_unbound_xsk: bool = True
+    umem_limit: int = 64 * 2**20
 
     def host_allowed(self, hostname: str) -> bool:
         return hostname in self.hosts
@@ -276,6 +278,43 @@ def test_xsk_socket_beyond_the_queue_count_gets_fd_nak() -> None:
     s = connected()
     out = s.handle(req("/xsk_socket,eth1,4"))
     assert isinstance(out, Reply) and (out.text, out.reason) == ("/fd_nak", "queue out of range")
+
+
+def test_xsk_socket_is_refused_unless_the_allocation_opted_in_to_unbound_sockets() -> None:
+    s = connected(Alloc(allow_unbound_xsk=False))
+    out = s.handle(req("/xsk_socket,eth1,0"))
+    assert isinstance(out, Reply)
+    assert (out.text, out.reason) == ("/fd_nak", "unbound sockets not allowed")
+
+
+def test_xsk_bound_socket_grants_a_bound_socket_with_its_umem_geometry() -> None:
+    s = connected(Alloc(allow_unbound_xsk=False))
+    g = s.handle(req("/xsk_bound_socket,eth1,3,4096,2048"))
+    assert isinstance(g, Grant)
+    assert (g.op, g.netdev, g.queue, g.frames, g.frame_size, g.ok.text, g.fail.text) == (
+        Op.XSK_BOUND, "eth1", 3, 4096, 2048, "/fd_ack", "/fd_nak")
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("/xsk_bound_socket,eth1,0,4096,1024", "bad umem geometry"),  # frame size
+    ("/xsk_bound_socket,eth1,0,3000,2048", "bad umem geometry"),  # not a power of two
+    ("/xsk_bound_socket,eth1,0,0,2048", "bad umem geometry"),
+    ("/xsk_bound_socket,eth1,0,131072,2048", "bad umem geometry"),  # over MAX_FRAMES
+    ("/xsk_bound_socket,eth1,0,65536,4096", "umem over the limit"),  # 256 MiB > 64 MiB
+    ("/xsk_bound_socket,eth1,4,64,2048", "queue out of range"),
+    ("/xsk_bound_socket,eth7,0,64,2048", "netdev not in allocation"),
+])
+def test_xsk_bound_socket_refuses_what_it_cannot_or_may_not_make(text: str, why: str) -> None:
+    s = connected()
+    out = s.handle(req(text))
+    assert isinstance(out, Reply) and (out.text, out.reason) == ("/fd_nak", why)
+
+
+@pytest.mark.parametrize("text", ["/xsk_bound_socket,eth1,0,64", "/xsk_bound_socket,eth1,0,64,x",
+                                  "/xsk_bound_socket,,0,64,2048",
+                                  "/xsk_bound_socket,eth1,0,64,2048,1"])
+def test_a_malformed_xsk_bound_socket_gets_nak(text: str) -> None:
+    assert reply(connected(), text) == "/nak"
 
 
 def test_xsk_bind_with_one_fd_grants_the_bind() -> None:

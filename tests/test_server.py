@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -31,8 +32,9 @@ from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from cni_server.netdev import link_info
 from cni_server.netns import Netns
-from cni_server.receiver import XskReceiver
+from cni_server.receiver import XskReceiver, receive_all
 from cni_server.server import HandoutServer, Limits, ServerError
+from cni_server.traffic import send_frames
 from tests.kernel import NsFixture
 
 pytestmark = pytest.mark.kernel
@@ -65,7 +67,7 @@ class Served:
 
 @contextlib.contextmanager
 def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), queues: int = 1,
-          limits: Limits | None = None) -> Iterator[Served]:
+          limits: Limits | None = None, unbound: bool = False) -> Iterator[Served]:
     peers = {"va": "vb", "vc": "vd"}
     for dev in netdevs:
         ns.veth(dev, peers[dev], queues=queues)
@@ -83,7 +85,7 @@ def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), q
             alloc = Allocation(
                 id="test", socket_paths=(sockdir / "afxdp.sock",),
                 netdevs={p.netdev: AllocatedDevice(p.netdev, p, here) for p in programs},
-                hostnames_allowed=frozenset({HOST}),
+                hostnames_allowed=frozenset({HOST}), allow_unbound_xsk=unbound,
             )
             served = Served(sockdir / "afxdp.sock", server, loop, alloc)
             served.on_loop(lambda: server.serve(alloc, mode=0o666))
@@ -102,6 +104,13 @@ def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), q
 @pytest.fixture
 def served(netns: NsFixture, tmp_path: Path) -> Iterator[Served]:
     with serve(netns, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def served_unbound(netns: NsFixture, tmp_path: Path) -> Iterator[Served]:
+    """An allocation that opted in to handing out unbound sockets (/xsk_socket)."""
+    with serve(netns, tmp_path, unbound=True) as s:
         yield s
 
 
@@ -422,7 +431,9 @@ def test_total_limit_evicts_across_sockets(netns: NsFixture, tmp_path: Path) -> 
 # -- our extension and busy poll -------------------------------------------------------------------
 
 
-def test_xsk_socket_then_bind_inserts_the_daemons_socket(served: Served, netns: NsFixture) -> None:
+def test_xsk_socket_then_bind_inserts_the_daemons_socket(served_unbound: Served,
+                                                        netns: NsFixture) -> None:
+    served = served_unbound
     with netns.entered(), Client(served.path) as c:
         c.connect()
         sock = c.xsk_socket("va", 0)
@@ -433,7 +444,30 @@ def test_xsk_socket_then_bind_inserts_the_daemons_socket(served: Served, netns: 
                 c.xsk_bind("va", 0, rx.sock.fileno())  # already bound
 
 
-def test_xsk_bind_refuses_a_socket_it_did_not_hand_out(served: Served, netns: NsFixture) -> None:
+def test_a_bound_socket_receives_with_no_capability_and_cannot_be_bound_elsewhere(
+        served: Served, netns: NsFixture) -> None:
+    """The default zero-capability flow: the client gets a socket the daemon bound to
+    the granted queue (and its UMEM), never one it could point at another netdev."""
+    with netns.entered():
+        with Client(served.path) as c:
+            c.connect()
+            with pytest.raises(HandshakeError, match="/fd_nak"):
+                c.xsk_socket("va", 0)  # unbound sockets: not without the opt-in
+            sock, umem = c.xsk_bound_socket("va", 0, 64, 2048)
+        with XskReceiver.from_bound(sock, umem, frames=64, frame_size=2048) as rx:
+            with pytest.raises(OSError) as bound:
+                xsk.bind(rx.sock.fileno(), socket.if_nametoindex("vb"), 0)
+            assert bound.value.errno == errno.EBUSY
+            with pytest.raises(OSError) as reg:
+                xsk.size_rings(rx.sock.fileno(), 64, 64, 64, 64)
+            assert reg.value.errno == errno.EBUSY
+            assert send_frames("vb", 50) == 50
+            assert receive_all([rx], 50, 5) == 50
+
+
+def test_xsk_bind_refuses_a_socket_it_did_not_hand_out(served_unbound: Served,
+                                                       netns: NsFixture) -> None:
+    served = served_unbound
     with netns.entered(), Client(served.path) as c:
         c.connect()
         c.xsk_socket("va", 0).close()
@@ -452,7 +486,8 @@ def test_xsk_bind_refuses_a_socket_it_did_not_hand_out(served: Served, netns: Ns
 def test_busy_poll_is_set_on_an_af_xdp_socket_only(served: Served, netns: NsFixture) -> None:
     with netns.entered(), Client(served.path) as c:
         c.connect()
-        sock = c.xsk_socket("va", 0)
+        sock, umem = c.xsk_bound_socket("va", 0, 64, 2048)
+        umem.close()
         with sock:
             c.config_busy_poll(sock.fileno(), 20, 64)
             s = socket.socket(xsk.AF_XDP, socket.SOCK_RAW, 0, fileno=os.dup(sock.fileno()))
@@ -521,9 +556,13 @@ def test_no_fd_leak_after_thousands_of_good_and_bad_sessions(served: Served, net
         for i in range(250):
             with fetch_map_fd(served.path, "va"):
                 pass
-            with Client(served.path) as c:  # daemon-made socket, never bound
+            with Client(served.path) as c:  # daemon-made socket and UMEM, never mapped
                 c.connect()
-                c.xsk_socket("va", 0).close()
+                # The kernel frees a closed socket's queue a few ms later: the next
+                # one may find it busy (/fd_nak): both paths must leak nothing.
+                with contextlib.suppress(HandshakeError):
+                    for fd in c.xsk_bound_socket("va", 0, 64, 2048):
+                        fd.close()
             with raw(served.path) as s:
                 kind = i % 5
                 if kind == 0:
