@@ -238,7 +238,8 @@ def verify_programs(cfg: PluginConfig) -> None:
                 except BpfError as e:
                     raise BpfError(f"pool {pool.name}: program {spec.name!r} from "
                                    f"{spec.origin} cannot be used: {e}") from e
-                log.info("event=program_verified pool=%s %s program=%s", pool.name,
-                         spec.origin.replace(" ", "=", 1), spec.name)
+                kind, _, where = spec.origin.partition(" ")  # "object PATH" / "source PATH"
+                log.info(f"event=program_verified pool=%s {kind}=%s program=%s", pool.name,
+                         where, spec.name)
         finally:
             ipr.link("del", ifname=scratch)  # takes its peer along
