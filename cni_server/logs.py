@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 _BARE = re.compile(r"[A-Za-z0-9._:/@+,\-]+")
+_TOKEN = re.compile(r"[A-Za-z0-9._:@+\-]*")  # what quote() would leave as it is
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
 
 
@@ -37,7 +38,8 @@ def esc(value: object) -> str:
 def esc_token(value: object) -> str:
     """Percent-encoding for a piece of a composite value (e.g. a step's argument in
     ``steps=/verb(arg)=result,...``): no space, quote, ``=``, ``,`` or paren survives."""
-    return quote(str(value), safe="._:@+-")
+    text = str(value)
+    return text if _TOKEN.fullmatch(text) else quote(text, safe="._:@+-")
 
 
 class _Escaped(str):
