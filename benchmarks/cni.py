@@ -50,7 +50,8 @@ def timed(argv: list[str], env: dict[str, str], conf: dict[str, Any]) -> float:
 def measure(argv: list[str], conf: dict[str, Any], pod_ns: Path, runs: int
             ) -> dict[str, float]:
     env = {"CNI_CONTAINERID": "bench", "CNI_NETNS": str(pod_ns), "CNI_IFNAME": "net1",
-           "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin"}
+           "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin",
+           "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench"}
     add, dele = [], []
     for _ in range(runs):
         add.append(timed(argv, dict(env, CNI_COMMAND="ADD"), conf))
@@ -86,6 +87,7 @@ def main() -> int:
                 try:
                     kubelet.wait_devices(RESOURCE, lambda d: "p0" in d)
                     kubelet.allocate(RESOURCE, ["p0"])
+                    kubelet.add_pod("default", "bench", RESOURCE, ["p0"])  # admitted
                     ours = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
                             "deviceID": "p0", "daemonSocket": str(work / "cni.sock")}
                     res["afxdp"] = measure(

@@ -43,7 +43,9 @@ from tests.load import pct
 
 def cni(node_cmd: list[str], command: str, conf: dict[str, Any], pod_ns: Path, cid: str) -> None:
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": str(pod_ns),
-           "CNI_IFNAME": "net1", "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin"}
+           "CNI_IFNAME": "net1", "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin",
+           # the pod, as the runtime names it (here the container id is the pod's name)
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}
     proc = subprocess.run(node_cmd, input=json.dumps(conf).encode(), env=env,
                           capture_output=True)
     if proc.returncode != 0:

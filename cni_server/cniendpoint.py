@@ -25,6 +25,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info
 from cni_server.netns import Netns
@@ -43,6 +44,11 @@ NAME_TAKEN = 103
 CHECK_FAILED = 104
 MOVE_FAILED = 105
 BAD_REQUEST = 106
+NOT_OWNER = 109
+
+# Asked before a device moves: may pod (namespace, name) have this allocation?
+# Returns why not ("" when it may).
+OwnerCheck = Callable[[Allocation, str, str], Awaitable[str]]
 
 
 class CniError(Exception):
@@ -98,9 +104,13 @@ def _configure(name: str, new_name: str, mtu: int, ipam: dict[str, Any] | None) 
 
 
 class CniEndpoint:
-    def __init__(self, path: Path, registry: Registry) -> None:
+    def __init__(self, path: Path, registry: Registry, check_owner: OwnerCheck | None = None
+                 ) -> None:
         self.path = path
         self.registry = registry
+        # The config a CNI ADD carries is written by tenants (NADs): which device it
+        # names proves nothing; the pod the runtime names must own the allocation.
+        self.check_owner = check_owner
         self._sock: socket.socket | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -213,7 +223,19 @@ class CniEndpoint:
         if not netdev or not cid or not cni_ifname or len(fds) != 1:
             raise CniError(BAD_REQUEST, "add needs deviceID, containerID, ifname and a netns fd")
         target_name = cni_ifname if req.get("rename") else netdev
+        pod: dict[str, Any] = req["pod"] if isinstance(req.get("pod"), dict) else {}
+        namespace, pod_name = str(pod.get("namespace") or ""), str(pod.get("name") or "")
         async with self._lock(netdev):
+            alloc_id, _device = self._allocated(netdev)
+            if self.check_owner is not None:
+                if not namespace or not pod_name:
+                    raise CniError(NOT_OWNER, "CNI_ARGS names no pod (K8S_POD_NAMESPACE, "
+                                   "K8S_POD_NAME): cannot check who may have the device")
+                why = await self.check_owner(self.registry.allocations[alloc_id], namespace,
+                                             pod_name)
+                if why:
+                    raise CniError(NOT_OWNER, f"device {netdev!r} is not allocated to pod "
+                                   f"{namespace}/{pod_name}", why)
             with self.registry.moving(netdev):
                 alloc_id, device = self._allocated(netdev)
                 home = self.registry.netns

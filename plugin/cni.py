@@ -14,14 +14,24 @@ besides the standard ones: ``deviceID`` (or ``runtimeConfig.deviceID``),
 ``ipam`` (delegated), ``rename`` (false: keep the device's name; true: rename
 it to CNI_IFNAME, restored on DEL), ``mtu``, ``daemonSocket``, ``logFile``.
 See docs/cni.md.
+
+The config is tenant input (NetworkAttachmentDefinitions are written by
+namespace users): ``runtimeConfig.deviceID`` (set by the runtime from the
+device plugin's allocation) wins over a config value, the daemon checks that
+the pod named in ``CNI_ARGS`` owns the device, ``logFile`` can only name a file
+in ``LOG_DIR``, and the daemon at ``daemonSocket`` must run as root.
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import json
 import os
+import re
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +40,11 @@ from typing import IO, Any
 SUPPORTED_VERSIONS = ["1.0.0", "1.1.0"]
 DEFAULT_DAEMON_SOCKET = "/run/afxdp/cni.sock"
 DAEMON_TIMEOUT = 30.0
+# Where logFile may write: fixed by the node's installation, never by a config.
+LOG_DIR = "/var/log/afxdp"
+_NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd (linux/nsfs.h)
+_CLONE_NEWNET = 0x40000000
+_BARE = re.compile(r"[A-Za-z0-9._:/@+,\-]+")
 
 # CNI spec error codes, then ours (100+, docs/cni.md).
 INCOMPATIBLE_VERSION = 1
@@ -40,6 +55,7 @@ TRY_AGAIN = 11
 NOT_AVAILABLE = 50
 DAEMON_UNREACHABLE = 107
 IPAM_FAILED = 108
+UNTRUSTED_DAEMON = 110
 
 REQUIRED_ENV = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
@@ -63,11 +79,72 @@ class Log:
         self.stream = stream
 
     def __call__(self, event: str, **kv: object) -> None:
-        fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
-                          for k, v in kv.items())
+        # Values come from the config and the environment: escaped, so none can
+        # forge a field or a line.
+        fields = " ".join(f"{k}={_esc(v)}" for k, v in kv.items())
         ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stream.write(f"ts={ts} plugin=afxdp event={event} {fields}\n")
         self.stream.flush()
+
+
+def _esc(value: object) -> str:
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+def open_log(name: object) -> Log:
+    """``logFile``: a file in LOG_DIR (a bare name, or LOG_DIR/<name>), appended to,
+    never through a symlink; LOG_DIR is created (0750) if missing and must be a
+    directory only root can write."""
+    text = str(name)
+    base = text[len(LOG_DIR) + 1:] if text.startswith(LOG_DIR + "/") else text
+    if not base or "/" in base or base in (".", "..") or "\0" in base:
+        raise CniError(INVALID_CONFIG, f"logFile {text!r} must be a file name in {LOG_DIR}")
+    try:
+        os.mkdir(LOG_DIR, 0o750)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CniError(INVALID_CONFIG, f"cannot create {LOG_DIR}", e.strerror or "") from None
+    st = os.lstat(LOG_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise CniError(INVALID_CONFIG, f"{LOG_DIR} is not a directory only root can write")
+    dir_fd = os.open(LOG_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(base, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o640, dir_fd=dir_fd)
+    except OSError as e:
+        raise CniError(INVALID_CONFIG, f"cannot open logFile {LOG_DIR}/{base}",
+                       e.strerror or "") from None
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CniError(INVALID_CONFIG, f"logFile {LOG_DIR}/{base} is not a regular file")
+    return Log(os.fdopen(fd, "a"))
+
+
+def open_netns(path: str) -> int:
+    """An fd for CNI_NETNS, checked to be a network namespace (a FIFO or a plain
+    file there must fail at once, not hang or be passed on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise CniError(BAD_ENV, f"cannot open CNI_NETNS {path!r}", e.strerror or "") from None
+    try:
+        kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    if kind != _CLONE_NEWNET:
+        os.close(fd)
+        raise CniError(BAD_ENV, f"CNI_NETNS {path!r} is not a network namespace")
+    return fd
+
+
+def pod_from_args(env: dict[str, str]) -> dict[str, str]:
+    """K8S_POD_NAMESPACE and K8S_POD_NAME from CNI_ARGS ("K=V;K=V"), set by the runtime."""
+    args = dict(part.split("=", 1) for part in env.get("CNI_ARGS", "").split(";") if "=" in part)
+    return {"namespace": args.get("K8S_POD_NAMESPACE", ""), "name": args.get("K8S_POD_NAME", "")}
 
 
 # -- talking to the daemon --------------------------------------------------------------
@@ -84,6 +161,12 @@ def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
         except OSError as e:
             raise CniError(DAEMON_UNREACHABLE, f"afxdp daemon not reachable on {path}",
                            e.strerror or str(e)) from None
+        # We are about to pass the pod's netns: only to the daemon, which runs as root.
+        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET,
+                                                           socket.SO_PEERCRED, 12))
+        if uid != 0:
+            raise CniError(UNTRUSTED_DAEMON, f"the server on {path} runs as uid {uid}, not "
+                           "root: it is not the afxdp daemon")
         data = json.dumps(request).encode()
         if fd is None:
             s.send(data)
@@ -175,10 +258,16 @@ def parse_config(raw: bytes, command: str) -> dict[str, Any]:
 
 
 def device_id(conf: dict[str, Any]) -> str:
+    """``runtimeConfig.deviceID`` (the runtime's, from the device plugin's allocation)
+    wins; a top-level ``deviceID`` (Multus puts it there too, but a NAD author can
+    write one) is used only without it, and may not contradict it."""
     runtime = conf.get("runtimeConfig")
     from_runtime = runtime.get("deviceID") if isinstance(runtime, dict) else None
-    value = conf.get("deviceID") or from_runtime or ""
-    return str(value)
+    in_config = conf.get("deviceID")
+    if from_runtime and in_config and str(in_config) != str(from_runtime):
+        raise CniError(INVALID_CONFIG, f"deviceID {in_config!r} in the config contradicts "
+                       f"runtimeConfig.deviceID {from_runtime!r}")
+    return str(from_runtime or in_config or "")
 
 
 def has_ipam(conf: dict[str, Any]) -> bool:
@@ -186,31 +275,28 @@ def has_ipam(conf: dict[str, Any]) -> bool:
 
 
 def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> dict[str, Any]:
-    ipam: dict[str, Any] = {}
-    if has_ipam(conf):
-        ipam = delegate("ADD", raw, conf, env)
+    netns_fd = open_netns(env["CNI_NETNS"])  # before anything is done for the pod
     try:
-        try:
-            netns_fd = os.open(env["CNI_NETNS"], os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CniError(BAD_ENV, f"cannot open CNI_NETNS {env['CNI_NETNS']!r}",
-                           e.strerror or "") from None
+        ipam: dict[str, Any] = {}
+        if has_ipam(conf):
+            ipam = delegate("ADD", raw, conf, env)
         try:
             reply = daemon_call(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET), {
                 "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
                 "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"],
+                "pod": pod_from_args(env),
                 "rename": bool(conf.get("rename", False)), "mtu": int(conf.get("mtu", 0)),
                 "ipam": ipam or None,
             }, netns_fd)
-        finally:
-            os.close(netns_fd)
-    except BaseException:
-        if has_ipam(conf):  # give the addresses back
-            try:
-                delegate("DEL", raw, conf, env)
-            except CniError as e:
-                log("ipam_rollback_failed", msg=e.msg)
-        raise
+        except BaseException:
+            if has_ipam(conf):  # give the addresses back
+                try:
+                    delegate("DEL", raw, conf, env)
+                except CniError as e:
+                    log("ipam_rollback_failed", msg=e.msg)
+            raise
+    finally:
+        os.close(netns_fd)
     iface = reply["interface"]
     result: dict[str, Any] = {"cniVersion": conf["cniVersion"], "interfaces": [
         {"name": iface["name"], "mac": iface["mac"], "sandbox": env["CNI_NETNS"]}]}
@@ -287,7 +373,7 @@ def run(env: dict[str, str], stdin: bytes, stdout: IO[str], stderr: IO[str]) -> 
         conf = parse_config(stdin, command)
         version = conf["cniVersion"]
         if conf.get("logFile"):
-            log = Log(open(str(conf["logFile"]), "a"))  # noqa: SIM115 - for the process' life
+            log = open_log(conf["logFile"])
         out = COMMANDS[command](conf, stdin, env, log)
         if out is not None:
             stdout.write(json.dumps(out) + "\n")

@@ -82,11 +82,11 @@ class KubernetesDaemon:
             restored, dropped = await registry.restore(restored_spec_check(cfg))
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),
                      len(dropped))
-            self.cni = CniEndpoint(cfg.cni_socket, registry)
-            await self.cni.start()
             self.owners = Owners(registry, cfg.pod_resources_socket,
                                  {p.name: cfg.resource_name(p) for p in cfg.pools},
                                  gc_interval=cfg.gc_interval, gc_grace=cfg.gc_grace)
+            self.cni = CniEndpoint(cfg.cni_socket, registry, self.owners.check_pod)
+            await self.cni.start()
             self.server.resolve_owner = self.owners.resolve
             self.inventory = Inventory(cfg, registry, self._devices_changed)
             await self.inventory.rescan(strict=True)

@@ -145,6 +145,19 @@ class Owners:
         with a List that starts now or later (an older one may predate the pod)."""
         await self.refresh(fresh_since=time.monotonic())
 
+    async def check_pod(self, allocation: Allocation, namespace: str, pod: str) -> str:
+        """For CNI ADD: "" when pod ``namespace/pod`` holds ``allocation``'s devices
+        (per kubelet), else why not.  Asks kubelet afresh when the owner is not
+        known yet (PodResources lists a pod from admission, before CNI ADD)."""
+        if not allocation.owner:
+            await self.refresh(fresh_since=time.monotonic())
+        if not allocation.owner:
+            return "kubelet (PodResources) lists no pod holding it"
+        owner_ns, owner_pod, _container = allocation.owner.split("/", 2)
+        if (owner_ns, owner_pod) != (namespace, pod):
+            return f"kubelet lists it for pod {owner_ns}/{owner_pod}"
+        return ""
+
     def allocated(self, alloc_id: str) -> None:
         """A new allocation: ask kubelet soon, and a few times, who got it."""
         self.created[alloc_id] = time.monotonic()

@@ -29,9 +29,14 @@ class Runner:
 
     def __call__(self, command: str, conf: dict[str, Any], *, container: str = "c1",
                  netns: str = "", ifname: str = "net1", env: dict[str, str] | None = None,
-                 raw: bytes | None = None, omit: tuple[str, ...] = ()) -> Outcome:
+                 raw: bytes | None = None, omit: tuple[str, ...] = (),
+                 pod: tuple[str, str] = ("default", "pod-a")) -> Outcome:
+        # CNI_ARGS as containerd and CRI-O set them for a Kubernetes pod.
+        args = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod[0]};K8S_POD_NAME={pod[1]};"
+                f"K8S_POD_INFRA_CONTAINER_ID={container}")
         environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
-                   "CNI_IFNAME": ifname, "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin"}
+                   "CNI_IFNAME": ifname, "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin",
+                   "CNI_ARGS": args}
         environ.update(env or {})
         for key in omit:
             environ.pop(key, None)

@@ -36,6 +36,13 @@ class Env:
     def add(self, **kw: Any) -> Any:
         return self.cni("ADD", self.conf, netns=str(self.pod.path), **kw)
 
+    def admit(self, devices: list[str], pod: str = "pod-a") -> Any:
+        """What kubelet does for a pod before its CNI ADD: Allocate, then the pod is
+        listed by PodResources as holding the devices."""
+        resp = self.k8s.kubelet.allocate(RESOURCE, devices)
+        self.k8s.kubelet.add_pod("default", pod, RESOURCE, devices)
+        return resp
+
     def addresses(self, ns: NsFixture, dev: str) -> list[str]:
         out = json.loads(run("ip", "-n", ns.name, "-j", "addr", "show", "dev", dev).stdout)
         return [f"{a['local']}/{a['prefixlen']}" for a in out[0]["addr_info"]
@@ -105,7 +112,7 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
         env: Env) -> None:
     k8s, pod = env.k8s, env.pod
     prog = 0
-    k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     prog = k8s.ns.xdp_prog_id("p0")
     lists_before = len(k8s.kubelet.plugins[RESOURCE].lists)
     res = env.add()
@@ -139,7 +146,7 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
 
 
 def test_add_applies_mtu_and_the_ipam_routes(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     env.conf["mtu"] = 1400
     env.conf["ipam"]["routes"] = [{"dst": "10.66.0.0/16", "gw": "10.55.0.1"}]
     res = env.add()
@@ -152,7 +159,7 @@ def test_add_applies_mtu_and_the_ipam_routes(env: Env) -> None:
 
 
 def test_rename_gives_the_pod_cni_ifname_and_del_restores_the_name(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     env.conf["rename"] = True
     res = env.add(ifname="net1")
     assert res.code == 0 and res.out["interfaces"][0]["name"] == "net1"
@@ -164,7 +171,7 @@ def test_rename_gives_the_pod_cni_ifname_and_del_restores_the_name(env: Env) -> 
 def test_pod_client_gets_its_fd_only_from_inside_the_pod_netns(
         env: Env, client_runtime: ClientRuntime) -> None:
     k8s, pod = env.k8s, env.pod
-    mount = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    mount = env.admit(["p0"]).container_responses[0].mounts[0]
     sock = Path(mount.host_path) / "afxdp.sock"
     k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
     assert env.add().code == 0
@@ -191,7 +198,7 @@ def test_pod_client_gets_its_fd_only_from_inside_the_pod_netns(
 
 
 def test_del_with_the_daemon_down_succeeds(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     assert env.add().code == 0
     assert env.k8s.daemons[-1].stop() == 0
     res = env.cni("DEL", env.conf, netns=str(env.pod.path))
@@ -202,7 +209,7 @@ def test_del_with_the_daemon_down_succeeds(env: Env) -> None:
 def test_del_while_the_daemon_was_down_is_reconciled_when_the_pod_is_gone(env: Env) -> None:
     """DEL could not reach the daemon, so the device stayed in the (still existing) pod
     netns; after a restart, GC of the vanished pod brings it home."""
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     env.k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
     assert env.add().code == 0
     env.k8s.wait(lambda: bool(env.k8s.allocations()[0]["owner"]), what="owner known")
@@ -217,15 +224,15 @@ def test_del_while_the_daemon_was_down_is_reconciled_when_the_pod_is_gone(env: E
 
 
 def test_concurrent_adds_and_dels_for_different_pods(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
-    env.k8s.kubelet.allocate(RESOURCE, ["p1"])
+    env.admit(["p0"], "pod-a")
+    env.admit(["p1"], "pod-b")
     with make_netns() as pod2:
-        jobs = [("c1", env.pod, "p0"), ("c2", pod2, "p1")]
+        jobs = [("c1", env.pod, "p0", "pod-a"), ("c2", pod2, "p1", "pod-b")]
         for command in ("ADD", "DEL"):
             with ThreadPoolExecutor(2) as pool:
                 results = list(pool.map(lambda j, c=command: env.cni(
                     c, dict(env.conf, deviceID=j[2]), container=j[0],
-                    netns=str(j[1].path)), jobs))
+                    netns=str(j[1].path), pod=("default", j[3])), jobs))
             assert [r.code for r in results] == [0, 0], [r.out for r in results]
             if command == "ADD":
                 assert "p0" in env.links(env.pod) and "p1" in env.links(pod2)
@@ -233,7 +240,7 @@ def test_concurrent_adds_and_dels_for_different_pods(env: Env) -> None:
 
 
 def test_daemon_restart_finds_the_device_in_the_pod(env: Env) -> None:
-    mount = env.k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    mount = env.admit(["p0"]).container_responses[0].mounts[0]
     env.k8s.kubelet.add_pod("default", "pod-a", RESOURCE, ["p0"])
     assert env.add().code == 0
     assert env.k8s.daemons[-1].stop() == 0
@@ -258,7 +265,7 @@ def test_daemon_restart_finds_the_device_in_the_pod(env: Env) -> None:
 ])
 def test_add_refusals_have_the_spec_code_and_leave_nothing(
         env: Env, change: dict[str, Any], omit: tuple[str, ...], code: int) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     conf = {k: v for k, v in {**env.conf, **change}.items() if v is not None}
     res = env.cni("ADD", conf, netns=str(env.pod.path), omit=omit)
     assert res.code == 1 and res.out["code"] == code, res.out
@@ -272,7 +279,7 @@ def test_undecodable_config_is_error_6(env: Env) -> None:
 
 
 def test_add_refuses_a_name_taken_in_the_pod(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     run("ip", "-n", env.pod.name, "link", "add", "net1", "type", "bridge")
     env.conf["rename"] = True
     res = env.add(ifname="net1")
@@ -281,7 +288,7 @@ def test_add_refuses_a_name_taken_in_the_pod(env: Env) -> None:
 
 
 def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     assert env.add().code == 0
     with make_netns() as other:
         res = env.cni("ADD", env.conf, netns=str(other.path), container="c2")
@@ -293,7 +300,7 @@ def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
 
 
 def test_check_fails_after_tampering(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     ip = env.add().out["ips"][0]["address"]
     run("ip", "-n", env.pod.name, "addr", "del", ip, "dev", "p0")
     res = env.cni("CHECK", env.conf, netns=str(env.pod.path))
@@ -308,7 +315,7 @@ def test_status_reports_whether_the_daemon_is_reachable(env: Env) -> None:
 
 
 def test_gc_releases_attachments_not_listed_as_valid(env: Env) -> None:
-    env.k8s.kubelet.allocate(RESOURCE, ["p0"])
+    env.admit(["p0"])
     assert env.add(container="c1").code == 0
     gc = dict(env.conf, **{"cni.dev/valid-attachments": [{"containerID": "c9",
                                                           "ifname": "net1"}]})

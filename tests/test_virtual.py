@@ -43,7 +43,7 @@ class VEnv:
 
     def add(self, pod: str, device: str) -> Outcome:
         return self.cni("ADD", self.conf(device), container=pod,
-                        netns=str(self.pods[pod].path))
+                        netns=str(self.pods[pod].path), pod=("default", pod))
 
     def delete(self, pod: str, device: str) -> Outcome:
         return self.cni("DEL", self.conf(device), container=pod,
