@@ -104,6 +104,12 @@ def cmd_daemon(a: argparse.Namespace) -> int:
         return _fail(EXIT_USAGE, f"configuration: {e}")
     if a.ready_file:
         cfg.ready_file = Path(a.ready_file)
+    if a.metrics_address is not None:
+        try:
+            cfg.metrics_address = config_mod.address(a.metrics_address, "--metrics-address") \
+                if a.metrics_address else ""
+        except ConfigError as e:
+            return _fail(EXIT_USAGE, f"configuration: {e}")
     logs.setup(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(KubernetesDaemon(cfg).run())
@@ -464,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--config", required=True, help="YAML configuration (docs/kubernetes.md)")
     dm.add_argument("--node-name", help="this node's name (default: $NODE_NAME, else hostname)")
     dm.add_argument("--ready-file", help="write status JSON here once registered")
+    dm.add_argument("--metrics-address", metavar="HOST:PORT",
+                    help="serve /metrics, /healthz, /readyz here, overriding the config's "
+                         "metricsAddress ('' turns it off; the config's default: "
+                         "127.0.0.1:9402)")
     dm.set_defaults(fn=cmd_daemon)
 
     ic = sub.add_parser("install-cni", help="install the CNI executable (host python3, stdlib)",

@@ -54,6 +54,7 @@ _WAKEUP_BUDGET = 0.005
 _WAKEUP_ROUNDS = 32
 _PER_CLIENT_PER_ROUND = 4
 _ACCEPTS_PER_EVENT = 16
+_ACCEPT_PAUSE = 0.1  # seconds a socket is not accepted on after accept() failed
 _RESOLVE_TIMEOUT = 5.0
 _SUN_PATH_MAX = 107
 # A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
@@ -145,6 +146,12 @@ class HandoutServer:
         self._parked: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_limit_log = 0.0
+        # Out of fds (EMFILE): a spare fd to give up so that a waiting connection can
+        # be accepted and closed (the client sees EOF instead of hanging), and a
+        # count of accept failures logged at most once a second.
+        self._reserve_fd = -1
+        self._accept_failures = 0
+        self._last_accept_log = 0.0
 
     # -- serving sockets -----------------------------------------------------
 
@@ -158,6 +165,8 @@ class HandoutServer:
         if self._epoll is None:
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._on_events)
+        if self._reserve_fd < 0:
+            self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         if any(lst.allocation.id == allocation.id for lst in self._listeners.values()):
             raise ServerError(f"allocation {allocation.id} is already served")
         made: list[Listener] = []
@@ -245,6 +254,9 @@ class HandoutServer:
             self._loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
             self._epoll = None
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
 
     @property
     def listeners(self) -> dict[Path, Listener]:
@@ -277,8 +289,7 @@ class HandoutServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE/ENFILE/ENOBUFS: keep serving what we have; retry on next wakeup.
-                log.error("event=accept_failed socket=%s error=%r", listener.path, e.strerror)
+                self._accept_failed(listener, e)
                 return
             # The C-level socket type: socket.socket's Python layer (its __init__,
             # close() and reference counting for makefile) costs microseconds per
@@ -295,6 +306,40 @@ class HandoutServer:
                 self._log_limit(listener)
                 continue
             self._open(sock, listener, answer_now=i == 0)
+
+    def _accept_failed(self, listener: Listener, err: OSError) -> None:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS, ...): keep serving what we have.
+
+        The waiting connection keeps the socket readable, so retrying at once
+        would spin (and log) as fast as the CPU allows.  Instead: shed it with the
+        reserve fd (accept and close: the client sees EOF), stop accepting on this
+        socket for ``_ACCEPT_PAUSE`` seconds, and log once a second with a count.
+        """
+        self._accept_failures += 1
+        now = time.monotonic()
+        if now - self._last_accept_log >= 1.0:
+            log.error("event=accept_failed socket=%s error=%r failures=%d", listener.path,
+                      err.strerror, self._accept_failures)
+            self._last_accept_log = now
+            self._accept_failures = 0
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+            with contextlib.suppress(OSError):
+                fd, _addr = listener.sock._accept()  # type: ignore[attr-defined]
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        fd = listener.sock.fileno()
+        if fd < 0 or self._loop is None:
+            return
+        self._unwatch(fd)
+
+        def resume() -> None:
+            if self._listeners.get(listener.path) is listener and listener.sock.fileno() == fd:
+                self._watch(fd, partial(self._on_acceptable, listener), -1 - fd)
+
+        self._loop.call_later(_ACCEPT_PAUSE, resume)
 
     def _all_connections(self) -> list[Connection]:
         return [c for lst in self._listeners.values() for c in lst.connections]

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import socket
+import struct
 
 from bpf.errors import BpfError
 from bpf.program import query
@@ -74,10 +77,10 @@ class ProgramWatch:
         seen = await asyncio.to_thread(_attached, list(served))
         for name, held in served.items():
             allocation = self.registry.by_netdev(name)
-            if allocation is None or name not in allocation.netdevs:
-                continue  # released meanwhile
+            if allocation is None or name not in allocation.netdevs or name not in seen:
+                continue  # released meanwhile, or the kernel could not say this time
             device = allocation.netdevs[name]
-            ifindex, prog_id = seen.get(name, (0, 0))
+            ifindex, prog_id = seen[name]
             if ifindex == 0:
                 if device.unavailable != "netdev is gone":
                     log.warning("event=netdev_gone netdev=%s", name)
@@ -105,12 +108,30 @@ class ProgramWatch:
 
 
 def _attached(names: list[str]) -> dict[str, tuple[int, int]]:
-    """netdev -> (ifindex, attached program id); a netdev that is gone is left out."""
+    """netdev -> (ifindex, attached program id); (0, 0) for a netdev that is gone.
+    A netdev the kernel could not be asked about (e.g. out of fds) is left out:
+    that is no evidence either way."""
     out = {}
     for name in names:
         try:
-            ifindex = socket.if_nametoindex(name)
+            ifindex = _ifindex(name)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                out[name] = (0, 0)
+            continue
+        try:
             out[name] = (ifindex, query(ifindex).prog_id)
         except (OSError, BpfError):
             continue
     return out
+
+
+_SIOCGIFINDEX = 0x8933
+
+
+def _ifindex(name: str) -> int:
+    """SIOCGIFINDEX: ENODEV for a netdev that is gone, unlike if_nametoindex(), which
+    says "no interface" too when it could not even open its socket (out of fds)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16si", name.encode(), 0)
+        return int(struct.unpack("16si", fcntl.ioctl(s, _SIOCGIFINDEX, ifreq))[1])

@@ -86,7 +86,9 @@ class PluginConfig:
     pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     control_socket: Path | None = Path("/run/afxdp/control.sock")
     cni_socket: Path = Path("/run/afxdp/cni.sock")
-    metrics_address: str = "0.0.0.0:9402"  # /metrics, /healthz, /readyz; "": off
+    # /metrics, /healthz, /readyz; "": off.  Loopback unless told otherwise: the
+    # DaemonSet passes the node's address (--metrics-address) for probes and scraping.
+    metrics_address: str = "127.0.0.1:9402"
     ready_file: Path | None = None
     check_peer_netns: bool = True
     handshake_spin_us: int = 50  # see cni_server.server.Limits.handshake_spin; 0: off

@@ -97,8 +97,13 @@ def test_daemonset_mounts_every_path_the_config_uses_at_the_same_place() -> None
 
 def test_probes_and_port_match_the_metrics_address() -> None:
     c = daemon_container()
-    port = int(config().metrics_address.rsplit(":", 1)[1])
-    assert c["ports"][0]["containerPort"] == port
+    assert config().metrics_address == "127.0.0.1:9402"  # loopback unless told otherwise
+    # The DaemonSet tells it the node's address, where the probes arrive.
+    i = c["args"].index("--metrics-address")
+    assert c["args"][i + 1] == "$(NODE_IP):9402"
+    assert {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} \
+        in c["env"]
+    assert c["ports"][0]["containerPort"] == 9402
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
 

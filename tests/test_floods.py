@@ -9,6 +9,8 @@ against the p99 target come from ``benchmarks/floods.py``.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cni_server.control import call
-from tests.kernel import Daemon, NsFixture
+from tests.kernel import ROOT, Daemon, NsFixture
 from tests.load import (
     closed_by_server,
     hammer_results,
@@ -123,3 +125,38 @@ def test_clients_that_never_read_are_disconnected_while_others_are_served(
     assert (len(lat), failures) == (50, 0)
     assert wait_until(lambda: server_stats(d)["connections"] == 0, 5)
     assert "client_not_reading_replies" in d.log()
+
+
+def test_out_of_fds_the_daemon_sheds_connections_backs_off_and_serves_again(
+        netns: NsFixture, workdir: Path) -> None:
+    """A daemon at its fd limit: accept() fails with EMFILE while a flood of
+    connections waits.  It must neither spin nor write a log line per failure,
+    and once the flood is gone it serves as before."""
+    netns.veth("va", "vb")
+    ready = workdir / "ready.json"
+    log_path = workdir / "daemon.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(netns.cmd(
+            "prlimit", "--nofile=64:64", "--", sys.executable, "-m", "cni_server.cli", "serve",
+            "--netdev", "va", "--socket-dir", str(workdir / "s"), "--allow-host", HOST,
+            "--no-control-socket", "--ready-file", str(ready)), stdout=out, stderr=out,
+            cwd=ROOT)
+    try:
+        assert wait_until(ready.exists, 15), log_path.read_text()
+        path = workdir / "s" / "va" / "afxdp.sock"
+        with netns.entered():
+            flood = open_idle(path, 150)  # the kernel's backlog holds what we cannot accept
+            try:
+                time.sleep(2)  # the daemon meets EMFILE over and over
+                failures = log_path.read_text().count("event=accept_failed")
+                assert 1 <= failures <= 4, failures  # once a second, with a count
+                assert proc.poll() is None
+            finally:
+                for s in flood:
+                    s.close()
+            lat, failures_after = handshake_latencies(path, 20)
+        assert (len(lat), failures_after) == (20, 0), log_path.read_text()[-3000:]
+        assert "failures=" in log_path.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -173,3 +173,15 @@ def test_a_standalone_daemon_leaves_a_foreign_program_and_refuses_handouts_until
     assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
     with netns.entered():
         fetch_map_fd(sock, "va").close()
+
+
+def test_a_standalone_daemon_refuses_handouts_for_a_netdev_that_is_gone(
+        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
+    netns.veth("va", "vb")
+    d = start_daemon(*serve_args(workdir, "va"), "--watch-interval", "0.1")
+    run("ip", "-n", netns.name, "link", "del", "va")
+    assert wait_until(lambda: "event=netdev_gone netdev=va" in d.log()), d.log()
+    with netns.entered(), Client(workdir / "sock" / "va" / "afxdp.sock") as c:
+        c.connect(socket.gethostname())
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("va")
