@@ -32,6 +32,10 @@ class AllocatedDevice:
     # program (a map no program reads from would take a client's socket and
     # deliver nothing).
     unavailable: str = ""
+    # A netdev of a pool that CNI moves into its pod, not there yet: until CNI ADD
+    # nothing of it is handed out, so a host process that knows the pod's name
+    # cannot take the map before the pod exists.
+    awaiting_cni: bool = False
 
     @property
     def queue_count(self) -> int:
@@ -39,7 +43,9 @@ class AllocatedDevice:
         return min(self.queues, slots) if self.queues else slots
 
     def view(self) -> protocol.Device:
-        return protocol.Device(self.name, self.netns.inode, self.queue_count, self.unavailable)
+        why = self.unavailable or ("not in its pod yet (waiting for CNI ADD)"
+                                   if self.awaiting_cni else "")
+        return protocol.Device(self.name, self.netns.inode, self.queue_count, why)
 
 
 @dataclass

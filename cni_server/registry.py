@@ -81,6 +81,9 @@ class AllocationSpec:
     owner: str = ""
     idle_timeout: float = 0.0
     allow_unbound_xsk: bool = False  # /xsk_socket hands out unbound sockets (opt-in)
+    # The pool's netdevs go into their pods through CNI ADD: nothing of the
+    # allocation (map, socket, pin) is handed out while a netdev is not there.
+    await_cni: bool = False
     umem_limit: int = DEFAULT_UMEM_LIMIT  # bytes one /xsk_bound_socket may ask for
     # A custom XDP program (pool setting): its BPF object or C source (bcc) and
     # program name; "" for ours.
@@ -428,14 +431,17 @@ class Registry:
                     if spec.own_socket_base:  # the allocation's own pin directory too
                         self._mkdir(spec.pin_base, spec.pin_base.parent, undo.callback)
                     self._mkdir(pin.parent, spec.pin_base, undo.callback)
-                    bpffs.pin(program.map_fd, pin, uid=spec.uid, gid=spec.gid, mode=spec.mode)
-                    undo.callback(_undo_step, bpffs.unpin, pin)
+                    if not (spec.await_cni and where is None):  # else pinned at CNI ADD
+                        bpffs.pin(program.map_fd, pin, uid=spec.uid, gid=spec.gid,
+                                  mode=spec.mode)
+                        undo.callback(_undo_step, bpffs.unpin, pin)
                 if spec.pin_placeholder:
                     spot = spec.socket_dir(netdev) / PIN_NAME
                     spot.touch(mode=0o644)
                     undo.callback(_undo_step, spot.unlink, missing_ok=True)
                 devices[netdev] = AllocatedDevice(netdev, program, where or self.netns,
-                                                  spec.queues, pin)
+                                                  spec.queues, pin,
+                                                  awaiting_cni=spec.await_cni and where is None)
                 if where is not None and ifname != netdev:
                     aliases[ifname] = netdev
             allocation = Allocation(
@@ -526,11 +532,21 @@ class Registry:
             device.netns.close()
         device.netns = netns or self.netns
         device.unavailable = ""  # just found where it is; the inventory re-judges below
+        spec = self.specs[allocation_id]
+        if spec.await_cni:
+            # In its pod (ADD): hand out, and pin where the pod looks.  Home (DEL):
+            # nothing again until the next ADD.
+            device.awaiting_cni = record is None
+            if device.pin is not None:
+                if record is None:
+                    bpffs.unpin(device.pin)
+                else:
+                    bpffs.pin(device.program.map_fd, device.pin, uid=spec.uid, gid=spec.gid,
+                              mode=spec.mode)
         self.programs.relocate(netdev, netns, ifname, ifindex)
         allocation.aliases = {k: v for k, v in allocation.aliases.items() if v != netdev}
         if record is not None and ifname != netdev:
             allocation.aliases[ifname] = netdev
-        spec = self.specs[allocation_id]
         attached = {k: v for k, v in spec.attached.items() if k != netdev}
         if record is not None:
             attached[netdev] = record
@@ -561,10 +577,12 @@ class Registry:
         spec = self.specs[allocation.id]
         result = await self.programs.repair(netdev, XdpMode(spec.xdp_mode))
         pin = spec.pin_path(netdev)
+        device = allocation.netdevs[netdev]
         if result == "replaced" and pin is not None:
             bpffs.unpin(pin)
-            bpffs.pin(allocation.netdevs[netdev].program.map_fd, pin, uid=spec.uid,
-                      gid=spec.gid, mode=spec.mode)
+            if not device.awaiting_cni:  # else pinned at CNI ADD
+                bpffs.pin(device.program.map_fd, pin, uid=spec.uid, gid=spec.gid,
+                          mode=spec.mode)
         log.info("event=xdp_repaired netdev=%s allocation=%s result=%s", netdev, allocation.id,
                  result)
         return result

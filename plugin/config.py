@@ -62,6 +62,9 @@ class PoolConfig:
     # /xsk_socket may hand out unbound AF_XDP sockets (see docs/security.md)
     allow_unbound_xsk: bool = False
     max_umem_bytes: int = DEFAULT_UMEM_LIMIT  # per /xsk_bound_socket
+    # Pods get the pool's netdevs through the CNI plugin: hand out nothing of an
+    # allocation until CNI ADD has moved its netdev into the pod.
+    move_with_cni: bool = False
 
     @property
     def program_name(self) -> str:
@@ -114,7 +117,7 @@ _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
     "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
-    "program", "virtual", "allowUnboundXsk", "maxUmemBytes",
+    "program", "virtual", "allowUnboundXsk", "maxUmemBytes", "moveWithCni",
 }
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 VIRTUAL_KINDS = ("auto", "veth", "netkit")
@@ -246,6 +249,8 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             pool.virtual = _virtual(value, at, name)
         elif key == "allowUnboundXsk":
             pool.allow_unbound_xsk = _bool(value, at)
+        elif key == "moveWithCni":
+            pool.move_with_cni = _bool(value, at)
         elif key == "maxUmemBytes":
             pool.max_umem_bytes = umem_limit(value, at)
     selectors = pool.devices or pool.drivers or pool.pci_addresses or pool.macs

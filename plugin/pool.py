@@ -119,6 +119,7 @@ class PoolBackend:
             mode=pool.socket_mode, check_peer_netns=self.cfg.check_peer_netns, pool=pool.name,
             idle_timeout=pool.uds_idle_timeout,
             allow_unbound_xsk=pool.allow_unbound_xsk, umem_limit=pool.max_umem_bytes,
+            await_cni=pool.move_with_cni or pool.virtual is not None,
             **program_fields(pool),
             virtual_kind=pool.virtual.kind if pool.virtual else "",
             virtual_bridge=pool.virtual.bridge if pool.virtual else "",
@@ -225,6 +226,7 @@ def restored_spec_check(cfg: PluginConfig) -> Callable[[AllocationSpec], Allocat
         return replace(
             spec, uid=pool.uid, gid=pool.gid, mode=pool.socket_mode,
             allow_unbound_xsk=pool.allow_unbound_xsk, umem_limit=pool.max_umem_bytes,
+            await_cni=pool.move_with_cni or pool.virtual is not None,
             serve_socket=pool.pin_map != "pin", pin_placeholder=pool.pin_map == "both",
             virtual_kind=pool.virtual.kind if pool.virtual else "",
             virtual_bridge=pool.virtual.bridge if pool.virtual else "",

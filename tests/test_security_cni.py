@@ -4,6 +4,7 @@ kernel, our CNI executable run as a runtime runs it, Debian's host-local)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from cni_server.client import Client, HandshakeError, fetch_map_fd
 from plugin import cni as cni_plugin
 from tests.cni_runner import Outcome
+from tests.k8s_env import RESOURCE, healthy
 from tests.kernel import setpriv
 from tests.test_cni import Env, env, ipam_leases  # noqa: F401 - the fixture
 
@@ -153,3 +156,42 @@ def test_the_plugin_passes_the_pods_identity_it_got_from_the_runtime() -> None:
                         "K8S_POD_INFRA_CONTAINER_ID=abc"}
     assert cni_plugin.pod_from_args(env_) == {"namespace": "ns1", "name": "web-0"}
     assert cni_plugin.pod_from_args({}) == {"namespace": "", "name": ""}
+
+
+@pytest.fixture
+def env_cni_pool(env: Env) -> Env:  # noqa: F811
+    """The same environment with pool1 marked moveWithCni and pinning its maps."""
+    cfg = json.loads(env.k8s.config.read_text())
+    cfg["pools"][0].update(moveWithCni=True, pinMap="both")
+    env.k8s.config.write_text(json.dumps(cfg))
+    env.k8s.daemons[-1].stop()
+    env.k8s.start()
+    env.k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    return env
+
+
+def test_nothing_is_handed_out_before_cni_add_puts_the_netdev_in_its_pod(
+        env_cni_pool: Env) -> None:
+    e = env_cni_pool
+    resp = e.admit(["p0"], "pod-a")
+    sock = Path(resp.container_responses[0].mounts[0].host_path) / "afxdp.sock"
+    pin = Path(resp.container_responses[0].mounts[1].host_path)
+    # A host process with the pool's uid that knows the pod's name, before ADD:
+    with e.k8s.ns.entered(), Client(sock) as c:
+        c.connect("pod-a")
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("p0")
+    assert not pin.exists()  # nothing to bpf_obj_get either
+    assert "waiting_for_CNI_ADD" in e.k8s.daemons[-1].log()
+    # After ADD, the pod (in its netns) gets it, and the pin is where it looks.
+    assert e.add().code == 0
+    with e.pod.entered():
+        fetch_map_fd(sock, "p0", hostname="pod-a").close()
+    assert pin.exists()
+    # After DEL the netdev is home again: nothing for anyone until the next ADD.
+    assert e.cni("DEL", e.conf, netns=str(e.pod.path)).code == 0
+    assert not pin.exists()
+    with e.k8s.ns.entered(), Client(sock) as c:
+        c.connect("pod-a")
+        with pytest.raises(HandshakeError, match="/fd_nak"):
+            c.xsk_map_fd("p0")
