@@ -1,20 +1,23 @@
 """Network namespaces: handles, identity, and running code inside one.
 
-Python 3.11 has no ``os.setns``; we call ``setns(2)`` through ctypes.  A thread
-that enters another namespace is a fresh thread that exits afterwards, so no
-thread of the daemon (least of all the event loop's) is ever left in the wrong
-namespace.
+Python 3.11 has no ``os.setns``; we call ``setns(2)`` through ctypes.  Work in
+another namespace runs on a long-lived worker thread that entered it once (one
+per namespace, ended after a few idle seconds): no thread of the daemon, least
+of all the event loop's, ever changes namespace, and a flood of requests for a
+pod's namespace costs a queue hand-off each, not a thread started and joined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import os
+import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cni_server.fds import OwnedFd
 
@@ -80,34 +83,88 @@ class Netns:
         self.close()
 
     def run(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` with the calling thread's view switched to this namespace.
+        """Call ``fn`` in this namespace and return what it returns (or raise).
 
-        When the caller is already there, ``fn`` runs right here; otherwise in a
-        fresh thread that enters the namespace and then ends.
+        When the caller is already there, ``fn`` runs right here; otherwise on the
+        namespace's worker thread, and the caller waits.
         """
         if thread_netns_inode() == self.inode:
             return fn()
-        box: dict[str, object] = {}
-
-        def body() -> None:
-            try:
-                setns(self.fileno())
-                box["value"] = fn()
-            except BaseException as e:
-                box["error"] = e
-
-        t = threading.Thread(target=body, name=f"netns-{self.inode}", daemon=True)
-        t.start()
-        t.join()
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        return box["value"]  # type: ignore[return-value]
+        return _submit(self, fn).result()
 
     async def run_async(self, fn: Callable[[], T]) -> T:
         """:meth:`run` without blocking the event loop (for slow work such as netlink)."""
         if thread_netns_inode() == self.inode:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(None, self.run, fn)
+        return await asyncio.wrap_future(_submit(self, fn))
 
     def __repr__(self) -> str:
         return f"Netns({self.name}, inode={self.inode})"
+
+
+IDLE_EXIT = 5.0  # seconds a worker waits for work before it ends (and lets go of its netns)
+
+
+class _Worker:
+    """One thread inside one network namespace, running what is submitted in turn."""
+
+    def __init__(self, ns: Netns) -> None:
+        self.inode = ns.inode
+        self._fd = OwnedFd(os.dup(ns.fileno()))  # the namespace stays ours while we run
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._jobs = queue.SimpleQueue()
+        self.alive = True
+        self.thread = threading.Thread(target=self._loop, name=f"netns-{self.inode}",
+                                       daemon=True)
+        self._entered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.thread.start()
+        self._entered.result()  # raises NetnsError when the namespace cannot be entered
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def _loop(self) -> None:
+        try:
+            setns(self._fd.fileno())
+        except BaseException as e:
+            self._entered.set_exception(e)
+            self._retire()
+            return
+        self._entered.set_result(None)
+        while True:
+            try:
+                fn, future = self._jobs.get(timeout=IDLE_EXIT)
+            except queue.Empty:
+                with _workers_lock:
+                    if not self._jobs.empty():
+                        continue  # work came in as we were leaving
+                    self._retire()
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def _retire(self) -> None:
+        self.alive = False
+        if _workers.get(self.inode) is self:
+            del _workers[self.inode]
+        self._fd.close()
+
+
+_workers: dict[int, _Worker] = {}
+_workers_lock = threading.Lock()
+
+
+def _submit(ns: Netns, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Queue ``fn`` on the worker for ``ns`` (started on first use).  Under the lock
+    a retiring worker takes to check that no work is left, so no job is ever queued
+    on a worker that has already decided to end."""
+    with _workers_lock:
+        worker = _workers.get(ns.inode)
+        if worker is None or not worker.alive:
+            worker = _workers[ns.inode] = _Worker(ns)
+        return worker.submit(fn)

@@ -51,3 +51,44 @@ def test_run_async_works_from_the_event_loop(netns: NsFixture) -> None:
 def test_opening_a_missing_namespace_says_which() -> None:
     with pytest.raises(NetnsError, match="/run/netns/does-not-exist"):
         Netns.open(Path("/run/netns/does-not-exist"))
+
+
+def test_work_in_a_namespace_runs_on_one_long_lived_thread_not_a_thread_per_call(
+        netns: NsFixture) -> None:
+    import threading
+
+    with Netns.open(netns.path) as target:
+        idents = {target.run(threading.get_ident) for _ in range(200)}
+        threads_during = threading.active_count()
+        more = {target.run(threading.get_ident) for _ in range(200)}
+        assert threading.active_count() == threads_during
+    assert len(idents | more) == 1  # one worker served all 400 calls
+    assert threading.get_ident() not in idents
+
+
+def test_an_idle_worker_ends_and_a_new_one_starts_on_demand(
+        netns: NsFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from cni_server import netns as netns_mod
+
+    monkeypatch.setattr(netns_mod, "IDLE_EXIT", 0.05)
+    with Netns.open(netns.path) as target:
+        first = target.run(threading.get_ident)
+        deadline = time.monotonic() + 10
+        while target.inode in netns_mod._workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert target.inode not in netns_mod._workers  # ended, its netns fd closed
+        assert target.run(thread_netns_inode) == target.inode  # a fresh worker serves
+        assert target.inode in netns_mod._workers
+        assert first != threading.get_ident()
+
+
+def test_run_async_does_not_block_the_loop_and_returns_the_value(netns: NsFixture) -> None:
+    async def main(target: Netns) -> list[int]:
+        return list(await asyncio.gather(*(target.run_async(thread_netns_inode)
+                                           for _ in range(50))))
+
+    with Netns.open(netns.path) as target:
+        assert asyncio.run(main(target)) == [target.inode] * 50
