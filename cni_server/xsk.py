@@ -74,7 +74,7 @@ def create_socket() -> OwnedFd:
         err = ctypes.get_errno() or errno.EIO
         hint = (" (it needs CAP_NET_RAW, and CAP_IPC_LOCK or a large RLIMIT_MEMLOCK for the "
                 "UMEM; without capabilities, let the daemon make the socket: `afxdp receive "
-                "--mode xsk`, the /xsk_socket request)") if err == errno.EPERM else ""
+                "--mode xsk`, the /xsk_bound_socket request)") if err == errno.EPERM else ""
         raise XskError(err, f"creating an AF_XDP socket: {os.strerror(err)}{hint}")
     return OwnedFd(fd)
 

@@ -182,7 +182,9 @@ def test_nothing_is_handed_out_before_cni_add_puts_the_netdev_in_its_pod(
         with pytest.raises(HandshakeError, match="/fd_nak"):
             c.xsk_map_fd("p0")
     assert not pin.exists()  # nothing to bpf_obj_get either
-    assert "waiting_for_CNI_ADD" in e.k8s.daemons[-1].log()
+    # (the handshake line is written once the server has seen the connection close)
+    e.k8s.wait(lambda: "waiting_for_CNI_ADD" in e.k8s.daemons[-1].log(),
+               what="the refusal logged with its reason")
     # After ADD, the pod (in its netns) gets it, and the pin is where it looks.
     assert e.add().code == 0
     with e.pod.entered():
