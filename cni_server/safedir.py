@@ -81,8 +81,6 @@ def ensure_dir(path: Path, what: str, *, mode: int = DIR_MODE, inside: Path | No
         _check_ancestors(path, what)
     elif path.parent != Path(os.path.abspath(inside)):
         raise ValueError(f"{path} is not directly inside {inside}")
-    else:
-        path.parent.mkdir(exist_ok=True)
     created = False
     try:
         os.mkdir(path, mode)

@@ -76,6 +76,7 @@ def test_a_daemon_restarted_after_sigkill_takes_the_netdev_back_and_adopts_its_p
     second = start_daemon(*serve_args(workdir, "va"))
     assert netns.xdp_prog_id("va") == prog
     assert f"event=xdp_adopted netdev=va prog_id={prog}" in second.log()
+    assert "xdp_upgraded" not in second.log()  # the same build: adopted, not replaced
     assert prog in held_bpf_ids(second.proc.pid)[0]
 
 

@@ -42,6 +42,12 @@ def owner_mode(path: Path) -> tuple[int, int]:
     return st.st_uid, stat.S_IMODE(st.st_mode)
 
 
+def assert_untouched(victim: Path, ns: NsFixture) -> None:
+    """The attack changed nothing: the victim directory is as made, nothing attached."""
+    assert owner_mode(victim) == (0, 0o700) and list(victim.iterdir()) == []
+    assert ns.xdp_prog_id("va") == 0
+
+
 @pytest.fixture
 def victim(workdir: Path) -> Path:
     """A root-owned private directory the attacker would like the daemon to hand over."""
@@ -63,8 +69,7 @@ def test_a_socket_root_created_by_another_user_with_a_symlink_in_it_is_refused(
     assert f"socket directory (--socket-dir, socketDir) {root} exists and is owned by uid " \
         f"{UNPRIV}" in out, out
     assert f"rm -r {root}" in out
-    assert owner_mode(victim) == (0, 0o700) and list(victim.iterdir()) == []
-    assert netns.xdp_prog_id("va") == 0
+    assert_untouched(victim, netns)
 
 
 def test_a_socket_root_that_is_a_symlink_is_refused(
@@ -76,8 +81,7 @@ def test_a_socket_root_that_is_a_symlink_is_refused(
     out = refused(netns, workdir, "--netdev", "va", "--socket-dir", str(root), "--socket-owner",
                   f"{UNPRIV}:{UNPRIV}")
     assert f"{root} is a symlink; refusing to use it" in out, out
-    assert owner_mode(victim) == (0, 0o700) and list(victim.iterdir()) == []
-    assert netns.xdp_prog_id("va") == 0
+    assert_untouched(victim, netns)
 
 
 def test_a_socket_root_under_a_directory_others_can_write_is_refused(
@@ -138,8 +142,7 @@ def test_a_pin_directory_created_by_another_user_is_refused_before_mounting(
     out = refused(netns, workdir, "--netdev", "va", "--socket-dir", str(workdir / "sock"),
                   "--pin-dir", str(pins))
     assert f"pin directory (--pin-dir, pinDir) {pins} is a symlink" in out, out
-    assert owner_mode(victim) == (0, 0o700) and list(victim.iterdir()) == []
-    assert netns.xdp_prog_id("va") == 0
+    assert_untouched(victim, netns)
 
 
 def test_pins_are_the_clients_to_open_but_not_to_remove(

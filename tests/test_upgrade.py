@@ -81,17 +81,6 @@ def test_another_build_is_replaced_atomically_on_the_same_map_and_frames_keep_fl
     assert not program_exists(old_prog), "the old build was never freed"
 
 
-def test_the_same_build_is_adopted_not_replaced(
-        netns: NsFixture, workdir: Path, start_daemon: Start) -> None:
-    netns.veth("va", "vb")
-    first = start_daemon(*serve_args(workdir, "va"))
-    prog = netns.xdp_prog_id("va")
-    first.stop(signal.SIGKILL)
-    second = start_daemon(*serve_args(workdir, "va"))
-    assert netns.xdp_prog_id("va") == prog
-    assert "xdp_upgraded" not in second.log()
-
-
 def test_a_program_named_like_ours_without_our_map_is_foreign(
         netns: NsFixture, workdir: Path) -> None:
     netns.veth("va", "vb")
