@@ -95,6 +95,11 @@ class Allocation:
         with self._lock:
             return self._xsk_handouts.get((netdev, queue))
 
+    def handed_out(self, inode: int) -> bool:
+        """Whether the socket with ``inode`` is one this allocation handed out."""
+        with self._lock:
+            return inode in self._xsk_handouts.values()
+
     def describe(self) -> dict[str, object]:
         return {
             "id": self.id,

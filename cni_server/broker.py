@@ -47,7 +47,7 @@ class Broker:
                 return self._xsk_bound(allocation, grant)
             if grant.op is Op.XSK_BIND:
                 return self._xsk_bind(allocation, grant, received[0])
-            return self._busy_poll(grant, received[0])
+            return self._busy_poll(allocation, grant, received[0])
         except (OSError, ValueError) as e:
             log.warning("event=grant_failed op=%s netdev=%s queue=%d error=%r",
                         grant.op.value, grant.netdev, grant.queue, str(e))
@@ -114,9 +114,17 @@ class Broker:
         return Outcome(True)
 
     @staticmethod
-    def _busy_poll(grant: Grant, sock: OwnedFd) -> Outcome:
+    def _busy_poll(allocation: Allocation, grant: Grant, sock: OwnedFd) -> Outcome:
+        """Busy-poll settings (which need privileges the pod lacks) only on a socket of
+        the caller's own allocation: one this daemon handed out for it, or one made in
+        the network namespace of one of its netdevs (DPDK's own socket, in map mode:
+        in a pod's namespace only the pod's netdevs are there to bind to)."""
         fd = sock.fileno()
         if not xsk.is_xdp_socket(fd):
             return Outcome(False, reason="fd is not an AF_XDP socket")
+        if not allocation.handed_out(xsk.inode(fd)):
+            home = xsk.socket_netns_inode(fd)
+            if home not in {dev.netns.inode for dev in allocation.netdevs.values()}:
+                return Outcome(False, reason="not a socket of this allocation")
         xsk.set_busy_poll(fd, grant.timeout_us, grant.budget)
         return Outcome(True)

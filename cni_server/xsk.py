@@ -99,6 +99,18 @@ def inode(fd: int) -> int:
     return os.fstat(fd).st_ino
 
 
+_SIOCGSKNS = 0x894C
+
+
+def socket_netns_inode(fd: int) -> int:
+    """The inode of the network namespace socket ``fd`` was created in (SIOCGSKNS)."""
+    ns = fcntl.ioctl(fd, _SIOCGSKNS)
+    try:
+        return os.fstat(ns).st_ino
+    finally:
+        os.close(ns)
+
+
 def setsockopt_int(fd: int, level: int, name: int, value: int, what: str) -> None:
     val = ctypes.c_int(value)
     if _libc.setsockopt(fd, level, name, ctypes.byref(val), ctypes.sizeof(val)):

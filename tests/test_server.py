@@ -35,7 +35,7 @@ from cni_server.netns import Netns
 from cni_server.receiver import XskReceiver, receive_all
 from cni_server.server import HandoutServer, Limits, ServerError
 from cni_server.traffic import send_frames
-from tests.kernel import NsFixture
+from tests.kernel import NsFixture, make_netns
 
 pytestmark = pytest.mark.kernel
 T = TypeVar("T")
@@ -498,6 +498,24 @@ def test_busy_poll_is_set_on_an_af_xdp_socket_only(served: Served, netns: NsFixt
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(
                 HandshakeError, match="/config_busy_poll_nak"):
             c.config_busy_poll(udp.fileno(), 20, 64)
+
+
+def test_busy_poll_only_on_sockets_of_the_callers_allocation(served: Served,
+                                                             netns: NsFixture) -> None:
+    """DPDK's own socket, made in the netdev's namespace (map mode), may be tuned; an
+    AF_XDP socket from elsewhere may not: the daemon is nobody's CAP_NET_ADMIN."""
+    with make_netns() as other, Netns.open(other.path) as there:
+        elsewhere = there.run(xsk.create_socket)  # an AF_XDP socket of another namespace
+    try:
+        with netns.entered(), Client(served.path) as c:
+            c.connect()
+            with xsk.create_socket() as own:  # where the netdev is, as DPDK makes it
+                c.config_busy_poll(own.fileno(), 20, 64)
+            with pytest.raises(HandshakeError, match="/config_busy_poll_nak"):
+                c.config_busy_poll(elsewhere.fileno(), 20, 64)
+    finally:
+        elsewhere.close()
+    assert served.stats()["replies"].get("not a socket of this allocation") == 1
 
 
 # -- socket files ------------------------------------------------------------------------------
