@@ -25,6 +25,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -297,9 +298,9 @@ class HandoutServer:
             # getsockname() to detect them.
             sock = _socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
             if ((len(listener.connections) >= self.limits.max_connections_per_socket
-                    and not self._evict(listener.connections))
+                    and not self._make_room(listener.connections, sock))
                     or (self._connections >= self.limits.max_connections
-                        and not self._evict(self._all_connections()))):
+                        and not self._make_room(self._all_connections(), sock))):
                 sock.close()
                 self.counters.rejected_limit += 1
                 self.metrics.dropped.labels("limit").inc()
@@ -344,15 +345,42 @@ class HandoutServer:
     def _all_connections(self) -> list[Connection]:
         return [c for lst in self._listeners.values() for c in lst.connections]
 
-    def _evict(self, candidates: Iterable[Connection]) -> bool:
-        """Close the connection idle the longest, if idle long enough.  True if one was."""
-        oldest = min((c for c in candidates if not c.parked), default=None,
-                     key=lambda c: c.last_active)
+    def _make_room(self, candidates: Iterable[Connection], newcomer: _socket.socket) -> bool:
+        """At a connection limit: close one connection so that ``newcomer`` can stay.
+        True if one was closed.  In this order:
+
+        1. a connection that never passed /connect and has nothing waiting to be
+           read (silent since it connected), the oldest first: a burst of silent
+           connects cannot push out a client whose /connect is on its way;
+        2. a connection of the peer (process) holding the most, if it holds more
+           than the newcomer's: no peer keeps the slots from another, however
+           chatty its connections are;
+        3. the connection idle the longest, if idle for ``evict_idle_after``.
+
+        A connection waiting on the daemon (parked) is never closed.
+        """
+        pool = [c for c in candidates if not c.parked]
+        silent = [c for c in pool if c.session.state is protocol.State.NEW
+                  and not _has_data(c.sock)]
+        if silent:
+            return self._evict(min(silent, key=lambda c: c.opened), "silent since it connected")
+        by_peer: dict[int, list[Connection]] = {}
+        for c in pool:
+            by_peer.setdefault(_client_key(c), []).append(c)
+        if by_peer:
+            heaviest = max(by_peer.values(), key=len)
+            if len(heaviest) > len(by_peer.get(_peer_pid(newcomer), ())) + 1:
+                return self._evict(min(heaviest, key=lambda c: c.last_active),
+                                   "its peer holds the most connections")
+        oldest = min(pool, default=None, key=lambda c: c.last_active)
         if oldest is None or time.monotonic() - oldest.last_active < self.limits.evict_idle_after:
             return False
+        return self._evict(oldest, "idle the longest")
+
+    def _evict(self, conn: Connection, why: str) -> bool:
         self.counters.evicted += 1
         self.metrics.dropped.labels("evicted").inc()
-        self._close(oldest, "evicted for a new connection")
+        self._close(conn, f"evicted for a new connection: {why}")
         return True
 
     def _open(self, sock: _socket.socket, listener: Listener, answer_now: bool) -> None:
@@ -683,6 +711,27 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ServerError(f"another server is already serving {path}")
+
+
+def _has_data(sock: _socket.socket) -> bool:
+    """Whether a request (or EOF) is waiting on ``sock`` (peeked, not read)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | _DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # an error is news too: not a silent connection
+    return True
+
+
+def _peer_pid(sock: _socket.socket) -> int:
+    """The connecting process (SO_PEERCRED), as _client_key keys connections."""
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return 0
+    return pid if pid > 0 else 0
 
 
 def _client_key(conn: Connection) -> int:

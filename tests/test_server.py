@@ -414,18 +414,75 @@ def test_total_limit_evicts_across_sockets(netns: NsFixture, tmp_path: Path) -> 
     with serve(netns, tmp_path, limits=limits) as s, netns.entered():
         held = [raw(s.path) for _ in range(2)]
         try:
-            fresh = raw(s.path)  # nobody silent long enough yet: closed at once
+            for h in held:  # past /connect: no longer silent newcomers
+                assert ask(h, f"/connect,{HOST}".encode()) == b"/host_ok"
+            fresh = raw(s.path)  # same peer, nobody idle long enough yet: closed at once
             with fresh:
                 assert fresh.recv(64) == b""
             time.sleep(0.3)
             with fetch_map_fd(s.path, "va"):
                 pass
-            assert held[0].recv(64) == b""
+            assert held[0].recv(64) == b""  # idle the longest
             stats = s.stats()
             assert (stats["evicted"], stats["rejected_limit"]) == (1, 1)
         finally:
             for h in held:
                 h.close()
+
+
+def test_silent_newcomers_give_way_to_the_next_one_at_once(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """Connections that never passed /connect are the first to go, whatever their age."""
+    limits = Limits(max_connections=100, max_connections_per_socket=3)
+    with serve(netns, tmp_path, limits=limits) as s, netns.entered():
+        silent = [raw(s.path) for _ in range(3)]
+        try:
+            with fetch_map_fd(s.path, "va"):  # no second needed: the oldest silent goes
+                pass
+            assert silent[0].recv(64) == b""
+            assert s.stats()["evicted"] == 1 and s.stats()["rejected_limit"] == 0
+        finally:
+            for h in silent:
+                h.close()
+
+
+_CHATTY_PEER = r"""
+import socket, sys, time
+path, host, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+conns = []
+for _ in range(n):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.connect(path)
+    c.send(f"/connect,{host}".encode()); c.recv(64)
+    conns.append(c)
+print("ready", flush=True)
+while True:  # keep every connection busy: none is ever idle
+    for c in conns:
+        try:
+            c.send(b"/version"); c.recv(64)
+        except OSError:
+            pass
+    time.sleep(0.01)
+"""
+
+
+def test_a_peer_holding_every_slot_with_chatty_connections_cannot_lock_another_out(
+        netns: NsFixture, tmp_path: Path) -> None:
+    limits = Limits(max_connections=100, max_connections_per_socket=16)
+    with serve(netns, tmp_path, limits=limits) as s, netns.entered():
+        hog = subprocess.Popen([sys.executable, "-c", _CHATTY_PEER, str(s.path), HOST, "16"],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert hog.stdout is not None and hog.stdout.readline().strip() == "ready"
+            for _ in range(5):  # each on its first try
+                with fetch_map_fd(s.path, "va") as fd:
+                    assert libbpf.map_info(fd.fileno()).type == libbpf.BPF_MAP_TYPE_XSKMAP
+            # The first took a slot from the hog (which does not reconnect): the rest
+            # found that slot free again.
+            assert s.stats()["evicted"] == 1 and s.stats()["rejected_limit"] == 0
+        finally:
+            hog.kill()
+            hog.wait()
 
 
 # -- our extension and busy poll -------------------------------------------------------------------
@@ -504,8 +561,8 @@ def test_busy_poll_only_on_sockets_of_the_callers_allocation(served: Served,
                                                              netns: NsFixture) -> None:
     """DPDK's own socket, made in the netdev's namespace (map mode), may be tuned; an
     AF_XDP socket from elsewhere may not: the daemon is nobody's CAP_NET_ADMIN."""
-    with make_netns() as other, Netns.open(other.path) as there:
-        elsewhere = there.run(xsk.create_socket)  # an AF_XDP socket of another namespace
+    with make_netns() as other, other.entered():
+        elsewhere = xsk.create_socket()  # an AF_XDP socket of another namespace
     try:
         with netns.entered(), Client(served.path) as c:
             c.connect()
