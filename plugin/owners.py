@@ -2,8 +2,9 @@
 
 ``Allocate`` carries only device IDs.  Once kubelet has admitted the pod,
 PodResources ``List`` shows the container holding those devices: the
-allocation whose pool resource and device set match exactly belongs to that
-container, and its pod's hostname is what ``/connect`` must name.
+allocation whose pool resource and device set match the container's devices of
+that resource (the union of its entries) belongs to that container, and its
+pod's hostname is what ``/connect`` must name.
 
 Garbage collection: an owned allocation whose container no longer holds its
 devices is released; an allocation no pod claims within ``gcGrace`` seconds
@@ -53,11 +54,21 @@ def pod_hostname(pod_name: str) -> str:
 
 
 async def list_holders(socket_path: Path, timeout: float = 5.0) -> list[Holder]:
+    """Who holds what: one Holder per container and resource, with the union of its
+    devices.  Kubelet lists one ContainerDevices entry *per device* (a container
+    with two devices of a resource has two entries of one ID each); other
+    versions and fakes give one entry with all IDs: both shapes give the same."""
     async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
         reply = await pr_grpc.PodResourcesListerStub(channel).List(
             pr.ListPodResourcesRequest(), timeout=timeout)
-    return [Holder(pod.namespace, pod.name, c.name, d.resource_name, frozenset(d.device_ids))
-            for pod in reply.pod_resources for c in pod.containers for d in c.devices]
+    union: dict[tuple[str, str, str, str], set[str]] = {}
+    for pod in reply.pod_resources:
+        for c in pod.containers:
+            for d in c.devices:
+                union.setdefault((pod.namespace, pod.name, c.name, d.resource_name),
+                                 set()).update(d.device_ids)
+    return [Holder(ns, pod_name, container, resource, frozenset(ids))
+            for (ns, pod_name, container, resource), ids in union.items()]
 
 
 class Owners:

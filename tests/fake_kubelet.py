@@ -188,10 +188,11 @@ class FakeKubelet:
     def add_pod(self, namespace: str, name: str, resource: str, device_ids: list[str],
                 container: str = "app") -> None:
         with self.cond:
+            # As kubelet lists them: one ContainerDevices entry per device.
             self.pods[(namespace, name)] = pr.PodResources(
                 name=name, namespace=namespace, containers=[pr.ContainerResources(
                     name=container, devices=[pr.ContainerDevices(
-                        resource_name=resource, device_ids=device_ids)])])
+                        resource_name=resource, device_ids=[dev]) for dev in device_ids])])
 
     def remove_pod(self, namespace: str, name: str) -> None:
         with self.cond:

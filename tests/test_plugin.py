@@ -310,3 +310,24 @@ def test_pod_client_receives_frames_through_the_allocated_socket(
         send_frames(k8s, "q0", 1000)
         report = finish()
     assert (report["received"], report["uid"]) == (1000, 65534)
+
+
+def test_a_two_device_pod_listed_one_entry_per_device_keeps_both_and_connects(
+        k8s: K8s) -> None:
+    """Kubelet lists one ContainerDevices per device: the pod must still be found as
+    the owner (not garbage-collected after gcGrace) and /connect as the pod."""
+    cfg = json.loads(k8s.config.read_text())
+    cfg["gcGrace"] = 1
+    k8s.config.write_text(json.dumps(cfg))
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
+    resp = k8s.kubelet.allocate(RESOURCE, ["p0", "p1"]).container_responses[0]
+    k8s.kubelet.add_pod("ns1", "two-dev", RESOURCE, ["p0", "p1"])
+    listed = k8s.kubelet.pods[("ns1", "two-dev")].containers[0].devices
+    assert [list(d.device_ids) for d in listed] == [["p0"], ["p1"]]  # kubelet's shape
+    time.sleep(2.5)  # past gcGrace, several GC rounds
+    [alloc] = k8s.allocations()
+    assert alloc["owner"] == "ns1/two-dev/app"
+    with k8s.ns.entered():
+        for mount, dev in zip(resp.mounts, ("p0", "p1"), strict=True):
+            fetch_map_fd(Path(mount.host_path) / "afxdp.sock", dev, hostname="two-dev").close()
