@@ -73,6 +73,10 @@ class PoolBackend:
         try:
             responses = []
             for req in requests:
+                reused = self._reusable(list(req.devices_ids))
+                if reused is not None:
+                    responses.append(self._response(reused))
+                    continue
                 allocation = await self._create(list(req.devices_ids))
                 created.append(allocation.id)
                 responses.append(self._response(allocation))
@@ -81,6 +85,23 @@ class PoolBackend:
                 await self.registry.release(allocation_id)
             raise
         return responses
+
+    def _reusable(self, ids: list[str]) -> Allocation | None:
+        """An allocation of exactly these devices that no pod has taken into its
+        netns yet: the same pod's next container (kubelet allocates each container
+        at admission, init containers first, and gives an init container's devices
+        to the app containers).  It is answered as it is, so every container mounts
+        the same directory; releasing it would pull the mount from under the init
+        container.  Once CNI has moved a device, a new Allocate of it means its
+        pod is gone and the allocation is replaced."""
+        allocation = self.registry.by_netdev(ids[0]) if ids else None
+        if allocation is None or set(allocation.netdevs) != set(ids):
+            return None
+        if self.registry.specs[allocation.id].attached:
+            return None
+        log.info("event=allocation_reused id=%s netdevs=%s reason=%r", allocation.id,
+                 ",".join(ids), "another container of the pod (device reuse)")
+        return allocation
 
     def _check(self, ids: list[str]) -> None:
         if not ids:

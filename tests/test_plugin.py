@@ -331,3 +331,20 @@ def test_a_two_device_pod_listed_one_entry_per_device_keeps_both_and_connects(
     with k8s.ns.entered():
         for mount, dev in zip(resp.mounts, ("p0", "p1"), strict=True):
             fetch_map_fd(Path(mount.host_path) / "afxdp.sock", dev, hostname="two-dev").close()
+
+
+def test_an_init_container_and_the_app_container_share_one_allocation(k8s: K8s) -> None:
+    """Kubelet allocates each container at admission, init containers first, and gives
+    the init container's device to the app container: a second Allocate of the same
+    device.  Both must mount a directory that exists and hand out the same map."""
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    init = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0]
+    app = k8s.kubelet.allocate(RESOURCE, ["p0"]).container_responses[0]
+    assert [m.host_path for m in app.mounts] == [m.host_path for m in init.mounts]
+    assert Path(init.mounts[0].host_path, "afxdp.sock").is_socket()  # not pulled away
+    assert len(k8s.allocations()) == 1
+    k8s.kubelet.add_pod("default", "with-init", RESOURCE, ["p0"])
+    with k8s.ns.entered():
+        fetch_map_fd(Path(app.mounts[0].host_path) / "afxdp.sock", "p0",
+                     hostname="with-init").close()
