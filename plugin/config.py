@@ -98,6 +98,9 @@ class PluginConfig:
     gc_interval: float = 30.0
     gc_grace: float = 300.0  # an allocation no pod claims is released after this long
     rescan_interval: float = 60.0  # full dumps; events keep the view current in between
+    # How often the device plugin checks its socket and kubelet's as a safety net;
+    # inotify on the plugins directory reports a kubelet restart at once.
+    kubelet_check_interval: float = 10.0
     bpf_object: Path | None = None
 
     def resource_name(self, pool: PoolConfig) -> str:
@@ -112,6 +115,7 @@ _TOP = {
     "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
     "checkPeerNetns", "handshakeSpinUs",
     "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
+    "kubeletCheckInterval",
 }
 _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
@@ -365,7 +369,7 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
             cfg.handshake_spin_us = handshake_spin_us(value, key)
         elif key == "metricsAddress":
             cfg.metrics_address = address(value, key) if value != "" else ""
-        elif key in ("gcInterval", "gcGrace", "rescanInterval"):
+        elif key in ("gcInterval", "gcGrace", "rescanInterval", "kubeletCheckInterval"):
             attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
             setattr(cfg, attr, float(_number(value, key, above=True)))
     return cfg

@@ -44,9 +44,10 @@ DRAIN_SECONDS = 2.0
 
 
 class KubernetesDaemon:
-    def __init__(self, cfg: PluginConfig, *, supervise_interval: float = 1.0) -> None:
+    def __init__(self, cfg: PluginConfig, *, supervise_interval: float | None = None) -> None:
         self.cfg = cfg
-        self.supervise_interval = supervise_interval
+        self.supervise_interval = (cfg.kubelet_check_interval if supervise_interval is None
+                                   else supervise_interval)
         self.server = HandoutServer(limits=Limits(handshake_spin=cfg.handshake_spin_us / 1e6))
         self.netns: Netns | None = None
         self.registry: Registry | None = None

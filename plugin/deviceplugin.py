@@ -27,6 +27,7 @@ import grpc
 
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.api import deviceplugin_v1beta1_pb2_grpc as pb_grpc
+from plugin.dirwatch import CREATED, REMOVED, DirWatch
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ class PluginServer:
         self._our_inode: int | None = None
         self._kubelet_inode: int | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        # inotify on the plugins directory: kubelet.sock re-created (a kubelet
+        # restart, whatever its inode) or our socket removed wakes the supervisor
+        # at once; the periodic check is only a safety net.
+        self._watch: DirWatch | None = None
+        self._kubelet_recreated = False
+        self._kick = asyncio.Event()
 
     @property
     def socket_path(self) -> Path:
@@ -132,6 +139,7 @@ class PluginServer:
     async def start(self) -> None:
         """Serve, then register (when kubelet is up), then keep watching for kubelet restarts."""
         await self._serve()
+        self._start_watch()
         await self._try_register()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"dp-{self.endpoint}")
 
@@ -141,7 +149,34 @@ class PluginServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
             self._supervisor = None
+        self._stop_watch()
         await self._unserve()
+
+    def _start_watch(self) -> None:
+        try:
+            self._watch = DirWatch(self.plugins_dir)
+        except OSError as e:  # the periodic check still works
+            log.warning("event=plugins_dir_unwatched dir=%s error=%r", self.plugins_dir, str(e))
+            return
+        asyncio.get_running_loop().add_reader(self._watch.fileno(), self._on_dir_events)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            asyncio.get_running_loop().remove_reader(self._watch.fileno())
+            self._watch.close()
+            self._watch = None
+
+    def _on_dir_events(self) -> None:
+        assert self._watch is not None
+        for mask, name in self._watch.read():
+            if name == KUBELET_SOCKET and mask & CREATED:
+                self._kubelet_recreated = True
+                self._kick.set()
+            elif name == self.endpoint and mask & REMOVED:
+                self._kick.set()  # _check decides by what is there now (our own re-serve too)
+        if self._watch.gone:  # the directory itself went away: watch the new one
+            self._stop_watch()
+            self._kick.set()
 
     async def notify(self) -> None:
         """The device list changed: every ListAndWatch stream sends the full list again."""
@@ -195,8 +230,12 @@ class PluginServer:
 
     async def _supervise(self) -> None:
         while True:
-            await asyncio.sleep(self.supervise_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.supervise_interval)
+            self._kick.clear()
             try:
+                if self._watch is None and self.plugins_dir.is_dir():
+                    self._start_watch()
                 await self._check()
             except Exception:
                 log.exception("event=supervise_error resource=%s", self.resource_name)
@@ -212,7 +251,10 @@ class PluginServer:
             ours = None
         if kubelet_inode is None:
             return  # kubelet is down; act when it is back
-        kubelet_restarted = self.registered and kubelet_inode != self._kubelet_inode
+        # A re-created kubelet.sock may have the old inode number: the inotify event
+        # says so; the inode comparison is the safety net without one.
+        recreated, self._kubelet_recreated = self._kubelet_recreated, False
+        kubelet_restarted = self.registered and (recreated or kubelet_inode != self._kubelet_inode)
         socket_gone = ours != self._our_inode
         if socket_gone or kubelet_restarted:
             log.warning("event=kubelet_restart_detected resource=%s socket_gone=%s "

@@ -127,6 +127,13 @@ class FakeKubelet:
         time.sleep(down_for)
         self._start_registration()
 
+    def recreate_socket(self) -> None:
+        """Only kubelet.sock goes and comes back (the plugins' sockets stay): one of
+        the two signals of a kubelet restart, alone.  The new socket may get the old
+        inode number, as it can with a real kubelet."""
+        self._stop_registration()
+        self._start_registration()
+
     def stop(self) -> None:
         self._stop_registration()
         if self._podres is not None:

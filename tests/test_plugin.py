@@ -348,3 +348,33 @@ def test_an_init_container_and_the_app_container_share_one_allocation(k8s: K8s) 
     with k8s.ns.entered():
         fetch_map_fd(Path(app.mounts[0].host_path) / "afxdp.sock", "p0",
                      hostname="with-init").close()
+
+
+def slow_safety_net(k8s: K8s) -> None:
+    """Poll for kubelet restarts only once a minute: what happens sooner is inotify's."""
+    cfg = json.loads(k8s.config.read_text())
+    cfg["kubeletCheckInterval"] = 60
+    k8s.config.write_text(json.dumps(cfg))
+
+
+def test_kubelet_socket_recreated_alone_makes_the_plugin_register_again(k8s: K8s) -> None:
+    slow_safety_net(k8s)
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    before = len(k.registrations)
+    k.recreate_socket()  # our plugin socket untouched
+    k.wait(lambda: len(k.registrations) > before, 5, "registration after kubelet.sock came back")
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+
+
+def test_plugin_socket_removed_alone_is_served_and_registered_again(k8s: K8s) -> None:
+    slow_safety_net(k8s)
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    before = len(k.registrations)
+    ours = k8s.work / "dp" / ENDPOINT
+    ours.unlink()
+    k.wait(lambda: len(k.registrations) > before and ours.is_socket(), 5,
+           "our socket served and registered again")
