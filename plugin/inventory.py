@@ -25,6 +25,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from bpf.errors import BpfError
+from bpf.program import query
 from cni_server.ownership import describe_holder
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
@@ -57,6 +59,18 @@ class DeviceState:
     @property
     def nic(self) -> str:
         return self.netdev.nic if self.netdev else ""
+
+
+def _attached_now(ifindex: int) -> int:
+    """The program the kernel has on ``ifindex`` right now.  The netlink view lags
+    behind our own attaches (the event comes after the attach returns): asked only
+    when the view disagrees with the program we hold, so that a device we are
+    attaching or replacing is never reported Unhealthy for the few milliseconds
+    the view is stale."""
+    try:
+        return query(ifindex).prog_id
+    except BpfError:
+        return 0
 
 
 class Inventory:
@@ -205,7 +219,8 @@ class Inventory:
             return DeviceState(dev.name, dev, False, "served by another afxdp daemon "
                                                      f"({describe_holder(other)})")
         program = self.registry.programs.get(dev.name)
-        if program is not None and dev.xdp_prog_id != program.program.prog_id:
+        if program is not None and dev.xdp_prog_id != program.program.prog_id \
+                and _attached_now(dev.ifindex) != program.program.prog_id:
             return DeviceState(dev.name, dev, False, LOST_PROGRAM)
         return DeviceState(dev.name, dev, True)
 

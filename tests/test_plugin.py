@@ -378,3 +378,24 @@ def test_plugin_socket_removed_alone_is_served_and_registered_again(k8s: K8s) ->
     ours.unlink()
     k.wait(lambda: len(k.registrations) > before and ours.is_socket(), 5,
            "our socket served and registered again")
+
+
+def test_no_health_flip_while_the_daemon_attaches_programs_for_a_multi_device_allocate(
+        k8s: K8s) -> None:
+    """The netlink view lags behind our own attaches: the daemon must not report a
+    device it is attaching as Unhealthy ('lost its XDP program') meanwhile."""
+    k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    for i in range(4):
+        k.allocate(RESOURCE, ["p0", "p1", "p2"])
+        k.add_pod("default", f"multi-{i}", RESOURCE, ["p0", "p1", "p2"])
+        k8s.wait(lambda: len(k8s.allocations()) == 1 and bool(k8s.allocations()[0]["owner"]),
+                 what="the allocation owned")
+        k.remove_pod("default", f"multi-{i}")
+        k8s.wait(lambda: k8s.allocations() == [], what="the allocation released")
+        k.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    seen = [(dev.ID, dev.health) for lst in k.plugins[RESOURCE].lists for dev in lst]
+    assert ("p0", "Unhealthy") not in seen and ("p1", "Unhealthy") not in seen \
+        and ("p2", "Unhealthy") not in seen, [s for s in seen if s[1] == "Unhealthy"]
+    assert "lost its XDP program" not in k8s.daemons[-1].log()

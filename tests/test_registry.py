@@ -20,7 +20,7 @@ from cni_server.netns import Netns
 from cni_server.registry import AllocationSpec, ProgramTable, Registry, RegistryError
 from cni_server.server import HandoutServer
 from cni_server.state import StateError, StateFile
-from tests.kernel import NsFixture
+from tests.kernel import NsFixture, run
 
 pytestmark = pytest.mark.kernel
 T = TypeVar("T")
@@ -228,3 +228,33 @@ def test_failed_state_write_keeps_the_old_state(tmp_path: Path) -> None:
         assert [p.name for p in full.iterdir()] == ["state.json"]
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_the_inventory_does_not_call_a_device_we_just_attached_unhealthy_on_a_stale_view(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """The netlink view of a netdev can still show no program (or the old one) a
+    moment after our attach returned: health must follow the kernel, not the lag."""
+    from plugin.config import PluginConfig, PoolConfig
+    from plugin.discovery import Netdev
+    from plugin.inventory import Inventory
+
+    netns.veth("va", "vb")
+
+    async def body(reg: Registry) -> tuple[bool, bool]:
+        await reg.create(spec(tmp_path / "s", "va"))
+        inv = Inventory(PluginConfig(pools=[PoolConfig("pool1")]), reg, _no_change)
+        ifindex = socket.if_nametoindex("va")
+        stale = Netdev("va", ifindex, "", "veth", "veth", "", None, True, False, False, False,
+                       0, "")  # the event of our attach not seen yet
+        healthy_now = inv._health(stale).healthy
+        run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
+        really_lost = inv._health(stale).healthy
+        return healthy_now, really_lost
+
+    healthy_now, really_lost = run_in(netns, body)
+    assert healthy_now is True
+    assert really_lost is False  # the kernel agrees it is gone: reported
+
+
+async def _no_change(pools: set[str]) -> None:
+    return None
