@@ -27,7 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
-from cni_server.netdev import NetdevMissing, bring_home, link_info
+from cni_server.netdev import NetdevMissing, bring_home, link_info, link_settings, set_up
 from cni_server.netns import Netns
 from cni_server.registry import AllocationSpec, Registry
 from cni_server.virtual import VirtualError, host_end, plug, unplug
@@ -260,6 +260,7 @@ class CniEndpoint:
                             raise CniError(MOVE_FAILED, f"cannot connect virtual device "
                                            f"{netdev!r} on the node", str(e)) from e
                     try:
+                        before = await asyncio.to_thread(link_settings, netdev)
                         await asyncio.to_thread(_move_out, netdev, target.fileno())
                     except (NetlinkError, LookupError) as e:
                         await self._unplug(spec, netdev)
@@ -272,12 +273,14 @@ class CniEndpoint:
                         with contextlib.suppress(Exception):
                             await target.run_async(lambda: bring_home(
                                 target_name if _exists(target_name) else netdev, netdev,
-                                home.fileno()))
+                                home.fileno(), before))
+                            if before.get("orig_up") == "1":
+                                await asyncio.to_thread(set_up, netdev)
                         await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
                                        str(e)) from e
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
-                              "cni_ifname": cni_ifname, "container_id": cid}
+                              "cni_ifname": cni_ifname, "container_id": cid, **before}
                     self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
                                                     int(state["ifindex"]))
                     handed_over = True
@@ -304,18 +307,7 @@ class CniEndpoint:
             if record is None or (cid and record.get("container_id") not in ("", cid)):
                 return {"released": False}
             with self.registry.moving(netdev):
-                device = allocation.netdevs[netdev]
-                home = self.registry.netns
-                where = device.netns
-                try:
-                    await where.run_async(lambda: bring_home(record["ifname"], netdev, home.fileno()))
-                except (NetlinkError, LookupError) as e:
-                    log.info("event=cni_del_nothing_to_move device=%s reason=%r", netdev, str(e))
-                try:
-                    ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
-                except LookupError:
-                    ifindex = 0  # gone with the pod (a veth end), or not back yet
-                self.registry.record_attachment(allocation.id, netdev, None, None, netdev, ifindex)
+                await self.registry.bring_home(allocation.id, netdev)
                 await self._unplug(self.registry.specs[allocation.id], netdev)
         return {"released": True}
 

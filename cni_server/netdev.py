@@ -55,13 +55,43 @@ def link_info(name: str) -> LinkInfo:
         )
 
 
-def bring_home(ifname: str, orig: str, home_fd: int) -> None:
+def link_settings(name: str) -> dict[str, str]:
+    """What CNI ADD changes and DEL gives back: admin state, MTU, MAC (as strings, the
+    way an attachment record keeps them)."""
+    with IPRoute() as ipr:
+        try:
+            link = ipr.link("get", ifname=name)[0]
+        except NetlinkError as e:
+            if e.code == 19:
+                raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
+            raise
+        return {"orig_up": "1" if link["flags"] & 1 else "0",
+                "orig_mtu": str(link.get("mtu") or 0),
+                "orig_mac": str(link.get("address") or "")}
+
+
+def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
+               ) -> None:
     """In a pod's netns: take ``ifname`` down, drop its addresses, give it back its
-    original name and move it to the netns ``home_fd`` refers to."""
+    original name, MTU and MAC (``settings``, from link_settings before ADD) and move
+    it to the netns ``home_fd`` refers to.  Its admin state is given back there
+    (set_up), since a move leaves a netdev down."""
+    settings = settings or {}
     with IPRoute() as ipr:
         idx = link_info(ifname).ifindex
         ipr.link("set", index=idx, state="down")
         ipr.flush_addr(index=idx)
         if ifname != orig:
             ipr.link("set", index=idx, ifname=orig)
+        mtu = int(settings.get("orig_mtu") or 0)
+        if mtu:
+            ipr.link("set", index=idx, mtu=mtu)
+        if settings.get("orig_mac"):
+            ipr.link("set", index=idx, address=settings["orig_mac"])
         ipr.link("set", index=idx, net_ns_fd=home_fd)
+
+
+def set_up(name: str) -> None:
+    """Administratively up (in the calling thread's netns)."""
+    with IPRoute() as ipr:
+        ipr.link("set", index=link_info(name).ifindex, state="up")

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from bpf import bpffs
 from bpf.program import (
     DEFAULT_PROGRAM,
@@ -40,7 +42,7 @@ from bpf.program import (
 )
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
-from cni_server.netdev import bring_home, link_info
+from cni_server.netdev import bring_home, link_info, set_up
 from cni_server.netns import Netns, NetnsError
 from cni_server.ownership import Claims
 from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
@@ -475,7 +477,7 @@ class Registry:
         for netdev in spec.netdevs:
             device = allocation.netdevs[netdev]
             if device.netns is not self.netns:
-                await self._bring_home(allocation_id, netdev)
+                await self.bring_home(allocation_id, netdev)
             pin = spec.pin_path(netdev)
             if pin is not None:
                 bpffs.unpin(pin)
@@ -555,17 +557,25 @@ class Registry:
         for notify in self.on_moved:
             notify(netdev)
 
-    async def _bring_home(self, allocation_id: str, netdev: str) -> None:
-        """A released netdev still in a pod's netns (its CNI DEL never reached us): home."""
+    async def bring_home(self, allocation_id: str, netdev: str) -> None:
+        """A netdev in a pod's netns comes home (CNI DEL, or a release whose DEL never
+        reached us) as it was before ADD: name, MTU, MAC, admin state."""
         device = self.allocations[allocation_id].netdevs[netdev]
         record = self.specs[allocation_id].attached.get(netdev, {})
         ifname = record.get("ifname") or netdev
+        ifindex = 0  # gone with its pod (a veth end), or back already
         try:
-            await device.netns.run_async(lambda: bring_home(ifname, netdev, self.netns.fileno()))
+            await device.netns.run_async(
+                lambda: bring_home(ifname, netdev, self.netns.fileno(), record))
             log.info("event=netdev_brought_home netdev=%s from=%s", netdev, record.get("netns"))
+        except (NetlinkError, LookupError) as e:
+            log.info("event=netdev_not_brought_home netdev=%s reason=%r", netdev, str(e))
+        try:
+            if record.get("orig_up", "1") == "1":
+                await asyncio.to_thread(set_up, netdev)
             ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
-        except LookupError:
-            ifindex = 0  # gone with its pod (a veth end), or back already
+        except (NetlinkError, LookupError):
+            pass
         self.record_attachment(allocation_id, netdev, None, None, netdev, ifindex)
 
     async def repair(self, netdev: str) -> str:

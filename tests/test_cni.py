@@ -322,3 +322,36 @@ def test_gc_releases_attachments_not_listed_as_valid(env: Env) -> None:
     gc["cniVersion"] = "1.1.0"
     assert env.cni("GC", gc).code == 0
     assert "p0" in env.links(env.k8s.ns)
+
+
+def link(ns: NsFixture, dev: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run("ip", "-n", ns.name, "-j", "link", "show", dev).stdout)[0]
+    return doc
+
+
+def test_del_gives_the_device_back_as_it_was_and_it_is_allocatable_again(env: Env) -> None:
+    before = link(env.k8s.ns, "p0")
+    assert "UP" in before["flags"]
+    env.admit(["p0"])
+    assert env.cni("ADD", dict(env.conf, mtu=1400), netns=str(env.pod.path)).code == 0
+    assert link(env.pod, "p0")["mtu"] == 1400
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    after = link(env.k8s.ns, "p0")
+    assert ("UP" in after["flags"], after["mtu"], after["address"]) == (
+        True, before["mtu"], before["address"])
+    # Healthy again, and the pool hands it out to the next pod.
+    env.k8s.kubelet.remove_pod("default", "pod-a")
+    env.k8s.wait(lambda: env.k8s.allocations() == [], what="the allocation released")
+    env.k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+    env.admit(["p0"], "pod-b")
+    assert env.cni("ADD", env.conf, netns=str(env.pod.path), pod=("default", "pod-b"),
+                   container="c2").code == 0
+
+
+def test_a_release_without_del_also_gives_the_device_back_up(env: Env) -> None:
+    env.admit(["p0"])
+    assert env.add().code == 0
+    env.k8s.kubelet.remove_pod("default", "pod-a")  # the pod went; its DEL never came
+    env.k8s.wait(lambda: env.k8s.allocations() == [], what="the allocation released")
+    assert "UP" in link(env.k8s.ns, "p0")["flags"]
+    env.k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
