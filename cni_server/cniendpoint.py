@@ -280,7 +280,8 @@ class CniEndpoint:
                         raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
                                        str(e)) from e
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
-                              "cni_ifname": cni_ifname, "container_id": cid, **before}
+                              "cni_ifname": cni_ifname, "container_id": cid,
+                              "network": str(req.get("network") or ""), **before}
                     self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
                                                     int(state["ifindex"]))
                     handed_over = True
@@ -351,11 +352,20 @@ class CniEndpoint:
         return {"allocations": len(self.registry.allocations)}
 
     async def gc(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        """Release this network's attachments not in its valid list (CNI 1.1 GC).  Only
+        attachments recorded for the same network name: GC for network A must leave
+        network B's devices in their pods (and records without a network, from an
+        earlier release, alone)."""
+        network = str(req.get("network") or "")
+        if not network:
+            raise CniError(BAD_REQUEST, "gc needs the network name")
         valid = {(str(a.get("containerID")), str(a.get("ifname")))
                  for a in req.get("valid", []) if isinstance(a, dict)}
         released = []
         for spec in list(self.registry.specs.values()):
             for netdev, rec in list(spec.attached.items()):
+                if rec.get("network") != network:
+                    continue
                 if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
                     await self.delete({"deviceID": netdev, "containerID": rec.get("container_id")},
                                       [])

@@ -141,6 +141,15 @@ def open_netns(path: str) -> int:
     return fd
 
 
+def _version_asked(stdin: bytes) -> str:
+    try:
+        doc = json.loads(stdin) if stdin.strip() else {}
+    except ValueError:
+        return ""
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    return version if isinstance(version, str) else ""
+
+
 def pod_from_args(env: dict[str, str]) -> dict[str, str]:
     """K8S_POD_NAMESPACE and K8S_POD_NAME from CNI_ARGS ("K=V;K=V"), set by the runtime."""
     args = dict(part.split("=", 1) for part in env.get("CNI_ARGS", "").split(";") if "=" in part)
@@ -223,6 +232,18 @@ def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[st
     return result
 
 
+def delegate_versions(conf: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The CNI versions the IPAM plugin supports (its VERSION answer)."""
+    exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
+    proc = subprocess.run([exe], input=json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
+                          capture_output=True, env=dict(env, CNI_COMMAND="VERSION"), timeout=60)
+    try:
+        versions = json.loads(proc.stdout).get("supportedVersions", [])
+    except (ValueError, AttributeError):
+        return []
+    return [str(v) for v in versions] if isinstance(versions, list) else []
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -283,7 +304,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> 
         try:
             reply = daemon_call(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET), {
                 "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
-                "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"],
+                "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"], "network": conf["name"],
                 "pod": pod_from_args(env),
                 "rename": bool(conf.get("rename", False)), "mtu": int(conf.get("mtu", 0)),
                 "ipam": ipam or None,
@@ -347,8 +368,16 @@ def cmd_gc(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> N
     if not isinstance(valid, list):
         raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
     reply = daemon_call(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET),
-                        {"op": "gc", "valid": valid})
-    log("gc", released=",".join(reply.get("released", [])) or "-")
+                        {"op": "gc", "network": conf["name"], "valid": valid})
+    log("gc", network=conf["name"], released=",".join(reply.get("released", [])) or "-")
+    # The spec: a plugin forwards GC to the plugins it delegates to, with the same
+    # list.  An IPAM plugin that does not speak 1.1.0 (Debian 12's host-local stops
+    # at 1.0.0) knows no GC: it is skipped, and says so in the log.
+    if has_ipam(conf):
+        if "1.1.0" in delegate_versions(conf, env):
+            delegate("GC", raw, conf, env)
+        else:
+            log("ipam_gc_skipped", ipam=conf["ipam"]["type"], reason="no CNI 1.1.0 support")
 
 
 COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status,
@@ -361,7 +390,9 @@ def run(env: dict[str, str], stdin: bytes, stdout: IO[str], stderr: IO[str]) -> 
     log = Log(stderr)
     try:
         if command == "VERSION":
-            stdout.write(json.dumps({"cniVersion": "1.1.0",
+            # The answer's cniVersion is the one given on stdin (when there is one).
+            asked = _version_asked(stdin)
+            stdout.write(json.dumps({"cniVersion": asked or SUPPORTED_VERSIONS[-1],
                                      "supportedVersions": SUPPORTED_VERSIONS}) + "\n")
             return 0
         if command not in COMMANDS:

@@ -355,3 +355,50 @@ def test_a_release_without_del_also_gives_the_device_back_up(env: Env) -> None:
     env.k8s.wait(lambda: env.k8s.allocations() == [], what="the allocation released")
     assert "UP" in link(env.k8s.ns, "p0")["flags"]
     env.k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0"))
+
+
+def test_gc_of_one_network_leaves_another_networks_attachment_alone(env: Env) -> None:
+    env.admit(["p0"], "pod-a")
+    env.admit(["p1"], "pod-b")
+    with make_netns() as pod2:
+        assert env.add(container="c1").code == 0  # network afxdp-net
+        other = dict(env.conf, name="other-net", deviceID="p1")
+        other["ipam"] = dict(env.conf["ipam"], dataDir=str(env.k8s.work / "ipam2"))
+        assert env.cni("ADD", other, netns=str(pod2.path), container="c2",
+                       pod=("default", "pod-b")).code == 0
+        gc = dict(env.conf, cniVersion="1.1.0", **{"cni.dev/valid-attachments": []})
+        res = env.cni("GC", gc)
+        assert res.code == 0, res.out
+        assert "p0" in env.links(env.k8s.ns)  # afxdp-net's, not valid: released
+        assert "p1" in env.links(pod2)  # other-net's: untouched
+        assert "ipam_gc_skipped" in res.stderr  # Debian's host-local speaks no 1.1.0
+
+
+_STUB_IPAM = """#!/bin/sh
+# An IPAM plugin that speaks CNI 1.1.0 and records the GC it is given.
+case "$CNI_COMMAND" in
+VERSION) echo '{"cniVersion":"1.1.0","supportedVersions":["1.0.0","1.1.0"]}' ;;
+GC) cat > "$(dirname "$0")/gc-received.json" ;;
+*) echo '{"cniVersion":"1.1.0","code":4,"msg":"stub"}'; exit 1 ;;
+esac
+"""
+
+
+def test_gc_is_forwarded_to_an_ipam_plugin_that_speaks_1_1(env: Env, tmp_path: Path) -> None:
+    stub = tmp_path / "stub-ipam"
+    stub.write_text(_STUB_IPAM)
+    stub.chmod(0o755)
+    valid = [{"containerID": "c1", "ifname": "net1"}]
+    gc = {"cniVersion": "1.1.0", "name": "afxdp-net", "type": "afxdp",
+          "daemonSocket": env.conf["daemonSocket"], "ipam": {"type": "stub-ipam"},
+          "cni.dev/valid-attachments": valid}
+    res = env.cni("GC", gc, env={"CNI_PATH": f"{tmp_path}:/usr/lib/cni"})
+    assert res.code == 0, (res.out, res.stderr)
+    received = json.loads((tmp_path / "gc-received.json").read_text())
+    assert received["cni.dev/valid-attachments"] == valid
+
+
+def test_version_answers_with_the_cni_version_it_was_given(env: Env) -> None:
+    for asked in ("1.0.0", "1.1.0"):
+        res = env.cni("VERSION", {"cniVersion": asked})
+        assert res.code == 0 and res.out["cniVersion"] == asked, res.out
