@@ -128,17 +128,21 @@ def cmd_daemon(a: argparse.Namespace) -> int:
 
 
 def cmd_install_cni(a: argparse.Namespace) -> int:
-    """Copy the stdlib-only CNI executable to DEST/afxdp, atomically, mode 0755."""
-    import shutil
-
+    """Copy the stdlib-only CNI executable to DEST/afxdp, atomically, mode 0755, started
+    by the host's interpreter (``--python``) in isolated mode whatever the PATH."""
     import plugin.cni
 
+    if not a.python.startswith("/"):
+        return _fail(EXIT_USAGE, f"--python {a.python!r} must be an absolute path: runtimes "
+                                 "run the plugin with a PATH of their own")
     dest = Path(a.dest)
     target = dest / a.name
+    source = Path(plugin.cni.__file__).read_text()
+    body = source.split("\n", 1)[1] if source.startswith("#!") else source
     try:
         dest.mkdir(parents=True, exist_ok=True)
         tmp = dest / f".{a.name}.tmp.{os.getpid()}"
-        shutil.copyfile(plugin.cni.__file__, tmp)
+        tmp.write_text(f"#!{a.python} -IS\n{body}")
         tmp.chmod(0o755)
         tmp.replace(target)
     except OSError as e:
@@ -480,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_Help)
     ic.add_argument("--dest", default="/opt/cni/bin")
     ic.add_argument("--name", default="afxdp")
+    ic.add_argument("--python", default="/usr/bin/python3", metavar="PATH",
+                    help="the host's interpreter, as the host sees it (the plugin runs there)")
     ic.set_defaults(fn=cmd_install_cni)
 
     r = sub.add_parser("request", help="run the handshake and print (or pass on) the map fd",

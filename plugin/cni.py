@@ -1,9 +1,11 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3 -IS
 """afxdp CNI plugin: hand an allocated netdev to a pod, as the container runtime asks.
 
 Installed on the host as ``/opt/cni/bin/afxdp`` (``afxdp install-cni``) and run
 by the runtime (via Multus, which adds ``deviceID``) for every pod.  It needs
-only the host's ``python3`` (3.8 or newer) and its standard library: the
+only the host's system ``python3`` (3.8 or newer) and its standard library,
+started by path in isolated mode (``-IS``: no PATH lookup, no site packages, no
+PYTHON* variables), so a runtime's PATH or a user's Python cannot change it: the
 privileged work (moving the netdev into the pod's netns, addresses, routes) is
 done by the node daemon, reached on its local Unix socket, with the netns
 passed as a file descriptor.

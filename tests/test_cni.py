@@ -105,6 +105,34 @@ def test_install_cni_puts_one_executable_file_in_place(tmp_path: Path) -> None:
     assert json.loads(out)["supportedVersions"] == ["1.0.0", "1.1.0"]
 
 
+def test_the_installed_plugin_starts_the_system_python_isolated_whatever_the_path(
+        tmp_path: Path) -> None:
+    """As a runtime runs it: found by name in a CNI_PATH directory and exec'd with the
+    runtime's environment, here a PATH with no python and a PYTHONPATH that would
+    break any non-isolated interpreter."""
+    cni_bin = tmp_path / "bin"
+    run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(cni_bin))
+    assert (cni_bin / "afxdp").read_text().splitlines()[0] == "#!/usr/bin/python3 -IS"
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    (poison / "json.py").write_text("raise SystemExit('a non-isolated python loaded this')\n")
+    found = next(Path(d) / "afxdp" for d in f"/nonexistent:{cni_bin}".split(":")
+                 if (Path(d) / "afxdp").exists())  # libcni's lookup by type
+    res = subprocess.run([str(found)], input=b'{"cniVersion": "1.0.0"}',
+                         env={"CNI_COMMAND": "VERSION", "CNI_PATH": f"/nonexistent:{cni_bin}",
+                              "PATH": "/nonexistent", "PYTHONPATH": str(poison)},
+                         capture_output=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["cniVersion"] == "1.0.0"
+
+
+def test_install_cni_refuses_a_relative_interpreter(tmp_path: Path) -> None:
+    res = run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(tmp_path),
+              "--python", "python3", check=False)
+    assert res.returncode == 2 and "--python 'python3' must be an absolute path" in res.stderr
+    assert not (tmp_path / "afxdp").exists()
+
+
 # -- ADD / DEL --------------------------------------------------------------------------------------
 
 
