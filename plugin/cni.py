@@ -10,7 +10,8 @@ privileged work (moving the netdev into the pod's netns, addresses, routes) is
 done by the node daemon, reached on its local Unix socket, with the netns
 passed as a file descriptor.
 
-CNI spec 1.0.0 and 1.1.0: ADD, DEL, CHECK, VERSION, STATUS, GC.  Results and
+CNI spec 0.3.0 to 1.1.0: ADD, DEL, CHECK (0.4.0 on), VERSION, STATUS and GC (1.1.0),
+with each version's result shape.  Results and
 errors are JSON on stdout; logs go to stderr (or ``logFile``).  Config keys
 besides the standard ones: ``deviceID`` (or ``runtimeConfig.deviceID``),
 ``ipam`` (delegated), ``rename`` (false: keep the device's name; true: rename
@@ -39,7 +40,9 @@ import sys
 import time
 from typing import IO, Any
 
-SUPPORTED_VERSIONS = ["1.0.0", "1.1.0"]
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+# Commands the spec added after 0.3: a config of an older version may not ask for them.
+COMMAND_SINCE = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
 DEFAULT_DAEMON_SOCKET = "/run/afxdp/cni.sock"
 DAEMON_TIMEOUT = 30.0
 # Where logFile may write: fixed by the node's installation, never by a config.
@@ -141,6 +144,23 @@ def open_netns(path: str) -> int:
         os.close(fd)
         raise CniError(BAD_ENV, f"CNI_NETNS {path!r} is not a network namespace")
     return fd
+
+
+def _vtuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def result_ips(ips: list[dict[str, Any]], version: str) -> list[dict[str, Any]]:
+    """IPAM's addresses as our result's, for the config's CNI version: before 1.0.0
+    each carries ``version`` ("4"/"6"); 1.0.0 dropped the field."""
+    out = []
+    for ip in ips:
+        entry = {k: v for k, v in ip.items() if k != "version"}
+        entry["interface"] = 0
+        if _vtuple(version) < (1, 0, 0):
+            entry["version"] = "6" if ":" in str(ip.get("address", "")) else "4"
+        out.append(entry)
+    return out
 
 
 def _version_asked(stdin: bytes) -> str:
@@ -324,7 +344,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> 
     result: dict[str, Any] = {"cniVersion": conf["cniVersion"], "interfaces": [
         {"name": iface["name"], "mac": iface["mac"], "sandbox": env["CNI_NETNS"]}]}
     if ipam.get("ips"):
-        result["ips"] = [dict(ip, interface=0) for ip in ipam["ips"]]
+        result["ips"] = result_ips(ipam["ips"], conf["cniVersion"])
     for key in ("routes", "dns"):
         if ipam.get(key):
             result[key] = ipam[key]
@@ -405,6 +425,10 @@ def run(env: dict[str, str], stdin: bytes, stdout: IO[str], stderr: IO[str]) -> 
             raise CniError(BAD_ENV, f"missing environment for {command}: {', '.join(missing)}")
         conf = parse_config(stdin, command)
         version = conf["cniVersion"]
+        since = COMMAND_SINCE.get(command)
+        if since is not None and _vtuple(version) < _vtuple(since):
+            raise CniError(INCOMPATIBLE_VERSION, f"{command} is not defined before CNI {since} "
+                           f"(the config says {version})")
         if conf.get("logFile"):
             log = open_log(conf["logFile"])
         out = COMMANDS[command](conf, stdin, env, log)

@@ -93,7 +93,8 @@ def test_the_executable_needs_only_the_standard_library_and_python_3_8() -> None
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
     out = subprocess.run(host_python_plugin(PLUGIN), env={"CNI_COMMAND": "VERSION"},
                          capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == {"cniVersion": "1.1.0", "supportedVersions": ["1.0.0", "1.1.0"]}
+    assert json.loads(out) == {"cniVersion": "1.1.0", "supportedVersions": [
+        "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
 
 
 def test_install_cni_puts_one_executable_file_in_place(tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ def test_install_cni_puts_one_executable_file_in_place(tmp_path: Path) -> None:
     assert "installed" in res.stdout and target.stat().st_mode & 0o111
     out = subprocess.run([str(target)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"},
                          capture_output=True, text=True, check=True).stdout
-    assert json.loads(out)["supportedVersions"] == ["1.0.0", "1.1.0"]
+    assert json.loads(out)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
 def test_the_installed_plugin_starts_the_system_python_isolated_whatever_the_path(
@@ -284,7 +285,7 @@ def test_daemon_restart_finds_the_device_in_the_pod(env: Env) -> None:
 
 
 @pytest.mark.parametrize("change,omit,code", [
-    ({"cniVersion": "0.3.1"}, (), 1),
+    ({"cniVersion": "0.2.0"}, (), 1),  # older than any we speak
     ({"deviceID": None}, (), 7),
     ({"mtu": 10}, (), 7),
     ({"deviceID": "p1"}, (), 101),  # not allocated
@@ -336,9 +337,10 @@ def test_check_fails_after_tampering(env: Env) -> None:
 
 
 def test_status_reports_whether_the_daemon_is_reachable(env: Env) -> None:
-    assert env.cni("STATUS", env.conf).code == 0
+    conf = dict(env.conf, cniVersion="1.1.0")  # STATUS came with 1.1.0
+    assert env.cni("STATUS", conf).code == 0
     env.k8s.daemons[-1].stop()
-    res = env.cni("STATUS", env.conf)
+    res = env.cni("STATUS", conf)
     assert res.code == 1 and res.out["code"] == 50
 
 
@@ -430,3 +432,32 @@ def test_version_answers_with_the_cni_version_it_was_given(env: Env) -> None:
     for asked in ("1.0.0", "1.1.0"):
         res = env.cni("VERSION", {"cniVersion": asked})
         assert res.code == 0 and res.out["cniVersion"] == asked, res.out
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+def test_each_cni_version_passes_add_check_where_defined_and_del(env: Env, version: str
+                                                                 ) -> None:
+    env.admit(["p0"])
+    conf = dict(env.conf, cniVersion=version)
+    if version == "1.1.0":
+        del conf["ipam"]  # Debian 12's host-local speaks CNI up to 1.0.0
+    res = env.cni("ADD", conf, netns=str(env.pod.path))
+    assert res.code == 0, res.out
+    assert res.out["cniVersion"] == version
+    for ip in res.out.get("ips", []):  # each version's result shape
+        assert ("version" in ip) is (version < "1.0.0"), ip
+    if version in ("0.3.1",):
+        check = env.cni("CHECK", conf, netns=str(env.pod.path))
+        assert check.out["code"] == 1 and "CHECK is not defined before CNI 0.4.0" \
+            in check.out["msg"], check.out
+    else:
+        assert env.cni("CHECK", conf, netns=str(env.pod.path)).code == 0
+    assert env.cni("DEL", conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.k8s.ns)
+
+
+@pytest.mark.parametrize("command", ["GC", "STATUS"])
+def test_gc_and_status_need_a_1_1_config(env: Env, command: str) -> None:
+    res = env.cni(command, env.conf)  # cniVersion 1.0.0
+    assert res.out["code"] == 1 and f"{command} is not defined before CNI 1.1.0" \
+        in res.out["msg"], res.out
