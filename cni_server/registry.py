@@ -27,6 +27,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import bpffs
+from bpf.errors import BpffsError
 from bpf.program import (
     DEFAULT_PROGRAM,
     PROGRAM_NAME,
@@ -540,11 +541,17 @@ class Registry:
             # nothing again until the next ADD.
             device.awaiting_cni = record is None
             if device.pin is not None:
-                if record is None:
-                    bpffs.unpin(device.pin)
-                else:
-                    bpffs.pin(device.program.map_fd, device.pin, uid=spec.uid, gid=spec.gid,
-                              mode=spec.mode)
+                try:
+                    if record is None:
+                        bpffs.unpin(device.pin)
+                    else:
+                        bpffs.pin(device.program.map_fd, device.pin, uid=spec.uid,
+                                  gid=spec.gid, mode=spec.mode)
+                except (BpffsError, OSError) as e:
+                    # The move is done and recorded below either way; the pod still
+                    # has its socket.  Say so rather than lose track of the netdev.
+                    log.error("event=pin_failed netdev=%s pin=%s error=%r", netdev, device.pin,
+                              str(e))
         self.programs.relocate(netdev, netns, ifname, ifindex)
         allocation.aliases = {k: v for k, v in allocation.aliases.items() if v != netdev}
         if record is not None and ifname != netdev:
