@@ -85,7 +85,16 @@ class FakeKubelet:
         self.cond = threading.Condition()
         self.plugins: dict[str, Registered] = {}
         self.registrations: list[str] = []
-        self.pods: dict[tuple[str, str], pr.PodResources] = {}
+        # Kubelet lists every pod on the node, those with no devices too (and, before
+        # 1.34, terminated ones): the plugin must find its owners among them.
+        self.pods: dict[tuple[str, str], pr.PodResources] = {
+            ("kube-system", "coredns-5d78c9869d-x2v4k"): pr.PodResources(
+                name="coredns-5d78c9869d-x2v4k", namespace="kube-system",
+                containers=[pr.ContainerResources(name="coredns")]),
+            ("default", "job-done-7xk2p"): pr.PodResources(  # terminated, no devices
+                name="job-done-7xk2p", namespace="default",
+                containers=[pr.ContainerResources(name="main")]),
+        }
         self.list_calls = 0
         self.list_delay = 0.0
         self._registration: grpc.Server | None = None
@@ -97,11 +106,19 @@ class FakeKubelet:
         self.plugins_dir.mkdir(parents=True, exist_ok=True)
         (self.plugins_dir / CHECKPOINT).write_text("{}")
         self._start_registration()
+        self._start_podresources()
+
+    def _start_podresources(self) -> None:
         self.pod_resources_socket.parent.mkdir(parents=True, exist_ok=True)
         self._podres = grpc.server(futures.ThreadPoolExecutor(4))
         pr_grpc.add_PodResourcesListerServicer_to_server(_PodResources(self), self._podres)
         self._podres.add_insecure_port(f"unix://{self.pod_resources_socket}")
         self._podres.start()
+
+    def _stop_podresources(self) -> None:
+        if self._podres is not None:
+            self._podres.stop(0).wait()
+            self._podres = None
 
     def _start_registration(self) -> None:
         self._registration = grpc.server(futures.ThreadPoolExecutor(8))
@@ -119,12 +136,15 @@ class FakeKubelet:
             self.plugins.clear()
 
     def restart(self, down_for: float = 0.2) -> None:
-        """Like a kubelet restart: plugin sockets deleted, a new kubelet.sock."""
+        """Like a kubelet restart: plugin sockets deleted, a new kubelet.sock, and the
+        PodResources socket down meanwhile too."""
         self._stop_registration()
+        self._stop_podresources()
         for f in self.plugins_dir.iterdir():
             if f.name != CHECKPOINT:
                 f.unlink()
         time.sleep(down_for)
+        self._start_podresources()
         self._start_registration()
 
     def recreate_socket(self) -> None:
@@ -136,9 +156,7 @@ class FakeKubelet:
 
     def stop(self) -> None:
         self._stop_registration()
-        if self._podres is not None:
-            self._podres.stop(0).wait()
-            self._podres = None
+        self._stop_podresources()
 
     # -- device plugin side ----------------------------------------------------------
 
@@ -175,7 +193,13 @@ class FakeKubelet:
         self.wait(lambda: resource in self.plugins, 10, f"{resource} to register")
         return self.plugins[resource].stub
 
-    def allocate(self, resource: str, *containers: list[str]) -> pb.AllocateResponse:
+    def allocate(self, resource: str, device_ids: list[str]) -> pb.AllocateResponse:
+        """What kubelet sends: one call per container, with one ContainerAllocateRequest."""
+        return self.allocate_raw(resource, device_ids)
+
+    def allocate_raw(self, resource: str, *containers: list[str]) -> pb.AllocateResponse:
+        """Any AllocateRequest the API allows, e.g. several containers in one call
+        (kubelet never sends that; a plugin must still answer it right)."""
         req = pb.AllocateRequest(container_requests=[
             pb.ContainerAllocateRequest(devices_ids=ids) for ids in containers])
         resp: pb.AllocateResponse = self.stub(resource).Allocate(req, timeout=30)
@@ -183,6 +207,10 @@ class FakeKubelet:
 
     def preferred(self, resource: str, available: list[str], must: list[str], size: int
                   ) -> list[str]:
+        """Called, as kubelet does, only when the plugin's options advertise it."""
+        self.stub(resource)
+        if not self.plugins[resource].options.get_preferred_allocation_available:
+            raise AssertionError("kubelet would not call GetPreferredAllocation: not advertised")
         req = pb.PreferredAllocationRequest(container_requests=[
             pb.ContainerPreferredAllocationRequest(available_deviceIDs=available,
                                                    must_include_deviceIDs=must,

@@ -122,7 +122,7 @@ def test_allocate_two_devices_and_two_containers(k8s: K8s) -> None:
 def test_allocate_for_two_containers_in_one_request(k8s: K8s) -> None:
     k8s.start()
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
-    resp = k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+    resp = k8s.kubelet.allocate_raw(RESOURCE, ["p0"], ["p1"])
     assert [c.envs["AFXDP_DEVICES_POOL1"] for c in resp.container_responses] == ["p0", "p1"]
     assert len(k8s.allocations()) == 2
 
@@ -148,7 +148,7 @@ def test_unhealthy_device_is_refused_and_nothing_is_done(k8s: K8s) -> None:
     run("ip", "-n", k8s.ns.name, "link", "set", "p1", "down")
     k8s.kubelet.wait_devices(RESOURCE, lambda d: "p1" in d and d["p1"].health == "Unhealthy")
     with pytest.raises(grpc.RpcError) as e:
-        k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+        k8s.kubelet.allocate_raw(RESOURCE, ["p0"], ["p1"])
     code, details = rpc_error(e.value)
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "'p1' is unhealthy: link down" in details
@@ -160,7 +160,7 @@ def test_failure_half_way_rolls_back_the_containers_done(k8s: K8s) -> None:
     k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
     run("ip", "-n", k8s.ns.name, "link", "del", "p1")  # gone; the daemon may not know yet
     with pytest.raises(grpc.RpcError):
-        k8s.kubelet.allocate(RESOURCE, ["p0"], ["p1"])
+        k8s.kubelet.allocate_raw(RESOURCE, ["p0"], ["p1"])
     assert k8s.allocations() == []
     assert k8s.ns.xdp_prog_id("p0") == 0
     assert list((k8s.work / "sockets").iterdir()) == []
