@@ -169,7 +169,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_obj_get_info_by_fd": ([i, vp, ctypes.POINTER(u32)], i),
         "bpf_map_update_elem": ([i, vp, vp, ctypes.c_uint64], i),
         "bpf_map_lookup_elem": ([i, vp, vp], i),
-        "bpf_map_delete_elem": ([i, vp], i),
         "bpf_map_create": ([i, cp, u32, u32, u32, vp], i),
         "bpf_prog_test_run_opts": ([i, ctypes.POINTER(TestRunOpts)], i),
         "libbpf_set_print": ([_PRINT_FN], vp),
@@ -336,12 +335,6 @@ def map_fd_by_name(prog_fd: int, name: str) -> int:
             return fd
         os.close(fd)
     raise LookupError(f"BPF program fd {prog_fd} uses no map named {name!r}")
-
-
-def map_delete_u32(map_fd: int, key: int, what: str) -> None:
-    """bpf_map_delete_elem with a u32 key."""
-    k = ctypes.c_uint32(key)
-    check(call("bpf_map_delete_elem", map_fd, ctypes.byref(k)), what)
 
 
 def test_run(prog_fd: int, data: bytes, repeat: int) -> tuple[int, int]:

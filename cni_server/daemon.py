@@ -104,8 +104,6 @@ class StandaloneDaemon:
         """Start, serve until SIGTERM/SIGINT, stop."""
         await run_until_signal(self.start, self.stop, self._stop)
 
-    def request_stop(self) -> None:
-        self._stop.set()
 
     async def stop(self) -> None:
         """Undo everything start() did, in reverse; safe to call on a partial start."""

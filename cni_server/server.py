@@ -263,13 +263,6 @@ class HandoutServer:
     def listeners(self) -> dict[Path, Listener]:
         return self._listeners
 
-    def served_paths(self, allocation_id: str) -> list[Path]:
-        return [p for p, lst in self._listeners.items() if lst.allocation.id == allocation_id]
-
-    @property
-    def connection_count(self) -> int:
-        return self._connections
-
     # -- accepting -------------------------------------------------------------
 
     def _on_acceptable(self, listener: Listener) -> None:

@@ -68,12 +68,3 @@ def send_frames(ifname: str, count: int, *, dst_mac: str = BROADCAST, dport: int
                 continue
             sent += 1
         return sent
-
-
-def frame_seq(frame: bytes, tag: bytes = b"afxdp") -> int | None:
-    """The sequence number send_frames put in ``frame``, or None if it is not one of ours."""
-    start = 42
-    if frame[start: start + len(tag)] != tag:
-        return None
-    (seq,) = struct.unpack_from("!I", frame, start + len(tag))
-    return int(seq)

@@ -116,8 +116,6 @@ class KubernetesDaemon:
         """Start, serve until SIGTERM/SIGINT, stop."""
         await run_until_signal(self.start, self.stop, self._stop)
 
-    def request_stop(self) -> None:
-        self._stop.set()
 
     def ready(self) -> tuple[bool, str]:
         """Ready: started, and every pool registered with kubelet."""

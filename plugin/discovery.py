@@ -217,11 +217,6 @@ class NodeView:
         return out
 
 
-def scan() -> dict[str, Netdev]:
-    """Every link in this netns, by name (one dump)."""
-    return NodeView.dump().netdevs()
-
-
 def selects(pool: PoolConfig, dev: Netdev) -> bool:
     """Whether the pool's selectors pick ``dev`` (before exclusions)."""
     if pool.devices and not any(p.fullmatch(dev.name) for p in pool.devices):

@@ -64,9 +64,20 @@ def http() -> Iterator[Running]:
         yield Running(server, loop)
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(_finish_handlers(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+async def _finish_handlers() -> None:
+    """Server.close() leaves connection handlers running: end them before the loop
+    stops, so none is destroyed pending."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def wait_open(http: Running, n: int) -> None:
