@@ -30,7 +30,8 @@ RUN python3 -m venv /opt/afxdp \
  && /opt/afxdp/bin/pip install --no-cache-dir /tmp/dist/*.whl \
  && rm -rf /tmp/dist
 ENV PATH=/opt/afxdp/bin:$PATH
-# Runs as root only because attaching XDP programs and creating AF_XDP sockets
-# need CAP_BPF/CAP_NET_ADMIN/CAP_NET_RAW; the DaemonSet grants only those.
+# Runs as uid 0, but with only the capabilities the DaemonSet adds (NET_ADMIN,
+# SYS_ADMIN, NET_RAW, IPC_LOCK, SYS_PTRACE, CHOWN; docs/deploy.md says what each
+# is for) and a read-only root: nothing here needs more.
 ENTRYPOINT ["afxdp"]
 CMD ["serve", "--config", "/etc/afxdp/config.yaml"]

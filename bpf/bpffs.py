@@ -97,11 +97,13 @@ def pin(fd: int, path: Path, *, uid: int = -1, gid: int = -1, mode: int = 0o600)
     except LibbpfError as e:
         raise BpffsError(str(e)) from e
     try:
-        os.chown(path, uid, gid)
+        # Mode first, while the pin is still ours (see cni_server/server.py).
         os.chmod(path, mode)
-    except OSError:
+        os.chown(path, uid, gid)
+    except OSError as e:
         path.unlink()
-        raise
+        raise BpffsError(f"cannot hand the pin {path} to {uid}:{gid} with mode {mode:04o}: "
+                         f"{e.strerror}") from e
 
 
 def open_pinned(path: Path) -> int:

@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info, link_settings, set_up
-from cni_server.netns import Netns
+from cni_server.netns import Netns, NetnsError
 from cni_server.registry import AllocationSpec, Registry
 from cni_server.virtual import VirtualError, host_end, plug, unplug
 
@@ -45,6 +45,7 @@ CHECK_FAILED = 104
 MOVE_FAILED = 105
 BAD_REQUEST = 106
 NOT_OWNER = 109
+NETNS_UNUSABLE = 111
 
 # Asked before a device moves: may pod (namespace, name) have this allocation?
 # Returns why not ("" when it may).
@@ -195,9 +196,12 @@ class CniEndpoint:
             log.info("event=cni op=%s device=%s container=%s result=ok", op,
                      request.get("deviceID", "-"), request.get("containerID", "-"))
             return {"ok": True, "result": result}
-        except CniError as e:
+        except (CniError, NetnsError) as exc:
+            e = exc if isinstance(exc, CniError) else CniError(
+                NETNS_UNUSABLE, "the daemon cannot enter the pod's network namespace", str(exc))
             self.registry.server.metrics.cni_ops.labels(op_label, f"error_{e.code}").inc()
-            log.warning("event=cni result=error code=%d msg=%r", e.code, e.msg)
+            log.warning("event=cni result=error code=%d msg=%r details=%r", e.code, e.msg,
+                        e.details)
             return {"ok": False, "code": e.code, "msg": e.msg, "details": e.details}
         except Exception as e:
             self.registry.server.metrics.cni_ops.labels(op_label, "internal_error").inc()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import errno
 import os
 import queue
 import threading
@@ -37,7 +38,8 @@ def setns(fd: int) -> None:
     """Move the calling thread into the network namespace ``fd`` refers to."""
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise NetnsError(f"setns(CLONE_NEWNET) failed: {os.strerror(err)}")
+        hint = " (the daemon needs CAP_SYS_ADMIN to enter it)" if err == errno.EPERM else ""
+        raise NetnsError(f"setns(CLONE_NEWNET) failed: {os.strerror(err)}{hint}")
 
 
 def thread_netns_inode() -> int:

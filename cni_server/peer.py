@@ -53,6 +53,9 @@ def _netns(sock: _socket.socket, pid: int) -> tuple[int | None, str]:
         except OSError as e:
             if e.errno == errno.ESRCH:
                 return None, "peer exited"
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return None, (f"PIDFD_GET_NET_NAMESPACE: {e.strerror} (the daemon needs "
+                              "CAP_SYS_PTRACE to see another user's namespaces)")
             if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 return None, f"PIDFD_GET_NET_NAMESPACE: {e.strerror}"
             inode, why = _netns_from_proc(pid)
@@ -75,4 +78,6 @@ def _netns_from_proc(pid: int) -> tuple[int | None, str]:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino, ""
     except OSError as e:
-        return None, f"/proc/{pid}/ns/net: {e.strerror}"
+        hint = (" (the daemon needs CAP_SYS_PTRACE to see another user's namespaces)"
+                if e.errno in (errno.EACCES, errno.EPERM) else "")
+        return None, f"/proc/{pid}/ns/net: {e.strerror}{hint}"

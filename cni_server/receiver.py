@@ -100,7 +100,10 @@ class XskReceiver:
     @classmethod
     def with_own_socket(cls, **kw: int) -> XskReceiver:
         """Create the AF_XDP socket ourselves (needs CAP_NET_RAW)."""
-        sock = xsk.create_socket()
+        sock = xsk.create_socket(
+            ", and CAP_IPC_LOCK or a large RLIMIT_MEMLOCK for the UMEM; without "
+            "capabilities, let the daemon make the socket: `afxdp receive --mode xsk`, "
+            "the /xsk_bound_socket request")
         try:
             return cls(sock, **kw)
         except BaseException:

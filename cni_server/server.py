@@ -195,8 +195,10 @@ class HandoutServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(path))
-            os.chown(path, uid, gid)
+            # Mode first, while the file is still ours: changing the mode of a file
+            # handed to another uid would need CAP_FOWNER, which the daemon lacks.
             os.chmod(path, mode)
+            os.chown(path, uid, gid)
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
             inode = os.stat(path).st_ino

@@ -67,14 +67,14 @@ def _raise(what: str) -> None:
     raise XskError(err, f"{what}: {os.strerror(err)}")
 
 
-def create_socket() -> OwnedFd:
-    """socket(AF_XDP, SOCK_RAW) in the calling thread's netns; needs CAP_NET_RAW."""
+def create_socket(advice: str = "") -> OwnedFd:
+    """socket(AF_XDP, SOCK_RAW) in the calling thread's netns; needs CAP_NET_RAW.
+
+    ``advice``: what the caller's user can do instead, added to a refusal."""
     fd = _libc.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     if fd < 0:
         err = ctypes.get_errno() or errno.EIO
-        hint = (" (it needs CAP_NET_RAW, and CAP_IPC_LOCK or a large RLIMIT_MEMLOCK for the "
-                "UMEM; without capabilities, let the daemon make the socket: `afxdp receive "
-                "--mode xsk`, the /xsk_bound_socket request)") if err == errno.EPERM else ""
+        hint = (f" (this process needs CAP_NET_RAW{advice})") if err == errno.EPERM else ""
         raise XskError(err, f"creating an AF_XDP socket: {os.strerror(err)}{hint}")
     return OwnedFd(fd)
 

@@ -34,9 +34,9 @@ class K8s:
     config: Path
     daemons: list[Daemon]
 
-    def start(self, wait: bool = True) -> Daemon:
+    def start(self, wait: bool = True, wrap: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(self.ns, self.work, "--config", str(self.config), wait=wait, mode="daemon",
-                   control=self.work / "control.sock")
+                   control=self.work / "control.sock", wrap=wrap)
         self.daemons.append(d)
         return d
 

@@ -149,13 +149,16 @@ class Daemon:
     """``afxdp serve`` as a child process inside a netns."""
 
     def __init__(self, ns: NsFixture, workdir: Path, *args: str, wait: bool = True,
-                 mode: str = "serve", control: Path | None = None) -> None:
+                 mode: str = "serve", control: Path | None = None,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """``wrap``: a command prefix run inside the netns before the daemon's
+        interpreter (setpriv, prlimit, a read-only root...)."""
         self.ns = ns
         self.ready = workdir / f"ready-{next(_counter)}.json"
         self.log_path = workdir / f"daemon-{next(_counter)}.log"
         self.control = control or workdir / f"control-{next(_counter)}.sock"
         extra = ["--control-socket", str(self.control)] if mode == "serve" else []
-        argv = ns.cmd(sys.executable, "-m", "cni_server.cli", mode, "--ready-file",
+        argv = ns.cmd(*wrap, sys.executable, "-m", "cni_server.cli", mode, "--ready-file",
                       str(self.ready), *extra, *args)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
