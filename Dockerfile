@@ -26,9 +26,13 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv libbpf1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /dist/ /tmp/dist/
+# The BPF objects the package carries are also reachable at /opt/afxdp/bpf/, the
+# path a pool's program.object names (docs/kubernetes.md).
 RUN python3 -m venv /opt/afxdp \
  && /opt/afxdp/bin/pip install --no-cache-dir /tmp/dist/*.whl \
- && rm -rf /tmp/dist
+ && rm -rf /tmp/dist \
+ && ln -s "$(/opt/afxdp/bin/python -c 'import bpf, os; print(os.path.dirname(bpf.__file__))')" \
+      /opt/afxdp/bpf
 ENV PATH=/opt/afxdp/bin:$PATH
 # Runs as uid 0, but with only the capabilities the DaemonSet adds (NET_ADMIN,
 # SYS_ADMIN, NET_RAW, IPC_LOCK, SYS_PTRACE, CHOWN; docs/deploy.md says what each

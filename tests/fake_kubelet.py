@@ -5,6 +5,10 @@
   ``ListAndWatch`` (consumed by a thread), as kubelet does, then returns.
 - PodResourcesLister on its own socket: ``List`` returns the pods the test put.
 - ``allocate`` / ``preferred`` call the plugin the way kubelet does.
+- ``admit`` admits a whole pod as kubelet's device manager does: one ``Allocate``
+  per container, init containers first, an init container's devices reused by the
+  app containers, a sidecar's kept; then PodResources lists the pod.
+- ``numa_nodes`` records each device's NUMA node as kubelet does (-1: none).
 - ``restart`` behaves like a kubelet restart: stop, delete every file in the
   plugins directory but the checkpoint, come back with a new ``kubelet.sock``.
 """
@@ -28,6 +32,17 @@ from plugin.api import podresources_v1_pb2 as pr
 from plugin.api import podresources_v1_pb2_grpc as pr_grpc
 
 CHECKPOINT = "kubelet_internal_checkpoint"
+
+
+@dataclass
+class Container:
+    """A container of a pod spec, as far as devices go.  ``kind``: ``init`` (runs to
+    completion before the others), ``sidecar`` (a restartable init container: keeps
+    running), or ``app``."""
+
+    name: str
+    kind: str
+    count: int
 
 
 @dataclass
@@ -217,6 +232,54 @@ class FakeKubelet:
                                                    allocation_size=size)])
         resp = self.stub(resource).GetPreferredAllocation(req, timeout=10)
         return list(resp.container_responses[0].deviceIDs)
+
+    def numa_nodes(self, resource: str) -> dict[str, int]:
+        """Each advertised device's NUMA node as kubelet records it: the first node of
+        its topology, -1 for a device without one."""
+        return {dev_id: (dev.topology.nodes[0].ID if dev.topology.nodes else -1)
+                for dev_id, dev in self.devices(resource).items()}
+
+    def admit(self, namespace: str, name: str, resource: str, containers: list[Container]
+              ) -> dict[str, pb.AllocateResponse]:
+        """Admit a pod as kubelet's device manager does, container by container in spec
+        order (init and sidecar containers first): each gets ``count`` devices, taken
+        first from devices a finished init container held, then from healthy devices no
+        other container holds (GetPreferredAllocation decides which, when advertised).
+        One Allocate per container; then PodResources lists the pod, its sidecars and
+        app containers with their devices (a finished init container is not listed).
+        Returns each container's AllocateResponse."""
+        order = sorted(containers, key=lambda c: c.kind == "app")
+        held = {d for pod in self.pods.values() for c in pod.containers for cd in c.devices
+                if cd.resource_name == resource for d in cd.device_ids}
+        reusable: list[str] = []
+        got: dict[str, list[str]] = {}
+        responses: dict[str, pb.AllocateResponse] = {}
+        for c in order:
+            ids = reusable[:c.count]
+            reusable = reusable[len(ids):]
+            if len(ids) < c.count:
+                free = sorted(d.ID for d in self.devices(resource).values()
+                              if d.health == "Healthy" and d.ID not in held)
+                need = c.count - len(ids)
+                if len(free) < need:
+                    raise AssertionError(f"kubelet would refuse {name}: {need} more {resource} "
+                                         f"wanted, {len(free)} free")
+                options = self.plugins[resource].options
+                fresh = (self.preferred(resource, free, [], need)
+                         if options.get_preferred_allocation_available else free[:need])
+                held.update(fresh)
+                ids += fresh
+            responses[c.name] = self.allocate(resource, ids)
+            got[c.name] = ids
+            if c.kind == "init":
+                reusable += ids
+        with self.cond:
+            self.pods[(namespace, name)] = pr.PodResources(
+                name=name, namespace=namespace, containers=[
+                    pr.ContainerResources(name=c.name, devices=[pr.ContainerDevices(
+                        resource_name=resource, device_ids=[d]) for d in got[c.name]])
+                    for c in order if c.kind != "init"])
+        return responses
 
     # -- PodResources side -------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from bpf import bpffs
 from cni_server.control import call
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from tests.fake_kubelet import FakeKubelet, running
-from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, wait_for
+from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, unique, wait_for
 
 RESOURCE = "afxdp/pool1"
 ENDPOINT = "afxdp-pool1.sock"
@@ -112,7 +112,7 @@ def pod_receiver(k8s: K8s, runtime: ClientRuntime, socket_path: str, netdev: str
     """``afxdp receive`` as the pod would run it (uid 65534, NET_RAW+IPC_LOCK), ready
     (socket bound and in the map) when the block starts.  The block gets a function
     that waits for the receiver to finish and returns its JSON report."""
-    ready = k8s.work / "out" / f"ready-{hostname}"
+    ready = k8s.work / "out" / unique(f"ready-{hostname}-")  # one per receiver
     proc = subprocess.Popen(
         k8s.ns.cmd(*setpriv("net_raw", "ipc_lock"), *runtime.argv(
             "receive", "--socket", socket_path, "--netdev", netdev, "--hostname", hostname,
@@ -123,7 +123,7 @@ def pod_receiver(k8s: K8s, runtime: ClientRuntime, socket_path: str, netdev: str
 
     def finish() -> dict[str, Any]:
         out, err = proc.communicate(timeout=timeout + 15)
-        assert proc.returncode == 0, err
+        assert proc.returncode == 0, f"receiver exited {proc.returncode}: {out}{err}"
         report: dict[str, Any] = json.loads(out)
         return report
 

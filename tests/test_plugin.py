@@ -6,6 +6,7 @@ in this process and speaks kubelet's real gRPC APIs over Unix sockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from bpf import bpffs
 from cni_server.client import Client, HandshakeError, fetch_map_fd
+from tests.fake_kubelet import Container
 from tests.k8s_env import (
     ENDPOINT,
     RESOURCE,
@@ -49,6 +51,10 @@ def test_registers_after_serving_and_lists_the_pools_devices(k8s: K8s) -> None:
     assert (reg.request.version, reg.request.endpoint) == ("v1beta1", ENDPOINT)
     assert reg.options.get_preferred_allocation_available and not reg.options.pre_start_required
     assert (k8s.work / "dp" / ENDPOINT).exists()
+    # veths have no NUMA node (sysfs: none, or -1): no topology is sent, and kubelet
+    # records them under node -1, not under an invented node 0.
+    assert k.numa_nodes(RESOURCE) == {"p0": -1, "p1": -1, "p2": -1}
+    assert all(not d.HasField("topology") for d in devs.values())
 
 
 def test_readyz_metrics_and_device_gauge(k8s: K8s) -> None:
@@ -348,6 +354,48 @@ def test_an_init_container_and_the_app_container_share_one_allocation(k8s: K8s) 
     with k8s.ns.entered():
         fetch_map_fd(Path(app.mounts[0].host_path) / "afxdp.sock", "p0",
                      hostname="with-init").close()
+
+
+# Pods as kubelet admits them (tests/fake_kubelet.py ``admit``).
+POD_SHAPES = {
+    "two-devices": [Container("app", "app", 2)],
+    "init-and-app": [Container("setup", "init", 1), Container("app", "app", 1)],
+    "two-containers": [Container("a", "app", 1), Container("b", "app", 1)],
+    "sidecar-and-app": [Container("proxy", "sidecar", 1), Container("app", "app", 1)],
+}
+
+
+@pytest.mark.parametrize("shape", POD_SHAPES)
+def test_every_pod_shape_gets_its_mounts_a_handshake_as_the_pod_and_every_frame(
+        k8s: K8s, client_runtime: ClientRuntime, shape: str) -> None:
+    """Each container of the pod, as kubelet admitted it, finds a socket at each of its
+    mounts, connects as the pod's hostname and receives 1000/1000 frames through the
+    handed-out map: a finished init container first, then the others side by side."""
+    k8s.start()
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1", "p2"))
+    pod = f"{shape}-7f9c"
+    responses = k8s.kubelet.admit("default", pod, RESOURCE, POD_SHAPES[shape])
+    kinds = {c.name: c.kind for c in POD_SHAPES[shape]}
+    mounts = {name: [(Path(m.host_path) / "afxdp.sock", Path(m.container_path).name)
+                     for m in resp.container_responses[0].mounts]
+              for name, resp in responses.items()}
+    for name in [n for n in mounts if kinds[n] == "init"]:
+        for sock, dev in mounts[name]:
+            with pod_receiver(k8s, client_runtime, str(sock), dev, pod, 1000) as finish:
+                send_frames(k8s, dev.replace("p", "q"), 1000)
+                assert finish()["received"] == 1000, (name, dev)
+    running = [(name, sock, dev) for name in mounts if kinds[name] != "init"
+               for sock, dev in mounts[name]]
+    with contextlib.ExitStack() as stack:
+        finishes = [stack.enter_context(pod_receiver(k8s, client_runtime, str(sock), dev, pod,
+                                                     1000)) for _, sock, dev in running]
+        for _, _, dev in running:
+            send_frames(k8s, dev.replace("p", "q"), 1000)
+        got = {(name, dev): f()["received"] for (name, _, dev), f in
+               zip(running, finishes, strict=True)}
+    assert got == {(name, dev): 1000 for name, _, dev in running}, got
+    owners = {a["owner"] for a in k8s.allocations()}
+    assert owners and all(o.startswith(f"default/{pod}/") for o in owners), owners
 
 
 def slow_safety_net(k8s: K8s) -> None:
