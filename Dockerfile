@@ -14,7 +14,11 @@ COPY pyproject.toml Makefile README.md ./
 COPY bpf/ bpf/
 COPY cni_server/ cni_server/
 COPY plugin/ plugin/
-RUN make bpf \
+# A build host behind a TLS-intercepting proxy passes its CA bundle as the
+# optional secret pip-ca (scripts/image-test.sh does); nothing of it stays in a layer.
+RUN --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && make bpf \
  && python3 -m venv /build-venv \
  && /build-venv/bin/pip install --no-cache-dir build grpcio-tools \
  && make proto PY=/build-venv/bin/python \
@@ -28,7 +32,9 @@ RUN apt-get update \
 COPY --from=build /dist/ /tmp/dist/
 # The BPF objects the package carries are also reachable at /opt/afxdp/bpf/, the
 # path a pool's program.object names (docs/kubernetes.md).
-RUN python3 -m venv /opt/afxdp \
+RUN --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python3 -m venv /opt/afxdp \
  && /opt/afxdp/bin/pip install --no-cache-dir /tmp/dist/*.whl \
  && rm -rf /tmp/dist \
  && ln -s "$(/opt/afxdp/bin/python -c 'import bpf, os; print(os.path.dirname(bpf.__file__))')" \

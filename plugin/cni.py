@@ -14,8 +14,9 @@ CNI spec 0.3.0 to 1.1.0: ADD, DEL, CHECK (0.4.0 on), VERSION, STATUS and GC (1.1
 with each version's result shape.  Results and
 errors are JSON on stdout; logs go to stderr (or ``logFile``).  Config keys
 besides the standard ones: ``deviceID`` (or ``runtimeConfig.deviceID``),
-``ipam`` (delegated), ``rename`` (false: keep the device's name; true: rename
-it to CNI_IFNAME, restored on DEL), ``mtu``, ``daemonSocket``, ``logFile``.
+``ipam`` (delegated), ``rename`` (true, the default: the pod sees the device as
+CNI_IFNAME, as the spec asks and chained plugins expect; its own name comes back
+on DEL; false keeps the device's name), ``mtu``, ``daemonSocket``, ``logFile``.
 See docs/cni.md.
 
 The config is tenant input (NetworkAttachmentDefinitions are written by
@@ -287,7 +288,7 @@ def parse_config(raw: bytes, command: str) -> dict[str, Any]:
     if ipam is not None and (not isinstance(ipam, dict) or
                              (ipam and not isinstance(ipam.get("type"), str))):
         raise CniError(INVALID_CONFIG, "ipam must be an object with a 'type'")
-    if not isinstance(conf.get("rename", False), bool):
+    if not isinstance(conf.get("rename", True), bool):
         raise CniError(INVALID_CONFIG, "rename must be true or false")
     mtu = conf.get("mtu", 0)
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not (mtu == 0 or 68 <= mtu <= 65535):
@@ -328,7 +329,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> 
                 "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
                 "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"], "network": conf["name"],
                 "pod": pod_from_args(env),
-                "rename": bool(conf.get("rename", False)), "mtu": int(conf.get("mtu", 0)),
+                "rename": bool(conf.get("rename", True)), "mtu": int(conf.get("mtu", 0)),
                 "ipam": ipam or None,
             }, netns_fd)
         except BaseException:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cni_runner import CNI_PATH, Runner, install_plugin
 from tests.k8s_env import k8s  # noqa: F401 - the Kubernetes-mode fixture, for every module
 from tests.kernel import ClientRuntime, Daemon, NsFixture, make_netns
 
@@ -89,6 +90,24 @@ def workdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cni_runner() -> Iterator[Runner]:
+    """A runtime's view of CNI: our executable installed by ``afxdp install-cni`` in
+    a CNI_PATH directory, ahead of Debian's plugins, found by ``type`` (libcni's rules:
+    tests/cni_runner.py).  Each test gets its own runner (``cni``): its own result cache."""
+    d = Path(tempfile.mkdtemp(prefix="afxdp-cni-bin-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield Runner([install_plugin(d), Path(CNI_PATH)])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def cni(cni_runner: Runner) -> Runner:
+    return Runner(list(cni_runner.path))
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cni_runner import Runner, host_python_plugin
+from tests.cni_runner import Runner
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, K8s, healthy, write_config
 from tests.kernel import (
@@ -168,9 +168,8 @@ class Node:
     """A Kubernetes node: the daemon's (host) netns with p0/p1, a fake kubelet, a pod netns
     and the CNI executable run as a runtime runs it."""
 
-    def __init__(self, k8s: K8s, pod: NsFixture, writable: list[Path]) -> None:
-        self.k8s, self.pod, self.writable = k8s, pod, writable
-        self.cni = Runner(host_python_plugin(ROOT / "plugin" / "cni.py"))
+    def __init__(self, k8s: K8s, pod: NsFixture, writable: list[Path], cni: Runner) -> None:
+        self.k8s, self.pod, self.writable, self.cni = k8s, pod, writable, cni
         self.conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
                      "deviceID": "p0", "daemonSocket": str(k8s.work / "cni.sock"),
                      "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.56.0.0/24"}]],
@@ -190,12 +189,14 @@ class Node:
 
     def client(self, rt: ClientRuntime, socket: Path, mode: str
                ) -> subprocess.CompletedProcess[str]:
-        return receive_in(self.pod, rt, self.k8s.work, socket, "p0", "q0", mode,
+        # in the pod, p0 is CNI_IFNAME: net1
+        return receive_in(self.pod, rt, self.k8s.work, socket, "net1", "q0", mode,
                           sender_ns=self.k8s.ns, hostname="pod-a")
 
 
 @pytest.fixture
-def node(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path]) -> Iterator[Node]:
+def node(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path], cni: Runner
+         ) -> Iterator[Node]:
     for i in range(2):
         netns.veth(f"p{i}", f"q{i}")
     with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
@@ -207,7 +208,7 @@ def node(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path]) -> Iterato
         cfg.write_text(json.dumps(doc))
         k8s = K8s(netns, workdir, kubelet, cfg, [])
         try:
-            yield Node(k8s, pod, [workdir, host_dirs["run"]])
+            yield Node(k8s, pod, [workdir, host_dirs["run"]], cni)
         finally:
             for d in k8s.daemons:
                 d.stop()

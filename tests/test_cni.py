@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cni_server.client import Client, HandshakeError, fetch_map_fd
-from tests.cni_runner import Runner, host_python_plugin
+from tests.cni_runner import Runner
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, K8s, healthy, http_get, write_config
 from tests.kernel import ROOT, ClientRuntime, NsFixture, make_netns, run, setpriv, wait_for
@@ -53,7 +53,7 @@ class Env:
 
 
 @pytest.fixture
-def env(netns: NsFixture, workdir: Path) -> Iterator[Env]:
+def env(netns: NsFixture, workdir: Path, cni: Runner) -> Iterator[Env]:
     for i in range(2):
         netns.veth(f"p{i}", f"q{i}")
     with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
@@ -70,7 +70,7 @@ def env(netns: NsFixture, workdir: Path) -> Iterator[Env]:
         try:
             k8s.start()
             kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
-            yield Env(k8s, pod, Runner(host_python_plugin(PLUGIN)), conf)
+            yield Env(k8s, pod, cni, conf)
         finally:
             for d in k8s.daemons:
                 d.stop()
@@ -84,14 +84,14 @@ def ipam_leases(work: Path) -> list[str]:
 # -- the executable ------------------------------------------------------------------------------
 
 
-def test_the_executable_needs_only_the_standard_library_and_python_3_8() -> None:
+def test_the_executable_needs_only_the_standard_library_and_python_3_8(cni: Runner) -> None:
     tree = ast.parse(PLUGIN.read_text(), feature_version=(3, 8))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                 for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
-    out = subprocess.run(host_python_plugin(PLUGIN), env={"CNI_COMMAND": "VERSION"},
+    out = subprocess.run([str(cni.find("afxdp"))], env={"CNI_COMMAND": "VERSION"},
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == {"cniVersion": "1.1.0", "supportedVersions": [
         "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
@@ -146,12 +146,13 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     lists_before = len(k8s.kubelet.plugins[RESOURCE].lists)
     res = env.add()
     assert res.code == 0, res.out
-    assert res.out["interfaces"][0]["name"] == "p0" and res.out["interfaces"][0]["sandbox"]
+    # The pod sees it as CNI_IFNAME, as the spec asks (and chained plugins expect).
+    assert res.out["interfaces"][0]["name"] == "net1" and res.out["interfaces"][0]["sandbox"]
     [ip] = res.out["ips"]
     assert ip["address"].startswith("10.55.0.") and ip["interface"] == 0
-    assert "p0" in env.links(pod) and "p0" not in env.links(k8s.ns)
-    assert env.addresses(pod, "p0") == [ip["address"]]
-    assert pod.xdp_prog_id("p0") == prog  # the program went with it
+    assert "net1" in env.links(pod) and "p0" not in env.links(k8s.ns)
+    assert env.addresses(pod, "net1") == [ip["address"]]
+    assert pod.xdp_prog_id("net1") == prog  # the program went with it
     assert ipam_leases(k8s.work)
     # The device plugin reports it healthy while it is in the pod, and never otherwise
     # while CNI moved it (it is in neither netns's view for a moment).
@@ -162,7 +163,7 @@ def test_add_moves_the_device_into_the_pod_with_an_address_and_del_brings_it_bac
     assert k8s.kubelet.devices(RESOURCE)["p0"].health == "Healthy"
     assert env.cni("CHECK", env.conf, netns=str(pod.path)).code == 0
     assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0
-    assert "p0" in env.links(k8s.ns) and "p0" not in env.links(pod)
+    assert "p0" in env.links(k8s.ns) and "net1" not in env.links(pod)
     assert env.addresses(k8s.ns, "p0") == [] and ipam_leases(k8s.work) == []
     assert env.cni("DEL", env.conf, netns=str(pod.path)).code == 0  # twice
     assert env.cni("DEL", env.conf).code == 0  # no netns, no prevResult
@@ -180,21 +181,22 @@ def test_add_applies_mtu_and_the_ipam_routes(env: Env) -> None:
     env.conf["ipam"]["routes"] = [{"dst": "10.66.0.0/16", "gw": "10.55.0.1"}]
     res = env.add()
     assert res.code == 0 and res.out["routes"] == [{"dst": "10.66.0.0/16", "gw": "10.55.0.1"}]
-    link = json.loads(run("ip", "-n", env.pod.name, "-j", "link", "show", "p0").stdout)[0]
+    link = json.loads(run("ip", "-n", env.pod.name, "-j", "link", "show", "net1").stdout)[0]
     assert link["mtu"] == 1400 and "UP" in link["flags"]
     routes = json.loads(run("ip", "-n", env.pod.name, "-j", "route").stdout)
     assert {"dst": "10.66.0.0/16", "gateway": "10.55.0.1"}.items() <= next(
         r for r in routes if r["dst"] == "10.66.0.0/16").items()
 
 
-def test_rename_gives_the_pod_cni_ifname_and_del_restores_the_name(env: Env) -> None:
+def test_rename_false_keeps_the_devices_own_name_in_the_pod(env: Env) -> None:
+    """The opt-out, for clients that cannot be told another name (docs/cni.md)."""
     env.admit(["p0"])
-    env.conf["rename"] = True
+    env.conf["rename"] = False
     res = env.add(ifname="net1")
-    assert res.code == 0 and res.out["interfaces"][0]["name"] == "net1"
-    assert "net1" in env.links(env.pod)
+    assert res.code == 0 and res.out["interfaces"][0]["name"] == "p0"
+    assert "p0" in env.links(env.pod) and "net1" not in env.links(env.pod)
     assert env.cni("DEL", env.conf, netns=str(env.pod.path), ifname="net1").code == 0
-    assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.k8s.ns)
+    assert "p0" in env.links(env.k8s.ns)
 
 
 def test_pod_client_gets_its_fd_only_from_inside_the_pod_netns(
@@ -209,7 +211,8 @@ def test_pod_client_gets_its_fd_only_from_inside_the_pod_netns(
     ready = k8s.work / "out" / "ready"
     proc = subprocess.Popen(
         pod.cmd(*setpriv("net_raw", "ipc_lock"), *client_runtime.argv(
-            "receive", "--socket", str(sock), "--netdev", "p0", "--hostname", "pod-a",
+            # the pod's name for it, as DPDK's iface= gives it
+            "receive", "--socket", str(sock), "--netdev", "net1", "--hostname", "pod-a",
             "--count", "1000", "--timeout", "15", "--json", "--ready-file", str(ready))),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_runtime.env(),
         cwd=client_runtime.dir)
@@ -244,11 +247,11 @@ def test_del_while_the_daemon_was_down_is_reconciled_when_the_pod_is_gone(env: E
     env.k8s.wait(lambda: bool(env.k8s.allocations()[0]["owner"]), what="owner known")
     assert env.k8s.daemons[-1].stop() == 0
     assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
-    assert "p0" in env.links(env.pod)  # nobody could move it
+    assert "net1" in env.links(env.pod)  # nobody could move it
     env.k8s.start()
     env.k8s.kubelet.remove_pod("default", "pod-a")
     env.k8s.wait(lambda: env.k8s.allocations() == [], what="GC of the vanished pod")
-    assert "p0" in env.links(env.k8s.ns) and "p0" not in env.links(env.pod)
+    assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.pod)
     assert env.k8s.ns.xdp_prog_id("p0") == 0
 
 
@@ -264,7 +267,7 @@ def test_concurrent_adds_and_dels_for_different_pods(env: Env) -> None:
                     netns=str(j[1].path), pod=("default", j[3])), jobs))
             assert [r.code for r in results] == [0, 0], [r.out for r in results]
             if command == "ADD":
-                assert "p0" in env.links(env.pod) and "p1" in env.links(pod2)
+                assert "net1" in env.links(env.pod) and "net1" in env.links(pod2)
         assert {"p0", "p1"} <= env.links(env.k8s.ns)
 
 
@@ -310,7 +313,6 @@ def test_undecodable_config_is_error_6(env: Env) -> None:
 def test_add_refuses_a_name_taken_in_the_pod(env: Env) -> None:
     env.admit(["p0"])
     run("ip", "-n", env.pod.name, "link", "add", "net1", "type", "bridge")
-    env.conf["rename"] = True
     res = env.add(ifname="net1")
     assert res.code == 1 and res.out["code"] == 103
     assert "p0" in env.links(env.k8s.ns) and ipam_leases(env.k8s.work) == []
@@ -322,7 +324,7 @@ def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
     with make_netns() as other:
         res = env.cni("ADD", env.conf, netns=str(other.path), container="c2")
     assert res.code == 1 and res.out["code"] == 102
-    assert "p0" in env.links(env.pod)
+    assert "net1" in env.links(env.pod)
 
 
 # -- CHECK, STATUS, GC ----------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
 def test_check_fails_after_tampering(env: Env) -> None:
     env.admit(["p0"])
     ip = env.add().out["ips"][0]["address"]
-    run("ip", "-n", env.pod.name, "addr", "del", ip, "dev", "p0")
+    run("ip", "-n", env.pod.name, "addr", "del", ip, "dev", "net1")
     res = env.cni("CHECK", env.conf, netns=str(env.pod.path))
     assert res.code == 1 and res.out["code"] == 104 and ip in res.out["msg"]
 
@@ -364,7 +366,7 @@ def test_del_gives_the_device_back_as_it_was_and_it_is_allocatable_again(env: En
     assert "UP" in before["flags"]
     env.admit(["p0"])
     assert env.cni("ADD", dict(env.conf, mtu=1400), netns=str(env.pod.path)).code == 0
-    assert link(env.pod, "p0")["mtu"] == 1400
+    assert link(env.pod, "net1")["mtu"] == 1400
     assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
     after = link(env.k8s.ns, "p0")
     assert ("UP" in after["flags"], after["mtu"], after["address"]) == (
@@ -400,7 +402,7 @@ def test_gc_of_one_network_leaves_another_networks_attachment_alone(env: Env) ->
         res = env.cni("GC", gc)
         assert res.code == 0, res.out
         assert "p0" in env.links(env.k8s.ns)  # afxdp-net's, not valid: released
-        assert "p1" in env.links(pod2)  # other-net's: untouched
+        assert "net1" in env.links(pod2)  # other-net's: untouched
         assert "ipam_gc_skipped" in res.stderr  # Debian's host-local speaks no 1.1.0
 
 
@@ -461,3 +463,73 @@ def test_gc_and_status_need_a_1_1_config(env: Env, command: str) -> None:
     res = env.cni(command, env.conf)  # cniVersion 1.0.0
     assert res.out["code"] == 1 and f"{command} is not defined before CNI 1.1.0" \
         in res.out["msg"], res.out
+
+
+# -- chained plugins, as a conflist -----------------------------------------------------------
+
+
+def chain(env: Env, *more: dict[str, Any]) -> dict[str, Any]:
+    """A conflist: ours (with host-local), then ``more``, as a NAD or /etc/cni/net.d has it."""
+    ours = {k: v for k, v in env.conf.items() if k not in ("cniVersion", "name")}
+    return {"cniVersion": env.conf["cniVersion"], "name": env.conf["name"],
+            "plugins": [ours, *more]}
+
+
+def sysctl(ns: NsFixture, key: str) -> str:
+    return run("ip", "netns", "exec", ns.name, "sysctl", "-n", key).stdout.strip()
+
+
+@pytest.mark.parametrize("tuning", [
+    {},  # its defaults: it must find CNI_IFNAME
+    {"mac": "02:aa:bb:cc:dd:01", "mtu": 1400,
+     "sysctl": {"net.ipv4.conf.net1.arp_notify": "1"}},
+], ids=["defaults", "mac-mtu-sysctl"])
+def test_tuning_chained_after_us_finds_cni_ifname_checks_and_dels(
+        env: Env, tuning: dict[str, Any]) -> None:
+    before = link(env.k8s.ns, "p0")
+    env.admit(["p0"])
+    conflist = chain(env, {"type": "tuning", "dataDir": str(env.k8s.work / "tuning"),
+                           **tuning})
+    res = env.cni("ADD", conflist, netns=str(env.pod.path))
+    assert res.code == 0, (res.out, res.stderr)
+    assert res.out["interfaces"][0]["name"] == "net1"  # tuning's result: ours, passed on
+    inside = link(env.pod, "net1")
+    if tuning:
+        assert (inside["address"], inside["mtu"]) == ("02:aa:bb:cc:dd:01", 1400)
+        assert sysctl(env.pod, "net.ipv4.conf.net1.arp_notify") == "1"
+    check = env.cni("CHECK", conflist, netns=str(env.pod.path))
+    assert check.code == 0, (check.out, check.stderr)
+    res = env.cni("DEL", conflist, netns=str(env.pod.path))  # tuning first, then us
+    assert res.code == 0, (res.out, res.stderr)
+    after = link(env.k8s.ns, "p0")
+    assert ("UP" in after["flags"], after["mtu"], after["address"]) == (
+        True, before["mtu"], before["address"])
+    assert ipam_leases(env.k8s.work) == []
+
+
+def test_del_brings_back_the_mac_a_chained_plugin_changed_even_if_its_del_did_not(
+        env: Env) -> None:
+    """tuning restores what it changed on its own DEL; should that DEL not run (a
+    runtime that lost its cache, a tuning that failed), ours still gives the device
+    back with the MAC and MTU it had before ADD."""
+    before = link(env.k8s.ns, "p0")
+    env.admit(["p0"])
+    conflist = chain(env, {"type": "tuning", "dataDir": str(env.k8s.work / "tuning"),
+                           "mac": "02:aa:bb:cc:dd:02", "mtu": 1300})
+    assert env.cni("ADD", conflist, netns=str(env.pod.path)).code == 0
+    res = env.cni("DEL", env.conf, netns=str(env.pod.path))  # ours alone
+    assert res.code == 0, res.out
+    after = link(env.k8s.ns, "p0")
+    assert (after["mtu"], after["address"]) == (before["mtu"], before["address"])
+
+
+def test_runtime_config_reaches_the_plugin_only_for_declared_capabilities(env: Env) -> None:
+    """Multus passes deviceID as a capability arg: a config that does not declare the
+    capability does not get it, and then needs its own deviceID."""
+    env.admit(["p0"])
+    conf = {k: v for k, v in env.conf.items() if k != "deviceID"}
+    res = env.cni("ADD", conf, netns=str(env.pod.path), runtime={"deviceID": "p0"})
+    assert res.code == 1 and res.out["code"] == 7 and "deviceID" in res.out["msg"], res.out
+    declared = dict(conf, capabilities={"deviceID": True})
+    res = env.cni("ADD", declared, netns=str(env.pod.path), runtime={"deviceID": "p0"})
+    assert res.code == 0, res.out

@@ -37,15 +37,17 @@ def test_a_nad_naming_another_pods_device_cannot_move_it(env: Env) -> None:  # n
 
 
 def test_a_config_device_id_may_not_contradict_the_runtimes(env: Env) -> None:  # noqa: F811
+    """The runtime passes the device plugin's choice as a capability arg (Multus'
+    ``deviceID``), which reaches a plugin that declares it as runtimeConfig."""
     env.admit(["p0"], "pod-a")
-    conf = dict(env.conf, deviceID="p1", runtimeConfig={"deviceID": "p0"})
-    res = env.cni("ADD", conf, netns=str(env.pod.path))
+    conf = dict(env.conf, deviceID="p1", capabilities={"deviceID": True})
+    res = env.cni("ADD", conf, netns=str(env.pod.path), runtime={"deviceID": "p0"})
     assert res.code == 1 and res.out["code"] == 7, res.out
     assert "contradicts runtimeConfig.deviceID 'p0'" in res.out["msg"]
-    # The runtime's alone is enough (Multus' capability args).
-    conf = dict(env.conf, runtimeConfig={"deviceID": "p0"})
+    # The runtime's alone is enough.
+    conf = dict(env.conf, capabilities={"deviceID": True})
     del conf["deviceID"]
-    assert env.cni("ADD", conf, netns=str(env.pod.path)).code == 0
+    assert env.cni("ADD", conf, netns=str(env.pod.path), runtime={"deviceID": "p0"}).code == 0
 
 
 def test_an_add_without_the_pod_in_cni_args_is_refused(env: Env) -> None:  # noqa: F811

@@ -21,13 +21,12 @@ from cni_server.netdev import link_info
 from cni_server.receiver import XskReceiver
 from cni_server.traffic import udp_frame
 from cni_server.virtual import netkit_supported
-from tests.cni_runner import Outcome, Runner, host_python_plugin
+from tests.cni_runner import Outcome, Runner
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, K8s, healthy, write_config
-from tests.kernel import ROOT, NsFixture, make_netns, run
+from tests.kernel import NsFixture, make_netns, run
 
 pytestmark = pytest.mark.kernel
-PLUGIN = ROOT / "plugin" / "cni.py"
 DEVICES = ("pool1v0", "pool1v1", "pool1v2")
 
 
@@ -71,14 +70,14 @@ def virtual_config(work: Path, **virtual: object) -> Path:
 
 
 @pytest.fixture
-def venv(netns: NsFixture, workdir: Path) -> Iterator[VEnv]:
+def venv(netns: NsFixture, workdir: Path, cni: Runner) -> Iterator[VEnv]:
     run("ip", "-n", netns.name, "link", "add", "br0", "type", "bridge")
     run("ip", "-n", netns.name, "link", "set", "br0", "up")
     with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
             make_netns() as pod_a, make_netns() as pod_b:
         k8s = K8s(netns, workdir, kubelet, virtual_config(workdir), [])
         try:
-            yield VEnv(k8s, {"pod-a": pod_a, "pod-b": pod_b}, Runner(host_python_plugin(PLUGIN)))
+            yield VEnv(k8s, {"pod-a": pod_a, "pod-b": pod_b}, cni)
         finally:
             for d in k8s.daemons:
                 d.stop()
@@ -110,12 +109,12 @@ def test_two_pods_on_one_bridge_exchange_frames_through_af_xdp(venv: VEnv) -> No
     for pod, dev in (("pod-a", "pool1v0"), ("pod-b", "pool1v1")):
         res = venv.add(pod, dev)
         assert res.code == 0, (res.out, res.stderr)
-        assert dev in venv.links(venv.pods[pod]) and dev not in venv.links(node)
+        assert "net1" in venv.links(venv.pods[pod]) and dev not in venv.links(node)
         assert venv.links(node)[dev + "h"].get("master") == "br0"
-        assert venv.pods[pod].xdp_prog_id(dev)  # the program went with it
+        assert venv.pods[pod].xdp_prog_id("net1")  # the program went with it
     k8s.kubelet.wait_devices(RESOURCE, lambda devs: healthy(devs, *DEVICES))
-    with open_socket(venv, "pod-a", "pool1v0", socks["pod-a"]) as a, \
-            open_socket(venv, "pod-b", "pool1v1", socks["pod-b"]) as b:
+    with open_socket(venv, "pod-a", "net1", socks["pod-a"]) as a, \
+            open_socket(venv, "pod-b", "net1", socks["pod-b"]) as b:
         for src, dst, mac, port in ((a, b, "02:00:00:00:00:0a", 7001),
                                     (b, a, "02:00:00:00:00:0b", 7002)):
             frames = [udp_frame(src_mac=mac, dport=port, payload=i.to_bytes(4, "big"))
@@ -149,7 +148,7 @@ def test_del_returns_the_pod_end_and_unplugs_the_node_end_and_release_deletes_th
     assert venv.delete("pod-a", "pool1v2").code == 0
     links = venv.links(node)
     assert "pool1v2" in links and "master" not in links["pool1v2h"]
-    assert "pool1v2" not in venv.links(venv.pods["pod-a"])
+    assert not {"pool1v2", "net1"} & set(venv.links(venv.pods["pod-a"]))
     k8s.wait(lambda: bool(k8s.allocations()[0]["owner"]), what="owner known")
     k8s.kubelet.remove_pod("default", "pod-a")
     k8s.wait(lambda: not k8s.allocations(), what="the allocation released")
@@ -163,12 +162,12 @@ def test_a_daemon_restart_keeps_a_pods_virtual_device_and_its_program(venv: VEnv
     k8s.kubelet.wait_devices(RESOURCE, lambda devs: healthy(devs, *DEVICES))
     sock = venv.allocate("pod-a", "pool1v0")
     assert venv.add("pod-a", "pool1v0").code == 0
-    prog = venv.pods["pod-a"].xdp_prog_id("pool1v0")
+    prog = venv.pods["pod-a"].xdp_prog_id("net1")
     assert first.stop() == 0
     second = k8s.start()
     assert "allocations=1 dropped=0" in second.log()
-    assert venv.pods["pod-a"].xdp_prog_id("pool1v0") == prog
-    open_socket(venv, "pod-a", "pool1v0", sock).close()
+    assert venv.pods["pod-a"].xdp_prog_id("net1") == prog
+    open_socket(venv, "pod-a", "net1", sock).close()
 
 
 def test_add_fails_cleanly_when_the_bridge_is_missing(venv: VEnv) -> None:
