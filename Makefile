@@ -7,7 +7,7 @@ BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(wildcard bpf/*.bpf.c))
 PROTOS := $(wildcard plugin/api/*.proto)
 PROTO_PY := $(patsubst %.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup bpf proto cni demo test unit lint bench clean
+.PHONY: setup bpf proto cni demo test unit lint bench clean image-test
 
 setup:
 	scripts/setup.sh
@@ -39,6 +39,11 @@ test: setup lint
 
 unit: setup
 	$(PY) -m pytest -q tests -m "not kernel"
+
+# The image built with podman, and the capability tests run with the daemon in it
+# (not part of `make test`: it downloads Debian packages and takes minutes).
+image-test: setup
+	scripts/image-test.sh
 
 lint:
 	.venv/bin/ruff check bpf cni_server plugin tests benchmarks scripts

@@ -28,18 +28,22 @@ in ``LOG_DIR``, and the daemon at ``daemonSocket`` must run as root.
 
 from __future__ import annotations
 
-import array
+# Start-up is most of this executable's cost (a runtime runs it for every pod), so
+# it imports only what it must: json (which brings re), C modules, no subprocess,
+# socket.py or typing (mypy reads the names below; Python never imports them).
+import _socket
 import fcntl
 import json
 import os
 import re
-import socket
-import stat
+import select
 import struct
-import subprocess
 import sys
 import time
-from typing import IO, Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # Commands the spec added after 0.3: a config of an older version may not ask for them.
@@ -98,6 +102,13 @@ def _esc(value: object) -> str:
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
+_S_IFMT, _S_IFDIR, _S_IFREG = 0o170000, 0o040000, 0o100000
+
+
+def _is(mode: int, kind: int) -> bool:
+    return mode & _S_IFMT == kind
+
+
 def open_log(name: object) -> Log:
     """``logFile``: a file in LOG_DIR (a bare name, or LOG_DIR/<name>), appended to,
     never through a symlink; LOG_DIR is created (0750) if missing and must be a
@@ -113,7 +124,7 @@ def open_log(name: object) -> Log:
     except OSError as e:
         raise CniError(INVALID_CONFIG, f"cannot create {LOG_DIR}", e.strerror or "") from None
     st = os.lstat(LOG_DIR)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+    if not _is(st.st_mode, _S_IFDIR) or st.st_uid != 0 or st.st_mode & 0o022:
         raise CniError(INVALID_CONFIG, f"{LOG_DIR} is not a directory only root can write")
     dir_fd = os.open(LOG_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -124,7 +135,7 @@ def open_log(name: object) -> Log:
                        e.strerror or "") from None
     finally:
         os.close(dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not _is(os.fstat(fd).st_mode, _S_IFREG):
         os.close(fd)
         raise CniError(INVALID_CONFIG, f"logFile {LOG_DIR}/{base} is not a regular file")
     return Log(os.fdopen(fd, "a"))
@@ -185,7 +196,7 @@ def pod_from_args(env: dict[str, str]) -> dict[str, str]:
 def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
                 timeout: float = DAEMON_TIMEOUT) -> dict[str, Any]:
     """One request (and optionally one fd) to the daemon; its ``result`` or CniError."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         s.settimeout(timeout)
         try:
@@ -194,8 +205,8 @@ def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
             raise CniError(DAEMON_UNREACHABLE, f"afxdp daemon not reachable on {path}",
                            e.strerror or str(e)) from None
         # We are about to pass the pod's netns: only to the daemon, which runs as root.
-        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET,
-                                                           socket.SO_PEERCRED, 12))
+        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(_socket.SOL_SOCKET,
+                                                           _socket.SO_PEERCRED, 12))
         if uid != 0:
             raise CniError(UNTRUSTED_DAEMON, f"the server on {path} runs as uid {uid}, not "
                            "root: it is not the afxdp daemon")
@@ -203,9 +214,9 @@ def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
         if fd is None:
             s.send(data)
         else:
-            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            s.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
         raw = s.recv(1 << 20)
-    except TimeoutError:
+    except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
         raise CniError(TRY_AGAIN, f"afxdp daemon on {path} did not answer in {timeout:.0f} s"
                        ) from None
     finally:
@@ -233,20 +244,73 @@ def find_plugin(name: str, cni_path: str) -> str:
     raise CniError(INVALID_CONFIG, f"IPAM plugin {name!r} not found in CNI_PATH {cni_path!r}")
 
 
+_SIGKILL = 9  # (the signal module would cost its import)
+
+
+def spawn(argv: list[str], stdin: bytes, env: dict[str, str], timeout: float = 60.0
+          ) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with ``stdin``; its exit status, stdout and stderr.  A child that
+    outlives ``timeout`` is killed (status -9).  (subprocess would cost every call
+    several milliseconds of imports.)"""
+    pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
+    actions = [(os.POSIX_SPAWN_DUP2, pipes[0][0], 0), (os.POSIX_SPAWN_DUP2, pipes[1][1], 1),
+               (os.POSIX_SPAWN_DUP2, pipes[2][1], 2)]
+    try:
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+    finally:
+        for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+            os.close(fd)
+    to_child, out_fd, err_fd = pipes[0][1], pipes[1][0], pipes[2][0]
+    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
+    pending = memoryview(stdin)
+    writing = [to_child] if pending else []
+    if not pending:
+        os.close(to_child)
+    reading = [out_fd, err_fd]
+    deadline = time.monotonic() + timeout
+    try:
+        while reading or writing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, _SIGKILL)
+                break
+            readable, writable, _ = select.select(reading, writing, [], left)
+            for fd in readable:
+                data = os.read(fd, 65536)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    reading.remove(fd)
+            if writable:
+                try:
+                    pending = pending[os.write(to_child, pending[:65536]):]
+                except BrokenPipeError:
+                    pending = pending[:0]
+                if not pending:
+                    writing = []
+                    os.close(to_child)
+    finally:
+        for fd in (*reading, *writing):
+            os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
+        os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+    return code, b"".join(chunks[out_fd]), b"".join(chunks[err_fd])
+
+
 def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[str, str]
              ) -> dict[str, Any]:
     """Run the IPAM plugin with the same config and environment (but CNI_COMMAND)."""
     exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
-    proc = subprocess.run([exe], input=conf_bytes, capture_output=True,
-                          env=dict(env, CNI_COMMAND=command), timeout=60)
-    out = proc.stdout.decode("utf-8", "replace").strip()
-    if proc.returncode != 0:
+    code, stdout, stderr = spawn([exe], conf_bytes, dict(env, CNI_COMMAND=command))
+    out = stdout.decode("utf-8", "replace").strip()
+    if code != 0:
         try:
             err = json.loads(out)
             code, msg = int(err.get("code", IPAM_FAILED)), str(err.get("msg", out))
             details = str(err.get("details") or "")
         except (ValueError, AttributeError):
-            code, msg, details = IPAM_FAILED, out or "no output", proc.stderr.decode()[-500:]
+            code, msg, details = IPAM_FAILED, out or "no output", stderr.decode()[-500:]
         raise CniError(code, f"IPAM plugin {conf['ipam']['type']} {command} failed: {msg}",
                        details)
     if not out:
@@ -258,10 +322,10 @@ def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[st
 def delegate_versions(conf: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The CNI versions the IPAM plugin supports (its VERSION answer)."""
     exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
-    proc = subprocess.run([exe], input=json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
-                          capture_output=True, env=dict(env, CNI_COMMAND="VERSION"), timeout=60)
+    _, stdout, _ = spawn([exe], json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
+                         dict(env, CNI_COMMAND="VERSION"))
     try:
-        versions = json.loads(proc.stdout).get("supportedVersions", [])
+        versions = json.loads(stdout).get("supportedVersions", [])
     except (ValueError, AttributeError):
         return []
     return [str(v) for v in versions] if isinstance(versions, list) else []

@@ -34,9 +34,10 @@ class K8s:
     config: Path
     daemons: list[Daemon]
 
-    def start(self, wait: bool = True, wrap: tuple[str, ...] = ()) -> Daemon:
+    def start(self, wait: bool = True, wrap: tuple[str, ...] = (),
+              program: tuple[str, ...] | None = None) -> Daemon:
         d = Daemon(self.ns, self.work, "--config", str(self.config), wait=wait, mode="daemon",
-                   control=self.work / "control.sock", wrap=wrap)
+                   control=self.work / "control.sock", wrap=wrap, program=program)
         self.daemons.append(d)
         return d
 

@@ -150,15 +150,19 @@ class Daemon:
 
     def __init__(self, ns: NsFixture, workdir: Path, *args: str, wait: bool = True,
                  mode: str = "serve", control: Path | None = None,
-                 wrap: tuple[str, ...] = ()) -> None:
+                 wrap: tuple[str, ...] = (), program: tuple[str, ...] | None = None) -> None:
         """``wrap``: a command prefix run inside the netns before the daemon's
-        interpreter (setpriv, prlimit, a read-only root...)."""
+        interpreter (setpriv, prlimit, a read-only root...).  ``program``: what runs
+        ``afxdp`` (default: this interpreter on the source tree; ``()`` when ``wrap``
+        ends in it, e.g. an image whose entrypoint it is)."""
         self.ns = ns
         self.ready = workdir / f"ready-{next(_counter)}.json"
         self.log_path = workdir / f"daemon-{next(_counter)}.log"
         self.control = control or workdir / f"control-{next(_counter)}.sock"
         extra = ["--control-socket", str(self.control)] if mode == "serve" else []
-        argv = ns.cmd(*wrap, sys.executable, "-m", "cni_server.cli", mode, "--ready-file",
+        if program is None:
+            program = (sys.executable, "-m", "cni_server.cli")
+        argv = ns.cmd(*wrap, *program, mode, "--ready-file",
                       str(self.ready), *extra, *args)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
