@@ -27,7 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
-from cni_server.netdev import NetdevMissing, bring_home, link_info, link_settings, set_up
+from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
 from cni_server.netns import Netns, NetnsError
 from cni_server.registry import AllocationSpec, Registry
 from cni_server.virtual import VirtualError, host_end, plug, unplug
@@ -74,22 +74,10 @@ def _link_state(name: str) -> dict[str, Any]:
             "addresses": addrs}
 
 
-def _move_out(name: str, target_fd: int) -> None:
-    """In the netns holding ``name``: take it down and move it to ``target_fd``'s netns."""
+def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
+    """In the pod's netns: up, addresses and routes from the IPAM result."""
     with IPRoute() as ipr:
         idx = link_info(name).ifindex
-        ipr.link("set", index=idx, state="down")
-        ipr.link("set", index=idx, net_ns_fd=target_fd)
-
-
-def _configure(name: str, new_name: str, mtu: int, ipam: dict[str, Any] | None) -> dict[str, Any]:
-    """In the pod's netns: rename, MTU, up, addresses and routes from the IPAM result."""
-    with IPRoute() as ipr:
-        idx = link_info(name).ifindex
-        if new_name != name:
-            ipr.link("set", index=idx, ifname=new_name)
-        if mtu:
-            ipr.link("set", index=idx, mtu=mtu)
         ipr.link("set", index=idx, state="up")
         for ip in (ipam or {}).get("ips", []):
             addr, _, plen = str(ip["address"]).partition("/")
@@ -101,7 +89,7 @@ def _configure(name: str, new_name: str, mtu: int, ipam: dict[str, Any] | None) 
                 kw["gateway"] = route["gw"]
             with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
                 ipr.route("add", **kw)
-    return _link_state(new_name)
+    return _link_state(name)
 
 
 class CniEndpoint:
@@ -253,9 +241,6 @@ class CniEndpoint:
                             return self._result(record["ifname"], state, req)  # a retried ADD
                         raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
                                        f"network namespace (container {record.get('container_id')})")
-                    if await target.run_async(lambda: _exists(target_name)):
-                        raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
-                                       "the pod's network namespace")
                     spec = self.registry.specs[alloc_id]
                     if spec.virtual_kind:  # first, so a missing bridge fails before any move
                         try:
@@ -263,16 +248,28 @@ class CniEndpoint:
                         except (VirtualError, NetlinkError) as e:
                             raise CniError(MOVE_FAILED, f"cannot connect virtual device "
                                            f"{netdev!r} on the node", str(e)) from e
+                    # (also the first entry into the pod's netns: one we cannot enter
+                    # fails here, before anything moves)
+                    if await target.run_async(lambda: _exists(target_name)):
+                        raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
+                                       "the pod's network namespace")
                     try:
-                        before = await asyncio.to_thread(link_settings, netdev)
-                        await asyncio.to_thread(_move_out, netdev, target.fileno())
+                        # Moved, named and sized in one request.
+                        before = await asyncio.to_thread(move_into, netdev, target.fileno(),
+                                                         target_name, int(req.get("mtu") or 0))
                     except (NetlinkError, LookupError) as e:
+                        # The kernel may have moved it and then refused the rest.
+                        with contextlib.suppress(Exception):
+                            if not await asyncio.to_thread(_exists, netdev):
+                                await target.run_async(lambda: bring_home(
+                                    target_name if _exists(target_name) else netdev, netdev,
+                                    home.fileno()))
                         await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
                                        ) from e
                     try:
-                        state = await target.run_async(lambda: _configure(
-                            netdev, target_name, int(req.get("mtu") or 0), req.get("ipam")))
+                        state = await target.run_async(lambda: _configure(target_name,
+                                                                          req.get("ipam")))
                     except Exception as e:
                         with contextlib.suppress(Exception):
                             await target.run_async(lambda: bring_home(

@@ -7,6 +7,7 @@ these from a worker thread (``asyncio.to_thread`` or ``Netns.run_async``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -55,40 +56,67 @@ def link_info(name: str) -> LinkInfo:
         )
 
 
+def _settings(link: Any) -> dict[str, str]:
+    return {"orig_up": "1" if link["flags"] & 1 else "0",
+            "orig_mtu": str(link.get("mtu") or 0),
+            "orig_mac": str(link.get("address") or "")}
+
+
+def _get(ipr: IPRoute, name: str) -> Any:
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as e:
+        if e.code == 19:
+            raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
+        raise
+
+
 def link_settings(name: str) -> dict[str, str]:
     """What CNI ADD changes and DEL gives back: admin state, MTU, MAC (as strings, the
     way an attachment record keeps them)."""
     with IPRoute() as ipr:
-        try:
-            link = ipr.link("get", ifname=name)[0]
-        except NetlinkError as e:
-            if e.code == 19:
-                raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
-            raise
-        return {"orig_up": "1" if link["flags"] & 1 else "0",
-                "orig_mtu": str(link.get("mtu") or 0),
-                "orig_mac": str(link.get("address") or "")}
+        return _settings(_get(ipr, name))
+
+
+def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, str]:
+    """Move ``name`` into the netns ``target_fd`` refers to, named ``new_name`` there,
+    with ``mtu`` (0: as it is): one netlink request, so the kernel refuses a name
+    taken there (EEXIST) before anything moves.  Returns its settings from before
+    (link_settings), for DEL to give back."""
+    with IPRoute() as ipr:
+        link = _get(ipr, name)
+        kw: dict[str, Any] = {"net_ns_fd": target_fd}
+        if new_name != name:
+            kw["ifname"] = new_name
+        if mtu:
+            kw["mtu"] = mtu
+        ipr.link("set", index=int(link["index"]), **kw)
+        return _settings(link)
 
 
 def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
                ) -> None:
-    """In a pod's netns: take ``ifname`` down, drop its addresses, give it back its
-    original name, MTU and MAC (``settings``, from link_settings before ADD) and move
-    it to the netns ``home_fd`` refers to.  Its admin state is given back there
-    (set_up), since a move leaves a netdev down."""
+    """In a pod's netns: give ``ifname`` back its original name, MTU and MAC
+    (``settings``, from link_settings before ADD) and move it to the netns
+    ``home_fd`` refers to, in one request (the move takes it down and drops its
+    addresses).  Its admin state is given back there (set_up)."""
     settings = settings or {}
     with IPRoute() as ipr:
-        idx = link_info(ifname).ifindex
-        ipr.link("set", index=idx, state="down")
-        ipr.flush_addr(index=idx)
+        kw: dict[str, Any] = {"net_ns_fd": home_fd}
         if ifname != orig:
-            ipr.link("set", index=idx, ifname=orig)
-        mtu = int(settings.get("orig_mtu") or 0)
-        if mtu:
-            ipr.link("set", index=idx, mtu=mtu)
+            kw["ifname"] = orig
+        if int(settings.get("orig_mtu") or 0):
+            kw["mtu"] = int(settings["orig_mtu"])
         if settings.get("orig_mac"):
-            ipr.link("set", index=idx, address=settings["orig_mac"])
-        ipr.link("set", index=idx, net_ns_fd=home_fd)
+            kw["address"] = settings["orig_mac"]
+        ipr.link("set", index=int(_get(ipr, ifname)["index"]), **kw)
+
+
+def set_up_info(name: str) -> LinkInfo:
+    """``name`` administratively up, and what it is then: one call, for one hop from
+    the event loop to a worker thread."""
+    set_up(name)
+    return link_info(name)
 
 
 def set_up(name: str) -> None:

@@ -43,7 +43,7 @@ from bpf.program import (
 )
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.metrics import Metrics
-from cni_server.netdev import bring_home, link_info, set_up
+from cni_server.netdev import bring_home, link_info, set_up_info
 from cni_server.netns import Netns, NetnsError
 from cni_server.ownership import Claims
 from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
@@ -578,9 +578,8 @@ class Registry:
         except (NetlinkError, LookupError) as e:
             log.info("event=netdev_not_brought_home netdev=%s reason=%r", netdev, str(e))
         try:
-            if record.get("orig_up", "1") == "1":
-                await asyncio.to_thread(set_up, netdev)
-            ifindex = (await asyncio.to_thread(link_info, netdev)).ifindex
+            up = record.get("orig_up", "1") == "1"
+            ifindex = (await asyncio.to_thread(set_up_info if up else link_info, netdev)).ifindex
         except (NetlinkError, LookupError):
             pass
         self.record_attachment(allocation_id, netdev, None, None, netdev, ifindex)

@@ -533,3 +533,23 @@ def test_runtime_config_reaches_the_plugin_only_for_declared_capabilities(env: E
     declared = dict(conf, capabilities={"deviceID": True})
     res = env.cni("ADD", declared, netns=str(env.pod.path), runtime={"deviceID": "p0"})
     assert res.code == 0, res.out
+
+
+def test_an_mtu_the_device_refuses_leaves_it_home_under_its_own_name(env: Env) -> None:
+    """One request moves, renames and sizes the device; the kernel may move it and
+    then refuse the MTU (a macvlan's may not exceed its lower device's).  ADD fails and the
+    device is back on the node under its own name, and can be attached again."""
+    run("ip", "-n", env.k8s.ns.name, "link", "add", "link", "q1", "name", "p5", "type",
+        "macvlan", "mode", "bridge")
+    run("ip", "-n", env.k8s.ns.name, "link", "set", "p5", "up")
+    env.k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p5"))
+    before = link(env.k8s.ns, "p5")
+    env.admit(["p5"])
+    conf = dict(env.conf, deviceID="p5")
+    res = env.cni("ADD", dict(conf, mtu=9000), netns=str(env.pod.path))
+    assert res.code == 1 and res.out["code"] == 105, res.out
+    assert not {"net1", "p5"} & env.links(env.pod)
+    after = link(env.k8s.ns, "p5")
+    assert (after["mtu"], after["address"]) == (before["mtu"], before["address"])
+    assert ipam_leases(env.k8s.work) == []
+    assert env.cni("ADD", conf, netns=str(env.pod.path)).code == 0
