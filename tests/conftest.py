@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bpf import bpffs
 from tests.cni_runner import CNI_PATH, Runner, install_plugin
 from tests.k8s_env import k8s  # noqa: F401 - the Kubernetes-mode fixture, for every module
 from tests.kernel import ClientRuntime, Daemon, NsFixture, make_netns
@@ -79,6 +80,14 @@ def netns() -> Iterator[NsFixture]:
         yield ns
 
 
+def mounts_under(d: Path) -> list[Path]:
+    """Mount points at or below ``d`` in our mount namespace, deepest first."""
+    with open("/proc/self/mountinfo") as f:
+        points = [Path(line.split()[4].replace("\\040", " ")) for line in f]
+    return sorted((m for m in points if m == d or d in m.parents),
+                  key=lambda m: len(m.parts), reverse=True)
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A directory uid 65534 can traverse (pytest's tmp_path is 0700 under /tmp/pytest-of-root)."""
@@ -89,6 +98,10 @@ def workdir() -> Iterator[Path]:
     try:
         yield d
     finally:
+        # A Kubernetes-mode daemon mounts a bpffs at its bpffsRoot and leaves it
+        # mounted (pods' pins live there): take down whatever is mounted in here.
+        for mount in mounts_under(d):
+            bpffs.unmount(mount)
         shutil.rmtree(d, ignore_errors=True)
 
 
