@@ -122,6 +122,14 @@ class Grant:
     frame_size: int = 0
 
 
+class Defer(enum.Enum):
+    """Not answered yet: the I/O layer stops reading the connection, finds out who
+    owns the allocation (the Kubernetes owner lookup), then hands the same request
+    to ``Session.handle`` again, which decides it then (as h11 returns PAUSED)."""
+
+    OWNER = "owner"
+
+
 @dataclass(frozen=True)
 class Peer:
     """Kernel-verified identity of the connected client (SO_PEERCRED / SO_PEERPIDFD)."""
@@ -210,11 +218,15 @@ class Session:
     state: State = State.NEW
     hostname: str = ""
     steps: list[Step] = field(default_factory=list)
+    # The I/O layer can look up an allocation's owner (Kubernetes): a /connect to an
+    # allocation whose hostnames are not known yet is deferred until it has (once).
+    owner_lookup: bool = False
+    deferred: bool = False
 
     # -- entry point ---------------------------------------------------------
 
-    def handle(self, request: Request) -> Reply | Grant:
-        """Decide the answer to one request."""
+    def handle(self, request: Request) -> Reply | Grant | Defer:
+        """Decide the answer to one request (or defer it: see Defer)."""
         if self.state is State.CLOSED:
             return self._note("", Reply(NAK, close=True, reason="closed"))
         text = self._decode(request)
@@ -229,6 +241,10 @@ class Session:
             return self._note("?", Reply(NAK, reason="unknown request"))
         if self.state is not State.CONNECTED and verb != CONNECT:
             return self._note(verb, Reply(NAK, reason="before connect"))
+        if verb == CONNECT and self.owner_lookup and not self.deferred and has_args \
+                and not any(True for _ in self.allocation.hostnames()):
+            self.deferred = True
+            return Defer.OWNER
         return handler(self, rest if has_args else None, request, len(request.data))
 
     def outcome(self) -> str:

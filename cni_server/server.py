@@ -386,7 +386,8 @@ class HandoutServer:
             peer = peer_mod.identify(sock, netns=listener.allocation.check_peer_netns)
         except OSError as e:
             peer = protocol.Peer(0, -1, -1, None, f"SO_PEERCRED: {e.strerror}")
-        conn = Connection(sock, listener, protocol.Session(listener.allocation, peer))
+        conn = Connection(sock, listener, protocol.Session(
+            listener.allocation, peer, owner_lookup=self.resolve_owner is not None))
         listener.connections.add(conn)
         self._connections += 1
         self._watch(sock.fileno(), partial(self._on_readable, conn), _client_key(conn))
@@ -513,10 +514,6 @@ class HandoutServer:
         conn.last_active = time.monotonic()
         request = protocol.Request(data, len(fds), truncated=bool(flags & _MSG_TRUNC),
                                    ctrl_truncated=bool(flags & _MSG_CTRUNC))
-        if (self.resolve_owner is not None and not conn.listener.allocation.hostnames_allowed
-                and data.startswith(b"/connect,")):
-            self._park(conn, request, fds)
-            return
         self._answer(conn, request, fds)
 
     def _park(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> None:
@@ -558,8 +555,13 @@ class HandoutServer:
         """
         session = conn.session
         outcome: Outcome | None = None
+        parked = False  # then the parked task owns the fds
         try:
             decision = session.handle(request)
+            if isinstance(decision, protocol.Defer):
+                parked = True
+                self._park(conn, request, fds)
+                return True
             if isinstance(decision, protocol.Grant):
                 outcome = self.broker.perform(conn.listener.allocation, decision, fds)
                 reply = session.grant_done(decision, outcome.ok, outcome.reason)
@@ -572,7 +574,8 @@ class HandoutServer:
             self._close(conn, "internal error")
             return False
         finally:
-            close_all(fds)
+            if not parked:
+                close_all(fds)
         try:
             send_fds: list[int] = []
             if outcome is not None and outcome.ok and outcome.fd is not None:

@@ -396,3 +396,33 @@ def test_outcome_summarises_the_connection_for_the_log() -> None:
     assert s.outcome() == "ok"
     reply(s, "/bogus")
     assert s.outcome() == "refused"
+
+
+# -- an owner not known yet (Kubernetes) ----------------------------------------------
+
+
+def test_a_connect_before_the_owner_is_known_is_deferred_once_then_decided() -> None:
+    """The session decides, not the I/O layer: with an owner lookup available and no
+    hostname known yet, /connect comes back as Defer (nothing recorded); handed the
+    same request again, once the lookup is done, it is answered."""
+    alloc = Alloc(hosts=frozenset())
+    s = Session(alloc, peer(), owner_lookup=True)
+    request = req(f"/connect,{HOST}")
+    assert s.handle(request) is p.Defer.OWNER
+    assert s.steps == [] and s.state is p.State.NEW
+    alloc.hosts = frozenset({HOST})  # the lookup found the pod
+    out = s.handle(request)
+    assert isinstance(out, Reply) and out.text == "/host_ok"
+
+
+def test_a_connect_is_deferred_at_most_once_and_only_when_it_helps() -> None:
+    nobody = Alloc(hosts=frozenset())
+    s = Session(nobody, peer(), owner_lookup=True)
+    assert s.handle(req(f"/connect,{HOST}")) is p.Defer.OWNER
+    assert reply(s, f"/connect,{HOST}") == "/host_nak"  # still nobody: refused, not parked
+    assert reply(Session(nobody, peer()), f"/connect,{HOST}") == "/host_nak"  # no lookup
+    known = Session(Alloc(), peer(), owner_lookup=True)
+    assert reply(known, f"/connect,{HOST}") == "/host_ok"  # owner known: no wait
+    early = Session(nobody, peer(), owner_lookup=True)
+    assert reply(early, "/version") == "/nak"  # only /connect waits
+    assert reply(early, "/connect") == "/nak"  # a malformed one is refused at once
