@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,8 +137,8 @@ def client_runtime() -> Iterator[ClientRuntime]:
 def start_daemon(netns: NsFixture, workdir: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(*args: str, wait: bool = True) -> Daemon:
-        d = Daemon(netns, workdir, *args, wait=False)
+    def start(*args: str, wait: bool = True, **kw: Any) -> Daemon:
+        d = Daemon(netns, workdir, *args, wait=False, **kw)
         started.append(d)
         if wait:
             d.wait_ready()

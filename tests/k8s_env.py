@@ -20,7 +20,16 @@ from bpf import bpffs
 from cni_server.control import call
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from tests.fake_kubelet import FakeKubelet, running
-from tests.kernel import ClientRuntime, Daemon, NsFixture, run, setpriv, unique, wait_for
+from tests.kernel import (
+    ClientRuntime,
+    Daemon,
+    NsFixture,
+    make_netns,
+    run,
+    setpriv,
+    unique,
+    wait_for,
+)
 
 RESOURCE = "afxdp/pool1"
 ENDPOINT = "afxdp-pool1.sock"
@@ -91,6 +100,27 @@ def k8s(netns: NsFixture, workdir: Path) -> Iterator[K8s]:
                 d.stop()
             if bpffs.is_bpffs(workdir / "bpf"):
                 bpffs.unmount(workdir / "bpf")
+
+
+@contextlib.contextmanager
+def cni_node(netns: NsFixture, workdir: Path, **config: object) -> Iterator[tuple[K8s, NsFixture]]:
+    """A node for CNI tests: p0/p1 (peers q0/q1) in ``netns``, a fake kubelet, a pod
+    netns, and a daemon config with its CNI endpoint at ``workdir/cni.sock`` (plus
+    ``config``).  Daemons started on it are stopped at the end."""
+    for i in range(2):
+        netns.veth(f"p{i}", f"q{i}")
+    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
+            make_netns() as pod:
+        cfg = write_config(workdir)
+        doc = json.loads(cfg.read_text())
+        doc.update(cniSocket=str(workdir / "cni.sock"), **config)
+        cfg.write_text(json.dumps(doc))
+        k8s = K8s(netns, workdir, kubelet, cfg, [])
+        try:
+            yield k8s, pod
+        finally:
+            for d in k8s.daemons:
+                d.stop()
 
 
 def healthy(devs: dict[str, pb.Device], *names: str) -> bool:

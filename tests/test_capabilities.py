@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,12 @@ import pytest
 import yaml
 
 from tests.cni_runner import Runner
-from tests.fake_kubelet import running
-from tests.k8s_env import RESOURCE, K8s, healthy, write_config
+from tests.k8s_env import RESOURCE, K8s, cni_node, healthy
 from tests.kernel import (
     ROOT,
     ClientRuntime,
     Daemon,
     NsFixture,
-    make_netns,
     run,
     setpriv,
     unique,
@@ -155,30 +153,19 @@ def received(res: subprocess.CompletedProcess[str]) -> int:
 # -- standalone ---------------------------------------------------------------------------------
 
 
-def start_standalone(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path],
-                     caps: list[str]) -> Daemon:
-    return Daemon(netns, workdir, "--netdev", "va", "--socket-dir", str(workdir / "sock"),
-                  "--socket-owner", "65534:65534", "--allow-unbound-xsk",
-                  "--pin-dir", str(host_dirs["pins"]), wait=False,
-                  wrap=as_daemonset(caps, [workdir, host_dirs["run"]]), program=program())
-
-
 @pytest.fixture
-def standalone(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path]
-               ) -> Iterator[Any]:
-    started: list[Daemon] = []
+def standalone(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path],
+               start_daemon: Callable[..., Daemon]) -> Callable[[list[str]], Daemon]:
+    """Starts ``afxdp serve`` on va as the DaemonSet would, with the given capabilities."""
     netns.veth("va", "vb")
 
     def start(caps: list[str]) -> Daemon:
-        d = start_standalone(netns, workdir, host_dirs, caps)
-        started.append(d)
-        return d
+        return start_daemon(
+            "--netdev", "va", "--socket-dir", str(workdir / "sock"), "--socket-owner",
+            "65534:65534", "--allow-unbound-xsk", "--pin-dir", str(host_dirs["pins"]),
+            wait=False, wrap=as_daemonset(caps, [workdir, host_dirs["run"]]), program=program())
 
-    try:
-        yield start
-    finally:
-        for d in started:
-            d.stop()
+    return start
 
 
 @pytest.mark.parametrize("mode", ["map", "xsk", "xsk-unbound"])
@@ -234,21 +221,9 @@ class Node:
 @pytest.fixture
 def node(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path], cni: Runner
          ) -> Iterator[Node]:
-    for i in range(2):
-        netns.veth(f"p{i}", f"q{i}")
-    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
-            make_netns() as pod:
-        cfg = write_config(workdir)
-        doc = json.loads(cfg.read_text())
-        doc["cniSocket"] = str(workdir / "cni.sock")
-        doc["bpffsRoot"] = str(host_dirs["pins"])  # on the host's bpffs, as deployed
-        cfg.write_text(json.dumps(doc))
-        k8s = K8s(netns, workdir, kubelet, cfg, [])
-        try:
-            yield Node(k8s, pod, [workdir, host_dirs["run"]], cni)
-        finally:
-            for d in k8s.daemons:
-                d.stop()
+    # bpffsRoot on the host's bpffs, as deployed
+    with cni_node(netns, workdir, bpffsRoot=str(host_dirs["pins"])) as (k8s, pod):
+        yield Node(k8s, pod, [workdir, host_dirs["run"]], cni)
 
 
 def test_kubernetes_mode_allocates_moves_and_serves_with_the_manifests_capabilities(

@@ -18,8 +18,7 @@ import pytest
 
 from cni_server.client import Client, HandshakeError, fetch_map_fd
 from tests.cni_runner import Runner
-from tests.fake_kubelet import running
-from tests.k8s_env import RESOURCE, K8s, healthy, http_get, write_config
+from tests.k8s_env import RESOURCE, K8s, cni_node, healthy, http_get
 from tests.kernel import ROOT, ClientRuntime, NsFixture, make_netns, run, setpriv, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -54,26 +53,14 @@ class Env:
 
 @pytest.fixture
 def env(netns: NsFixture, workdir: Path, cni: Runner) -> Iterator[Env]:
-    for i in range(2):
-        netns.veth(f"p{i}", f"q{i}")
-    with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
-            make_netns() as pod:
-        cfg = write_config(workdir)
-        doc = json.loads(cfg.read_text())
-        doc["cniSocket"] = str(workdir / "cni.sock")
-        cfg.write_text(json.dumps(doc))
-        k8s = K8s(netns, workdir, kubelet, cfg, [])
+    with cni_node(netns, workdir) as (k8s, pod):
         conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp", "deviceID": "p0",
                 "daemonSocket": str(workdir / "cni.sock"),
                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.55.0.0/24"}]],
                          "dataDir": str(workdir / "ipam")}}
-        try:
-            k8s.start()
-            kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
-            yield Env(k8s, pod, cni, conf)
-        finally:
-            for d in k8s.daemons:
-                d.stop()
+        k8s.start()
+        k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
+        yield Env(k8s, pod, cni, conf)
 
 
 def ipam_leases(work: Path) -> list[str]:
