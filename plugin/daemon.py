@@ -21,7 +21,6 @@ from pyroute2 import IPRoute
 from bpf import bpffs
 from bpf.errors import BpfError
 from bpf.program import map_keys_from, verify
-from cni_server.cniendpoint import CniEndpoint
 from cni_server.config import ConfigError
 from cni_server.control import ControlServer
 from cni_server.health import HealthServer
@@ -33,6 +32,7 @@ from cni_server.safedir import ensure_dir
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
 from cni_server.virtual import VirtualError, resolve_kind
+from plugin.cniendpoint import CniEndpoint
 from plugin.config import PluginConfig
 from plugin.deviceplugin import PluginServer
 from plugin.inventory import Inventory
