@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 # enum bpf_map_type / bpf_prog_type values we check against (uapi/linux/bpf.h).
 BPF_MAP_TYPE_XSKMAP = 17
-BPF_PROG_TYPE_XDP = 6
 BPF_OBJ_NAME_LEN = 16
 BPF_TAG_SIZE = 8
 
@@ -41,8 +40,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
 XDP_FLAGS_REPLACE = 1 << 4
 
-# enum XDP_ATTACHED_* (uapi/linux/if_link.h), as bpf_xdp_query reports them.
-XDP_ATTACHED_NONE = 0
+# enum XDP_ATTACHED_* (uapi/linux/if_link.h), as bpf_xdp_query reports them (0: none).
 XDP_ATTACHED_DRV = 1
 XDP_ATTACHED_SKB = 2
 XDP_ATTACHED_HW = 3
@@ -293,15 +291,6 @@ def prog_map_ids(fd: int) -> list[int]:
     check(call("bpf_obj_get_info_by_fd", fd, ctypes.byref(info), ctypes.byref(size)),
           f"reading map ids of BPF program fd {fd}")
     return list(ids[: min(count, info.nr_map_ids)])
-
-
-def prog_ids() -> list[int]:
-    """The ids of every BPF program loaded on the system (needs CAP_SYS_ADMIN)."""
-    ids: list[int] = []
-    next_id = ctypes.c_uint32(0)
-    while call("bpf_prog_get_next_id", next_id.value, ctypes.byref(next_id)) == 0:
-        ids.append(next_id.value)
-    return ids
 
 
 def map_info(fd: int) -> BpfMapInfo:

@@ -71,18 +71,11 @@ def _get(ipr: IPRoute, name: str) -> Any:
         raise
 
 
-def link_settings(name: str) -> dict[str, str]:
-    """What CNI ADD changes and DEL gives back: admin state, MTU, MAC (as strings, the
-    way an attachment record keeps them)."""
-    with IPRoute() as ipr:
-        return _settings(_get(ipr, name))
-
-
 def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, str]:
     """Move ``name`` into the netns ``target_fd`` refers to, named ``new_name`` there,
     with ``mtu`` (0: as it is): one netlink request, so the kernel refuses a name
     taken there (EEXIST) before anything moves.  Returns its settings from before
-    (link_settings), for DEL to give back."""
+    (admin state, MTU, MAC), for DEL to give back."""
     with IPRoute() as ipr:
         link = _get(ipr, name)
         kw: dict[str, Any] = {"net_ns_fd": target_fd}
@@ -97,7 +90,7 @@ def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, s
 def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
                ) -> None:
     """In a pod's netns: give ``ifname`` back its original name, MTU and MAC
-    (``settings``, from link_settings before ADD) and move it to the netns
+    (``settings``, from move_into at ADD) and move it to the netns
     ``home_fd`` refers to, in one request (the move takes it down and drops its
     addresses).  Its admin state is given back there (set_up)."""
     settings = settings or {}

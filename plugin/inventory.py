@@ -80,7 +80,6 @@ class Inventory:
         self.registry = registry
         self.on_change = on_change
         self.pools: dict[str, dict[str, DeviceState]] = {p.name: {} for p in cfg.pools}
-        self.scans = 0
         self.view: NodeView | None = None
         self._dumping = False
         self._pending: list[Any] = []
@@ -116,7 +115,6 @@ class Inventory:
         if self.view is not None:
             view.inherit_caches(self.view)
         self.view = view
-        self.scans += 1
         return await self.reclassify(strict=strict)
 
     async def reclassify(self, *, strict: bool = False) -> set[str]:

@@ -80,7 +80,6 @@ class Owners:
         self.gc_interval = gc_interval
         self.gc_grace = gc_grace
         self.created: dict[str, float] = {}  # allocation id -> monotonic time first seen
-        self.refreshes = 0
         self._inflight: asyncio.Task[bool] | None = None
         self._inflight_collects = False
         self._list_started: float | None = None  # when the in-flight run's List began
@@ -121,7 +120,6 @@ class Owners:
             log.warning("event=podresources_unavailable socket=%s code=%s detail=%r",
                         self.socket_path, e.code().name, e.details())
             return False
-        self.refreshes += 1
         by_devices = {(h.resource, h.device_ids): h for h in holders}
         now = time.monotonic()
         for alloc_id, alloc in list(self.registry.allocations.items()):

@@ -52,7 +52,6 @@ class Registered:
     channel: grpc.Channel
     stub: pb_grpc.DevicePluginStub
     lists: list[list[pb.Device]] = field(default_factory=list)
-    stream_ended: bool = False
 
 
 class _Registration(pb_grpc.RegistrationServicer):
@@ -184,7 +183,11 @@ class FakeKubelet:
         except grpc.RpcError:
             pass
         with self.cond:
-            reg.stream_ended = True
+            # As kubelet does when the stream ends: every device of the resource is
+            # unhealthy until the plugin registers again (running pods keep theirs).
+            if reg.lists:
+                reg.lists.append([pb.Device(ID=d.ID, health="Unhealthy", topology=d.topology)
+                                  for d in reg.lists[-1]])
             self.cond.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -291,12 +291,15 @@ def test_daemon_restart_restores_allocations_on_the_same_paths(k8s: K8s) -> None
     prog = k8s.ns.xdp_prog_id("p0")
     assert first.stop() == 0
     assert k8s.ns.xdp_prog_id("p0") == prog  # running pods keep their data path
+    # kubelet, its stream gone, counts every device unhealthy until we are back
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: d["p0"].health == "Unhealthy")
     registrations = len(k8s.kubelet.registrations)
     second = k8s.start()
     assert "allocations=1 dropped=0" in second.log()
     assert k8s.ns.xdp_prog_id("p0") == prog
     k8s.kubelet.wait(lambda: len(k8s.kubelet.registrations) > registrations,
                      what="registration of the restarted daemon")
+    k8s.kubelet.wait_devices(RESOURCE, lambda d: healthy(d, "p0", "p1"))
     with k8s.ns.entered():
         fetch_map_fd(sock, "p0", hostname="pod-a").close()
 
