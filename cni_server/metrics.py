@@ -95,8 +95,8 @@ class Metrics:
                                            "Connection lifetime, accept to close",
                                            HANDSHAKE_BUCKETS, registry=r)
         self.connections = Gauge("afxdp_connections", "Open handout connections", registry=r)
-        self.dropped = Counter("afxdp_connections_dropped", "Handout connections the daemon "
-                               "closed to protect itself, by reason", ["reason"], registry=r)
+        self.dropped = Counts("afxdp_connections_dropped", "Handout connections the daemon "
+                              "closed to protect itself, by reason", ["reason"], registry=r)
         self.allocations = Gauge("afxdp_allocations", "Live allocations", registry=r)
         self.devices = Gauge("afxdp_devices", "Devices per pool by health", ["pool", "health"],
                              registry=r)

@@ -28,7 +28,7 @@ import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -88,17 +88,6 @@ class Limits:
     handshake_spin: float = 50e-6
 
 
-@dataclass
-class Counters:
-    handshakes: dict[str, int] = field(default_factory=dict)  # by outcome
-    replies: dict[str, int] = field(default_factory=dict)  # by reply text/reason
-    fds_sent: int = 0
-    rejected_limit: int = 0
-    evicted: int = 0
-    idle_closed: int = 0
-    longest_wakeup: int = 0  # most rounds served in one loop wakeup (see _on_events)
-
-
 class Connection:
     """One accepted client connection (owner of its socket)."""
 
@@ -134,7 +123,7 @@ class HandoutServer:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.metrics.track(self.metrics.connections, lambda: self._connections)
-        self.counters = Counters()
+        self.longest_wakeup = 0  # most rounds served in one loop wakeup (see _on_events)
         self._listeners: dict[Path, Listener] = {}
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,8 +286,7 @@ class HandoutServer:
                     or (self._connections >= self.limits.max_connections
                         and not self._make_room(self._all_connections(), sock))):
                 sock.close()
-                self.counters.rejected_limit += 1
-                self.metrics.dropped.labels("limit").inc()
+                self.metrics.dropped.inc("limit")
                 self._log_limit(listener)
                 continue
             self._open(sock, listener, answer_now=i == 0)
@@ -373,8 +361,7 @@ class HandoutServer:
         return self._evict(oldest, "idle the longest")
 
     def _evict(self, conn: Connection, why: str) -> bool:
-        self.counters.evicted += 1
-        self.metrics.dropped.labels("evicted").inc()
+        self.metrics.dropped.inc("evicted")
         self._close(conn, f"evicted for a new connection: {why}")
         return True
 
@@ -403,7 +390,7 @@ class HandoutServer:
             log.warning(
                 "event=connection_rejected reason=limit socket=%s socket_connections=%d "
                 "total_connections=%d rejected_so_far=%d", listener.path,
-                len(listener.connections), self._connections, self.counters.rejected_limit)
+                len(listener.connections), self._connections, self.metrics.dropped.get("limit"))
 
     # -- one connection ---------------------------------------------------------
 
@@ -474,8 +461,8 @@ class HandoutServer:
                 if time.monotonic() >= deadline:
                     return
         finally:
-            if rounds > self.counters.longest_wakeup:
-                self.counters.longest_wakeup = rounds
+            if rounds > self.longest_wakeup:
+                self.longest_wakeup = rounds
 
     def _serve_fairly(self, events: list[tuple[int, int]]) -> None:
         """One round over many ready fds: at most ``_PER_CLIENT_PER_ROUND`` per client."""
@@ -588,8 +575,6 @@ class HandoutServer:
         finally:
             if outcome is not None:
                 _close_created(outcome)
-        key = reply.reason or reply.text
-        self.counters.replies[key] = self.counters.replies.get(key, 0) + 1
         verb = session.steps[-1].verb if session.steps else "?"
         self.metrics.replies.inc(verb, reply.text, reason_label(reply.reason))
         if not sent:
@@ -608,7 +593,6 @@ class HandoutServer:
                 # One SCM_RIGHTS message; DPDK reads its first fd.
                 conn.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", fds))], _DONTWAIT)
-                self.counters.fds_sent += 1
                 self.metrics.fds.inc(kind)
         except BlockingIOError:
             # A well-behaved client has one request in flight; a full queue means it
@@ -632,7 +616,6 @@ class HandoutServer:
         conn.sock.close()
         s = conn.session
         outcome = s.outcome()
-        self.counters.handshakes[outcome] = self.counters.handshakes.get(outcome, 0) + 1
         self.metrics.handshakes.inc(outcome)
         self.metrics.handshake_seconds.observe(time.monotonic() - conn.opened)
         if log.isEnabledFor(logging.INFO):
@@ -662,22 +645,27 @@ class HandoutServer:
         for listener in list(self._listeners.values()):
             timeout = listener.allocation.idle_timeout or self.limits.idle_timeout
             for conn in [c for c in listener.connections if now - c.last_active > timeout]:
-                self.counters.idle_closed += 1
-                self.metrics.dropped.labels("idle").inc()
+                self.metrics.dropped.inc("idle")
                 self._close(conn, "idle timeout")
         self._schedule_sweep()
 
     def stats(self) -> dict[str, object]:
+        """For ``afxdp status``: read from the metrics, so it and /metrics agree."""
+        m = self.metrics
+        replies: dict[str, int] = {}
+        for (_verb, text, reason), n in list(m.replies.counts.items()):
+            key = text if reason == "ok" else reason
+            replies[key] = replies.get(key, 0) + n
         return {
             "sockets": len(self._listeners),
             "connections": self._connections,
-            "handshakes": dict(self.counters.handshakes),
-            "replies": dict(self.counters.replies),
-            "fds_sent": self.counters.fds_sent,
-            "rejected_limit": self.counters.rejected_limit,
-            "evicted": self.counters.evicted,
-            "idle_closed": self.counters.idle_closed,
-            "longest_wakeup": self.counters.longest_wakeup,
+            "handshakes": {outcome: n for (outcome,), n in list(m.handshakes.counts.items())},
+            "replies": replies,
+            "fds_sent": sum(m.fds.counts.values()),
+            "rejected_limit": m.dropped.get("limit"),
+            "evicted": m.dropped.get("evicted"),
+            "idle_closed": m.dropped.get("idle"),
+            "longest_wakeup": self.longest_wakeup,
         }
 
 

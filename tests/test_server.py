@@ -186,7 +186,12 @@ def test_fifty_concurrent_clients_all_get_the_map(served: Served, netns: NsFixtu
         for t in threads:
             t.join(60)
     assert not errors, errors[:3]
-    assert served.stats()["handshakes"] == {"granted": 500}
+    stats = served.stats()
+    assert stats["handshakes"] == {"granted": 500}
+    # One source of counts: `afxdp status` (stats) and /metrics say the same.
+    exposition = served.server.metrics.exposition().decode()
+    assert 'afxdp_handshakes_total{result="granted"} 500.0' in exposition
+    assert f'afxdp_fds_handed_out_total{{kind="xsk_map"}} {stats["fds_sent"]}.0' in exposition
 
 
 def test_connections_held_open_do_not_block_new_ones(served: Served, netns: NsFixture) -> None:
@@ -247,7 +252,7 @@ def test_a_client_that_never_pauses_does_not_starve_the_event_loop(
             done = threading.Event()
 
             def tick() -> None:
-                served_at_tick.append(s.server.counters.replies.get("0.1", 0))  # on the loop
+                served_at_tick.append(s.server.metrics.replies.get("/version", "0.1", "ok"))
                 if len(served_at_tick) < 40:
                     s.loop.call_later(0.01, tick)
                 else:
