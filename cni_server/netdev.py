@@ -89,20 +89,31 @@ def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, s
 
 def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
                ) -> None:
-    """In a pod's netns: give ``ifname`` back its original name, MTU and MAC
-    (``settings``, from move_into at ADD) and move it to the netns
-    ``home_fd`` refers to, in one request (the move takes it down and drops its
-    addresses).  Its admin state is given back there (set_up)."""
+    """In a pod's netns: take ``ifname`` down, give it back its original name, MTU and
+    MAC (``settings``, from move_into at ADD) and move it to the netns ``home_fd``
+    refers to (the move drops its addresses).  Renamed before the move, so a name
+    taken on the node makes the move fail and leaves it in the pod, not half-moved
+    under the pod's name.  A device found under ``orig`` already (an earlier attempt
+    renamed it) is moved as it is.  Its admin state is given back at home (set_up)."""
     settings = settings or {}
     with IPRoute() as ipr:
-        kw: dict[str, Any] = {"net_ns_fd": home_fd}
+        try:
+            idx = int(_get(ipr, ifname)["index"])
+        except NetdevMissing:
+            if ifname == orig:
+                raise
+            idx = int(_get(ipr, orig)["index"])
+        ipr.link("set", index=idx, state="down")  # (a device that is up cannot be renamed)
+        kw: dict[str, Any] = {}
         if ifname != orig:
             kw["ifname"] = orig
         if int(settings.get("orig_mtu") or 0):
             kw["mtu"] = int(settings["orig_mtu"])
         if settings.get("orig_mac"):
             kw["address"] = settings["orig_mac"]
-        ipr.link("set", index=int(_get(ipr, ifname)["index"]), **kw)
+        if kw:
+            ipr.link("set", index=idx, **kw)
+        ipr.link("set", index=idx, net_ns_fd=home_fd)
 
 
 def set_up_info(name: str) -> LinkInfo:

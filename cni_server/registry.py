@@ -58,6 +58,10 @@ SOCKET_NAME = "afxdp.sock"
 PIN_NAME = "xsks_map"
 
 
+class NotBroughtHome(Exception):
+    """A netdev could not be moved back from a pod's netns, and is still there."""
+
+
 class RegistryError(Exception):
     """An allocation cannot be created (nothing of it is left behind)."""
 
@@ -478,7 +482,11 @@ class Registry:
         for netdev in spec.netdevs:
             device = allocation.netdevs[netdev]
             if device.netns is not self.netns:
-                await self.bring_home(allocation_id, netdev)
+                try:
+                    await self.bring_home(allocation_id, netdev)
+                except NotBroughtHome as e:  # the rest of the release must still happen
+                    log.warning("event=netdev_stranded allocation=%s netdev=%s reason=%r",
+                                allocation_id, netdev, str(e))
             pin = spec.pin_path(netdev)
             if pin is not None:
                 bpffs.unpin(pin)
@@ -566,23 +574,50 @@ class Registry:
 
     async def bring_home(self, allocation_id: str, netdev: str) -> None:
         """A netdev in a pod's netns comes home (CNI DEL, or a release whose DEL never
-        reached us) as it was before ADD: name, MTU, MAC, admin state."""
+        reached us) as it was before ADD: name, MTU, MAC, admin state.
+
+        Recorded as home only if it is home now, or gone with its pod (a veth end
+        whose peer went with the pod's namespace).  If it is still in the pod (the
+        kernel refused the move: its name taken on the node, say), NotBroughtHome
+        is raised and the record keeps saying where it is."""
         device = self.allocations[allocation_id].netdevs[netdev]
         record = self.specs[allocation_id].attached.get(netdev, {})
         ifname = record.get("ifname") or netdev
-        ifindex = 0  # gone with its pod (a veth end), or back already
         try:
             await device.netns.run_async(
                 lambda: bring_home(ifname, netdev, self.netns.fileno(), record))
-            log.info("event=netdev_brought_home netdev=%s from=%s", netdev, record.get("netns"))
         except (NetlinkError, LookupError) as e:
-            log.info("event=netdev_not_brought_home netdev=%s reason=%r", netdev, str(e))
+            if await self._still_there(device, ifname, netdev):
+                log.warning("event=netdev_not_brought_home netdev=%s in=%s reason=%r", netdev,
+                            record.get("netns"), str(e))
+                raise NotBroughtHome(f"{netdev} is still in the pod's network namespace: "
+                                     f"{e}") from None
+            log.info("event=netdev_gone_with_its_pod netdev=%s reason=%r", netdev, str(e))
+            self.record_attachment(allocation_id, netdev, None, None, netdev, 0)
+            return
+        log.info("event=netdev_brought_home netdev=%s from=%s", netdev, record.get("netns"))
+        ifindex = 0
         try:
             up = record.get("orig_up", "1") == "1"
             ifindex = (await asyncio.to_thread(set_up_info if up else link_info, netdev)).ifindex
         except (NetlinkError, LookupError):
             pass
         self.record_attachment(allocation_id, netdev, None, None, netdev, ifindex)
+
+    @staticmethod
+    async def _still_there(device: AllocatedDevice, *names: str) -> bool:
+        def look() -> bool:
+            for name in names:
+                try:
+                    link_info(name)
+                    return True
+                except LookupError:
+                    pass
+            return False
+        try:
+            return await device.netns.run_async(look)
+        except (NetlinkError, NetnsError):
+            return False
 
     async def repair(self, netdev: str) -> str:
         """Put our program back on an allocated netdev that lost it (see ProgramTable.repair);

@@ -29,7 +29,7 @@ from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
 from cni_server.netns import Netns, NetnsError
-from cni_server.registry import AllocationSpec, Registry
+from cni_server.registry import AllocationSpec, NotBroughtHome, Registry
 from cni_server.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,11 @@ class CniEndpoint:
             if record is None or (cid and record.get("container_id") not in ("", cid)):
                 return {"released": False}
             with self.registry.moving(netdev):
-                await self.registry.bring_home(allocation.id, netdev)
+                try:
+                    await self.registry.bring_home(allocation.id, netdev)
+                except NotBroughtHome as e:  # the runtime retries a failed DEL
+                    raise CniError(MOVE_FAILED, f"cannot bring {netdev!r} back to the node",
+                                   str(e)) from e
                 await self._unplug(self.registry.specs[allocation.id], netdev)
         return {"released": True}
 
@@ -368,8 +372,13 @@ class CniEndpoint:
                 if rec.get("network") != network:
                     continue
                 if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
-                    await self.delete({"deviceID": netdev, "containerID": rec.get("container_id")},
-                                      [])
+                    try:
+                        await self.delete({"deviceID": netdev,
+                                           "containerID": rec.get("container_id")}, [])
+                    except CniError as e:  # the others are still collected
+                        log.warning("event=gc_release_failed netdev=%s msg=%r details=%r",
+                                    netdev, e.msg, e.details)
+                        continue
                     released.append(netdev)
         return {"released": released}
 

@@ -540,3 +540,22 @@ def test_an_mtu_the_device_refuses_leaves_it_home_under_its_own_name(env: Env) -
     assert (after["mtu"], after["address"]) == (before["mtu"], before["address"])
     assert ipam_leases(env.k8s.work) == []
     assert env.cni("ADD", conf, netns=str(env.pod.path)).code == 0
+
+
+def test_a_del_that_cannot_bring_the_device_home_keeps_its_record_for_the_next_one(
+        env: Env) -> None:
+    """The node's name for it was taken meanwhile: the kernel refuses the move and the
+    device stays in the pod.  DEL itself succeeds (the plugin's rule: the daemon
+    reconciles), but the daemon still records where the device is, not that it is
+    home, so the next DEL (or the release when the pod is gone) brings it home."""
+    env.admit(["p0"])
+    assert env.add().code == 0
+    run("ip", "-n", env.k8s.ns.name, "link", "add", "p0", "type", "bridge")
+    res = env.cni("DEL", env.conf, netns=str(env.pod.path))
+    assert res.code == 0 and "event=del_daemon_skipped code=105" in res.stderr, res.stderr
+    assert {"net1", "p0"} & env.links(env.pod)  # (renamed already, or not)
+    run("ip", "-n", env.k8s.ns.name, "link", "del", "p0")
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.k8s.ns) and not {"net1", "p0"} & env.links(env.pod)
+    [back] = json.loads(run("ip", "-n", env.k8s.ns.name, "-j", "-d", "link", "show", "p0").stdout)
+    assert back["linkinfo"]["info_kind"] == "veth"  # ours, not the bridge
