@@ -247,62 +247,85 @@ def find_plugin(name: str, cni_path: str) -> str:
 _SIGKILL = 9  # (the signal module would cost its import)
 
 
-def spawn(argv: list[str], stdin: bytes, env: dict[str, str], timeout: float = 60.0
-          ) -> tuple[int, bytes, bytes]:
-    """Run ``argv`` with ``stdin``; its exit status, stdout and stderr.  A child that
-    outlives ``timeout`` is killed (status -9).  (subprocess would cost every call
+class Child:
+    """A plugin we run (IPAM): started at once, its answer collected by ``wait``, so
+    the caller can do its own work meanwhile.  (subprocess would cost every call
     several milliseconds of imports.)"""
-    pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
-    actions = [(os.POSIX_SPAWN_DUP2, pipes[0][0], 0), (os.POSIX_SPAWN_DUP2, pipes[1][1], 1),
-               (os.POSIX_SPAWN_DUP2, pipes[2][1], 2)]
-    try:
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
-    finally:
-        for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
-            os.close(fd)
-    to_child, out_fd, err_fd = pipes[0][1], pipes[1][0], pipes[2][0]
-    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
-    pending = memoryview(stdin)
-    writing = [to_child] if pending else []
-    if not pending:
-        os.close(to_child)
-    reading = [out_fd, err_fd]
-    deadline = time.monotonic() + timeout
-    try:
-        while reading or writing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.kill(pid, _SIGKILL)
-                break
-            readable, writable, _ = select.select(reading, writing, [], left)
-            for fd in readable:
-                data = os.read(fd, 65536)
-                if data:
-                    chunks[fd].append(data)
-                else:
-                    reading.remove(fd)
-            if writable:
-                try:
-                    pending = pending[os.write(to_child, pending[:65536]):]
-                except BrokenPipeError:
-                    pending = pending[:0]
-                if not pending:
-                    writing = []
-                    os.close(to_child)
-    finally:
-        for fd in (*reading, *writing):
-            os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
-        os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
-    return code, b"".join(chunks[out_fd]), b"".join(chunks[err_fd])
+
+    def __init__(self, argv: list[str], stdin: bytes, env: dict[str, str]) -> None:
+        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr: (read, write)
+        actions = [(os.POSIX_SPAWN_DUP2, pipes[0][0], 0), (os.POSIX_SPAWN_DUP2, pipes[1][1], 1),
+                   (os.POSIX_SPAWN_DUP2, pipes[2][1], 2)]
+        try:
+            self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+        except BaseException:
+            for fd in (pipes[0][1], pipes[1][0], pipes[2][0]):  # (ours; theirs below)
+                os.close(fd)
+            raise
+        finally:
+            for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+                os.close(fd)
+        self.to_child, self.out_fd, self.err_fd = pipes[0][1], pipes[1][0], pipes[2][0]
+        os.set_blocking(self.to_child, False)
+        self.pending = memoryview(stdin)
+        self._write()  # a config fits in the pipe: the child can start now
+
+    def _write(self) -> None:
+        if self.to_child < 0:
+            return
+        try:
+            while self.pending:
+                self.pending = self.pending[os.write(self.to_child, self.pending[:65536]):]
+        except BlockingIOError:
+            return  # the rest when the pipe has room again (wait)
+        except BrokenPipeError:
+            self.pending = self.pending[:0]
+        os.close(self.to_child)
+        self.to_child = -1
+
+    def wait(self, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Its exit status, stdout and stderr; killed (status -9) after ``timeout``."""
+        chunks: dict[int, list[bytes]] = {self.out_fd: [], self.err_fd: []}
+        reading = [self.out_fd, self.err_fd]
+        deadline = time.monotonic() + timeout
+        try:
+            while reading or self.to_child >= 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    os.kill(self.pid, _SIGKILL)
+                    break
+                writing = [self.to_child] if self.to_child >= 0 else []
+                readable, writable, _ = select.select(reading, writing, [], left)
+                for fd in readable:
+                    data = os.read(fd, 65536)
+                    if data:
+                        chunks[fd].append(data)
+                    else:
+                        reading.remove(fd)
+                if writable:
+                    self._write()
+        finally:
+            for fd in reading:
+                os.close(fd)
+            if self.to_child >= 0:
+                os.close(self.to_child)
+                self.to_child = -1
+        _, status = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
+            os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+        return code, b"".join(chunks[self.out_fd]), b"".join(chunks[self.err_fd])
 
 
-def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[str, str]
-             ) -> dict[str, Any]:
-    """Run the IPAM plugin with the same config and environment (but CNI_COMMAND)."""
+def start_delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[str, str]
+                   ) -> Child:
+    """Start the IPAM plugin with the same config and environment (but CNI_COMMAND)."""
     exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
-    code, stdout, stderr = spawn([exe], conf_bytes, dict(env, CNI_COMMAND=command))
+    return Child([exe], conf_bytes, dict(env, CNI_COMMAND=command))
+
+
+def delegate_result(child: Child, command: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """The started IPAM plugin's result, or CniError with its error."""
+    code, stdout, stderr = child.wait()
     out = stdout.decode("utf-8", "replace").strip()
     if code != 0:
         try:
@@ -319,11 +342,17 @@ def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[st
     return result
 
 
+def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[str, str]
+             ) -> dict[str, Any]:
+    """Run the IPAM plugin with the same config and environment (but CNI_COMMAND)."""
+    return delegate_result(start_delegate(command, conf_bytes, conf, env), command, conf)
+
+
 def delegate_versions(conf: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The CNI versions the IPAM plugin supports (its VERSION answer)."""
     exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
-    _, stdout, _ = spawn([exe], json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
-                         dict(env, CNI_COMMAND="VERSION"))
+    _, stdout, _ = Child([exe], json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
+                         dict(env, CNI_COMMAND="VERSION")).wait()
     try:
         versions = json.loads(stdout).get("supportedVersions", [])
     except (ValueError, AttributeError):
@@ -418,6 +447,8 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> 
 
 
 def cmd_del(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> None:
+    # IPAM's DEL runs while the daemon brings the device home: neither needs the other.
+    ipam = start_delegate("DEL", raw, conf, env) if has_ipam(conf) else None
     try:
         daemon_call(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET), {
             "op": "del", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
@@ -425,8 +456,8 @@ def cmd_del(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> 
     except CniError as e:
         # DEL must succeed: the daemon reconciles what is left at its next start.
         log("del_daemon_skipped", code=e.code, msg=e.msg)
-    if has_ipam(conf):
-        delegate("DEL", raw, conf, env)
+    if ipam is not None:
+        delegate_result(ipam, "DEL", conf)
     log("del", device=device_id(conf) or "-", container=env["CNI_CONTAINERID"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,22 @@ def test_pod_hostname_follows_kubelet() -> None:
     assert pod_hostname("dpdk-0") == "dpdk-0"
     assert pod_hostname("x" * 62 + "-abc") == "x" * 62
     assert len(pod_hostname("y" * 80)) == 63
+
+
+# -- the CNI executable's child processes (IPAM) ---------------------------------------------
+
+
+def test_the_cni_executable_feeds_a_child_more_than_a_pipe_holds_and_reads_it_all() -> None:
+    from plugin import cni
+    data = os.urandom(300_000).hex().encode()  # 600 kB: ten pipe buffers
+    code, out, err = cni.Child(["/bin/cat"], data, {"PATH": "/usr/bin"}).wait()
+    assert (code, out, err) == (0, data, b"")
+    code, out, err = cni.Child(["/bin/sh", "-c", "cat >/dev/null; echo oops >&2; exit 3"],
+                               data, {}).wait()
+    assert (code, out, err) == (3, b"", b"oops\n")
+
+
+def test_a_child_that_outlives_its_timeout_is_killed() -> None:
+    from plugin import cni
+    code, _, _ = cni.Child(["/bin/sleep", "30"], b"", {}).wait(timeout=0.2)
+    assert code == -9
