@@ -4,6 +4,11 @@ A write goes to a temporary file in the same directory, is fsynced, renamed
 over the old file, and the directory is fsynced: a crash or a full disk leaves
 either the old state or the new one, never a mix.  A file that cannot be read
 is set aside (``state.json.corrupt-<time>``) so that the daemon can start.
+
+The document carries its schema ``version``.  One an older release wrote is
+brought up to date, one step at a time, by ``MIGRATIONS``; one a newer release
+wrote (a downgrade) stops the daemon with StateTooNew and is left untouched: this
+release would drop what it does not understand.
 """
 
 from __future__ import annotations
@@ -13,15 +18,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 VERSION = 1
+# MIGRATIONS[n] turns a version-n document into a version n+1 one.  Raise VERSION
+# with every change to what a record holds, and add the step here (with a test).
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 class StateError(Exception):
     """State cannot be written (the previous state is still intact)."""
+
+
+class StateTooNew(StateError):
+    """The state was written by a newer release; nothing was changed."""
 
 
 class StateFile:
@@ -36,9 +49,9 @@ class StateFile:
             return []
         try:
             doc = json.loads(raw)
-            if not isinstance(doc, dict) or doc.get("version") != VERSION:
-                found = doc.get("version") if isinstance(doc, dict) else doc
-                raise ValueError(f"unknown state version {found!r}")
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            doc = self._upgrade(doc)
             records = doc["allocations"]
             if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
                 raise ValueError("'allocations' is not a list of objects")
@@ -48,6 +61,29 @@ class StateFile:
             log.error("event=state_unreadable path=%s error=%r moved_to=%s", self.path, str(e), aside)
             return []
         return records
+
+    def _upgrade(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` at this release's VERSION; ValueError when it has no known version."""
+        version = doc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"unknown state version {version!r}")
+        if version > VERSION:
+            raise StateTooNew(
+                f"{self.path} was written by a newer afxdp (state version {version}; this "
+                f"one reads up to {VERSION}); it is left as it is: run the newer daemon, or "
+                "move the file aside to start with no allocations")
+        while version < VERSION:
+            step = MIGRATIONS.get(version)
+            if step is None:
+                raise ValueError(f"unknown state version {version!r}")
+            doc = step(doc)
+            if doc.get("version") != version + 1:
+                raise ValueError(f"migrating state version {version} did not give "
+                                 f"{version + 1}")
+            log.info("event=state_migrated from=%d to=%d path=%s", version, version + 1,
+                     self.path)
+            version += 1
+        return doc
 
     def set_aside(self, records: list[dict[str, Any]], why: str) -> Path:
         """Keep records the daemon will not use (e.g. refused at restore) beside the

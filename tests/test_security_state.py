@@ -111,3 +111,17 @@ def test_a_state_file_with_an_unknown_field_is_refused_by_name(k8s: K8s) -> None
     d = k8s.start()
     k8s.kubelet.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0"))
     assert "allocations[0].evil: unknown field" in d.log(), d.log()
+
+
+def test_a_state_from_a_newer_release_stops_the_daemon_and_is_kept(k8s: K8s) -> None:
+    """A downgrade: this daemon would drop what it does not understand, so it stops,
+    says why and changes nothing."""
+    path = state_path(k8s)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    text = json.dumps({"version": 99, "allocations": [record(k8s)]})
+    path.write_text(text)
+    d = k8s.start(wait=False)
+    assert d.proc.wait(15) == 1
+    assert "was written by a newer afxdp (state version 99" in d.log(), d.log()
+    assert path.read_text() == text
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
