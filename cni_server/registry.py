@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -50,7 +50,6 @@ from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
 from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer
 from cni_server.state import StateFile
-from cni_server.virtual import delete_pair, ensure_pair, host_end
 
 log = logging.getLogger(__name__)
 
@@ -366,15 +365,30 @@ class ProgramTable:
         return list(self._table)
 
 
+class NetdevFactory(Protocol):
+    """Makes the netdevs an allocation asks for, when it asks for ones that do not
+    exist yet (a front end's virtual pools).  Called from a worker thread."""
+
+    def make(self, spec: AllocationSpec, netdev: str) -> bool:
+        """Create ``netdev`` if ``spec`` wants it made; True if it was created now."""
+        ...
+
+    def unmake(self, spec: AllocationSpec, netdev: str) -> None:
+        """Remove a netdev ``make`` created (a no-op for one it would not make)."""
+        ...
+
+
 class Registry:
     """The daemon's allocations (all on one event loop)."""
 
     def __init__(self, server: HandoutServer, netns: Netns, programs: ProgramTable,
-                 state: StateFile | None = None) -> None:
+                 state: StateFile | None = None, factory: NetdevFactory | None = None
+                 ) -> None:
         self.server = server
         self.netns = netns
         self.programs = programs
         self.state = state
+        self.factory = factory
         self.allocations: dict[str, Allocation] = {}
         self.specs: dict[str, AllocationSpec] = {}
         # Called when a netdev of an allocation moved (CNI ADD/DEL), so that
@@ -424,9 +438,10 @@ class Registry:
                 self._mkdir(spec.socket_base, spec.socket_base.parent, undo.callback)
             for netdev in spec.netdevs:
                 where, ifname = self._locate(spec, netdev)
-                if spec.virtual_kind and where is None and await asyncio.to_thread(
-                        ensure_pair, netdev, host_end(netdev), spec.virtual_kind):
-                    undo.callback(_undo_step, delete_pair, host_end(netdev))
+                factory = self.factory
+                if factory is not None and where is None and await asyncio.to_thread(
+                        factory.make, spec, netdev):
+                    undo.callback(_undo_step, factory.unmake, spec, netdev)
                 program = await self.programs.acquire(netdev, XdpMode(spec.xdp_mode), where,
                                                       ifname, spec.program_choice())
                 undo.push_async_callback(_undo_async_step, self.programs.release, netdev)
@@ -497,11 +512,11 @@ class Registry:
             with contextlib.suppress(OSError):
                 spec.socket_dir(netdev).rmdir()
             await self.programs.release(netdev, detach=detach)
-            if spec.virtual_kind and detach:
+            if self.factory is not None and detach:
                 try:
-                    await asyncio.to_thread(delete_pair, host_end(netdev))
+                    await asyncio.to_thread(self.factory.unmake, spec, netdev)
                 except Exception as e:  # the rest of the release must still happen
-                    log.warning("event=virtual_delete_failed netdev=%s error=%r", netdev, str(e))
+                    log.warning("event=netdev_unmake_failed netdev=%s error=%r", netdev, str(e))
         if spec.own_socket_base:
             with contextlib.suppress(OSError):
                 spec.socket_base.rmdir()

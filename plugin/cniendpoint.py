@@ -30,7 +30,7 @@ from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
 from cni_server.netns import Netns, NetnsError
 from cni_server.registry import AllocationSpec, NotBroughtHome, Registry
-from cni_server.virtual import VirtualError, host_end, plug, unplug
+from plugin.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024

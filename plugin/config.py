@@ -29,7 +29,7 @@ from cni_server.config import (
     umem_limit,
 )
 from cni_server.protocol import DEFAULT_UMEM_LIMIT
-from cni_server.virtual import host_end
+from plugin.virtual import host_end
 
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")

@@ -31,13 +31,13 @@ from cni_server.registry import ProgramTable, Registry
 from cni_server.safedir import ensure_dir
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
-from cni_server.virtual import VirtualError, resolve_kind
 from plugin.cniendpoint import CniEndpoint
 from plugin.config import PluginConfig
 from plugin.deviceplugin import PluginServer
 from plugin.inventory import Inventory
 from plugin.owners import Owners
 from plugin.pool import PoolBackend, restored_spec_check
+from plugin.virtual import VirtualDevices, VirtualError, resolve_kind
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
@@ -79,7 +79,7 @@ class KubernetesDaemon:
                                  "pid": os.getpid(), "mode": "kubernetes",
                                  "sockets": str(cfg.socket_root),
                                  "control": str(cfg.control_socket or "")})),
-                StateFile(cfg.state_dir / "state.json"))
+                StateFile(cfg.state_dir / "state.json"), VirtualDevices())
             restored, dropped = await registry.restore(restored_spec_check(cfg))
             log.info("event=state_restored allocations=%d dropped=%d", len(restored),
                      len(dropped))

@@ -20,7 +20,7 @@ from cni_server.client import fetch_map_fd
 from cni_server.netdev import link_info
 from cni_server.receiver import XskReceiver
 from cni_server.traffic import udp_frame
-from cni_server.virtual import netkit_supported
+from plugin.virtual import netkit_supported
 from tests.cni_runner import Outcome, Runner
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, K8s, healthy, write_config

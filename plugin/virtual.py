@@ -21,6 +21,8 @@ import subprocess
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_server.registry import AllocationSpec
+
 log = logging.getLogger(__name__)
 _PROBE = "afxnkprobe"
 
@@ -124,3 +126,16 @@ def unplug(host: str) -> None:
         idx = ipr.link_lookup(ifname=host)
         if idx:
             ipr.link("set", index=idx[0], master=0)
+
+
+class VirtualDevices:
+    """The registry's NetdevFactory for virtual pools: an allocation whose spec names
+    a pair kind gets its pair made (and removed at release)."""
+
+    def make(self, spec: AllocationSpec, netdev: str) -> bool:
+        return bool(spec.virtual_kind) and ensure_pair(netdev, host_end(netdev),
+                                                       spec.virtual_kind)
+
+    def unmake(self, spec: AllocationSpec, netdev: str) -> None:
+        if spec.virtual_kind:
+            delete_pair(host_end(netdev))
