@@ -1,0 +1,74 @@
+"""Fakes of the daemon's kernel-facing parts, for testing the handout server without
+root or a kernel: the protocol and the server run for real (Unix sockets, epoll,
+SCM_RIGHTS, peer identity), only what a grant would do to the kernel is faked.
+
+- FakeProgram stands for a netdev's attached program; its "XSKMAP" is a memfd, so a
+  test can tell the fd a client received is the one the server meant to send.
+- FakeBroker performs grants on FakeProgram: the XSKMAP fd for /xsk_map_fd, a
+  refusal (as the real broker gives one) for what needs AF_XDP; it records each grant.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cni_server.allocation import AllocatedDevice, Allocation
+from cni_server.broker import Broker, Outcome
+from cni_server.fds import OwnedFd
+from cni_server.netns import Netns
+from cni_server.protocol import Grant, Op
+
+
+@dataclass
+class _FakeLoaded:
+    map_fd: int
+    closed: bool = False
+
+
+class FakeProgram:
+    """What the server and broker read of a NetdevProgram."""
+
+    def __init__(self, netdev: str, queues: int = 1) -> None:
+        self.netdev = netdev
+        self._queues = queues
+        self.program = _FakeLoaded(os.memfd_create(f"fake-xskmap-{netdev}", os.MFD_CLOEXEC))
+
+    @property
+    def map_fd(self) -> int:
+        return self.program.map_fd
+
+    @property
+    def queue_slots(self) -> int:
+        return self._queues
+
+    def describe(self) -> dict[str, Any]:
+        return {"program": "fake"}
+
+    def close(self) -> None:
+        self.program.closed = True
+        os.close(self.program.map_fd)
+
+
+@dataclass
+class FakeBroker(Broker):
+    grants: list[Grant] = field(default_factory=list)
+
+    def perform(self, allocation: Allocation, grant: Grant, received: list[OwnedFd]
+                ) -> Outcome:
+        self.grants.append(grant)
+        if grant.op is Op.MAP_FD:
+            device = allocation.netdevs[allocation.resolve(grant.netdev)]
+            return Outcome(True, fd=device.program.map_fd)
+        return Outcome(False, reason=f"{grant.op.value} failed")
+
+
+def fake_allocation(here: Netns, *netdevs: str, hostnames: frozenset[str],
+                    socket_paths: tuple[Any, ...]) -> tuple[Allocation, list[FakeProgram]]:
+    programs = [FakeProgram(n) for n in netdevs]
+    alloc = Allocation(
+        id="fake", socket_paths=socket_paths, hostnames_allowed=hostnames,
+        netdevs={p.netdev: AllocatedDevice(p.netdev, p, here)  # type: ignore[arg-type]
+                 for p in programs})
+    return alloc, programs
