@@ -5,12 +5,10 @@ The I/O layer only: it accepts connections on each allocation's
 lets the :class:`protocol.Session` decide, has the :class:`Broker` carry out
 granted steps, and sends the reply (with an fd when one is granted).
 
-Connections are watched through one epoll set of our own, which the event
-loop watches as a single fd: a readable connection costs a dict lookup and a
-direct call instead of asyncio's per-fd selector keys and handles, and one loop
-wakeup serves every ready connection and listening socket, round robin between
-clients (see ``_on_events``).  A periodic sweep enforces the idle timeout.  All
-methods must be called on the loop's thread.
+Connections are watched through one epoll set of our own (:mod:`cni_server.reactor`),
+served round robin between clients.  At a connection limit, :func:`choose_victim`
+picks the connection a newcomer takes the place of.  A periodic sweep enforces the
+idle timeout.  All methods must be called on the loop's thread.
 """
 
 from __future__ import annotations
@@ -22,10 +20,8 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 import stat
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -34,10 +30,13 @@ from pathlib import Path
 
 from cni_server import peer as peer_mod
 from cni_server import protocol
+from cni_server.admission import choose_victim
 from cni_server.allocation import Allocation
 from cni_server.broker import Broker, Outcome
+from cni_server.connection import Connection, Listener, client_key
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.metrics import Metrics, reason_label
+from cni_server.reactor import Reactor
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +47,6 @@ _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
-# See _on_events: how long, and for how many rounds, one loop wakeup may keep
-# serving handshakes.  The round cap bounds the loop's wait by work, not only by
-# time, so a slowed-down machine cannot stretch it.
-_WAKEUP_BUDGET = 0.005
-_WAKEUP_ROUNDS = 32
-_PER_CLIENT_PER_ROUND = 4
 _ACCEPTS_PER_EVENT = 16
 _ACCEPT_PAUSE = 0.1  # seconds a socket is not accepted on after accept() failed
 _RESOLVE_TIMEOUT = 5.0
@@ -84,34 +77,8 @@ class Limits:
     evict_idle_after: float = 1.0
     # While connections are open and none has a request waiting, look again for
     # this long (seconds, busy) before going back to the event loop: see
-    # _on_events.  0 turns it off.
+    # Reactor._on_events.  0 turns it off.
     handshake_spin: float = 50e-6
-
-
-class Connection:
-    """One accepted client connection (owner of its socket)."""
-
-    __slots__ = ("last_active", "listener", "opened", "parked", "session", "sock")
-
-    def __init__(self, sock: _socket.socket, listener: Listener, session: protocol.Session
-                 ) -> None:
-        self.sock = sock
-        self.listener = listener
-        self.session = session
-        self.opened = self.last_active = time.monotonic()
-        self.parked = False  # waiting on us (owner lookup), not idle
-
-
-class Listener:
-    """One served socket path and the connections accepted on it."""
-
-    def __init__(self, allocation: Allocation, path: Path, sock: socket.socket, inode: int) -> None:
-        self.allocation = allocation
-        self.path = path
-        self.sock = sock
-        self.inode = inode
-        self.path_text = str(path)
-        self.connections: set[Connection] = set()
 
 
 class HandoutServer:
@@ -123,13 +90,10 @@ class HandoutServer:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.metrics.track(self.metrics.connections, lambda: self._connections)
-        self.longest_wakeup = 0  # most rounds served in one loop wakeup (see _on_events)
         self._listeners: dict[Path, Listener] = {}
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._epoll: select.epoll | None = None
-        # fd -> (client key, handler); see _on_events for the key.
-        self._handlers: dict[int, tuple[int, Callable[[], None]]] = {}
+        self.reactor = Reactor(self.limits.handshake_spin, lambda: self._connections > 0)
         # Called for a /connect on an allocation that allows no hostname yet
         # (Kubernetes: its pod is not known yet); the request waits for it.
         self.resolve_owner: Callable[[Allocation], Awaitable[None]] | None = None
@@ -152,9 +116,7 @@ class HandoutServer:
         All or nothing: if one path cannot be served, the others are withdrawn.
         """
         loop = self._loop = self._loop or asyncio.get_running_loop()
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            loop.add_reader(self._epoll.fileno(), self._on_events)
+        self.reactor.start(loop)
         if self._reserve_fd < 0:
             self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         if any(lst.allocation.id == allocation.id for lst in self._listeners.values()):
@@ -198,7 +160,7 @@ class HandoutServer:
             raise ServerError(f"cannot serve {path}: {e.strerror or e}") from e
         listener = Listener(allocation, path, sock, inode)
         self._listeners[path] = listener
-        self._watch(sock.fileno(), partial(self._on_acceptable, listener), -1 - sock.fileno())
+        self.reactor.watch(sock.fileno(), partial(self._on_acceptable, listener), -1 - sock.fileno())
         return listener
 
     def stop_serving(self, allocation_id: str) -> None:
@@ -212,7 +174,7 @@ class HandoutServer:
     def _withdraw(self, listener: Listener) -> None:
         self._listeners.pop(listener.path, None)
         if listener.sock.fileno() >= 0:  # not yet closed by drain()
-            self._unwatch(listener.sock.fileno())
+            self.reactor.unwatch(listener.sock.fileno())
         for conn in list(listener.connections):
             self._close(conn, "socket withdrawn")
         listener.sock.close()
@@ -224,7 +186,7 @@ class HandoutServer:
         """Graceful stop: accept nothing more, let open connections finish their
         handshakes (up to ``timeout`` seconds), then close what is left."""
         for listener in self._listeners.values():
-            self._unwatch(listener.sock.fileno())
+            self.reactor.unwatch(listener.sock.fileno())
             listener.sock.close()  # new clients are refused; the file goes in close()
         deadline = time.monotonic() + timeout
         while self._connections and time.monotonic() < deadline:
@@ -241,11 +203,7 @@ class HandoutServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._epoll is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
+        self.reactor.close()
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
@@ -260,7 +218,7 @@ class HandoutServer:
         """Accept what is waiting, up to ``_ACCEPTS_PER_EVENT``.
 
         Draining the backlog moves waiting clients from the kernel's FIFO
-        into our per-client round robin (see _on_events): a well-behaved
+        into our per-client round robin (see Reactor._on_events): a well-behaved
         client queued behind a flood of connects is then served in the next
         round instead of after everyone queued before it.  Only the first is
         answered at once (the common case: one client, /connect already sent);
@@ -317,11 +275,11 @@ class HandoutServer:
         fd = listener.sock.fileno()
         if fd < 0 or self._loop is None:
             return
-        self._unwatch(fd)
+        self.reactor.unwatch(fd)
 
         def resume() -> None:
             if self._listeners.get(listener.path) is listener and listener.sock.fileno() == fd:
-                self._watch(fd, partial(self._on_acceptable, listener), -1 - fd)
+                self.reactor.watch(fd, partial(self._on_acceptable, listener), -1 - fd)
 
         self._loop.call_later(_ACCEPT_PAUSE, resume)
 
@@ -329,38 +287,12 @@ class HandoutServer:
         return [c for lst in self._listeners.values() for c in lst.connections]
 
     def _make_room(self, candidates: Iterable[Connection], newcomer: _socket.socket) -> bool:
-        """At a connection limit: close one connection so that ``newcomer`` can stay.
-        True if one was closed.  In this order:
-
-        1. a connection that never passed /connect and has nothing waiting to be
-           read (silent since it connected), the oldest first: a burst of silent
-           connects cannot push out a client whose /connect is on its way;
-        2. a connection of the peer (process) holding the most, if it holds more
-           than the newcomer's: no peer keeps the slots from another, however
-           chatty its connections are;
-        3. the connection idle the longest, if idle for ``evict_idle_after``.
-
-        A connection waiting on the daemon (parked) is never closed.
-        """
-        pool = [c for c in candidates if not c.parked]
-        silent = [c for c in pool if c.session.state is protocol.State.NEW
-                  and not _has_data(c.sock)]
-        if silent:
-            return self._evict(min(silent, key=lambda c: c.opened), "silent since it connected")
-        by_peer: dict[int, list[Connection]] = {}
-        for c in pool:
-            by_peer.setdefault(_client_key(c), []).append(c)
-        if by_peer:
-            heaviest = max(by_peer.values(), key=len)
-            if len(heaviest) > len(by_peer.get(_peer_pid(newcomer), ())) + 1:
-                return self._evict(min(heaviest, key=lambda c: c.last_active),
-                                   "its peer holds the most connections")
-        oldest = min(pool, default=None, key=lambda c: c.last_active)
-        if oldest is None or time.monotonic() - oldest.last_active < self.limits.evict_idle_after:
+        """At a connection limit: close the connection ``newcomer`` takes the place
+        of (admission.choose_victim), if there is one.  True if one was closed."""
+        victim = choose_victim(candidates, newcomer, self.limits.evict_idle_after)
+        if victim is None:
             return False
-        return self._evict(oldest, "idle the longest")
-
-    def _evict(self, conn: Connection, why: str) -> bool:
+        conn, why = victim
         self.metrics.dropped.inc("evicted")
         self._close(conn, f"evicted for a new connection: {why}")
         return True
@@ -377,7 +309,7 @@ class HandoutServer:
             listener.allocation, peer, owner_lookup=self.resolve_owner is not None))
         listener.connections.add(conn)
         self._connections += 1
-        self._watch(sock.fileno(), partial(self._on_readable, conn), _client_key(conn))
+        self.reactor.watch(sock.fileno(), partial(self._on_readable, conn), client_key(conn))
         # Clients usually write /connect right after connect(); answering it now
         # saves a trip through the event loop (EAGAIN costs one cheap syscall).
         if answer_now:
@@ -393,90 +325,6 @@ class HandoutServer:
                 len(listener.connections), self._connections, self.metrics.dropped.get("limit"))
 
     # -- one connection ---------------------------------------------------------
-
-    def _watch(self, fd: int, handler: Callable[[], None], key: int) -> None:
-        assert self._epoll is not None
-        self._handlers[fd] = (key, handler)
-        self._epoll.register(fd, select.EPOLLIN)
-
-    def _unwatch(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None and self._epoll is not None:
-            with contextlib.suppress(OSError):
-                self._epoll.unregister(fd)
-
-    def _on_events(self) -> None:
-        """Serve what is ready in our epoll set, and stay while handshakes go on.
-
-        A handshake is four round trips in quick succession (DPDK: one
-        connection per queue, back to back), and the client's next request
-        comes a few tens of microseconds after our reply.  Going back to the
-        event loop in between costs a loop round per request (more Python
-        than answering it), and blocking in epoll_wait() until the request
-        comes costs a sleep and a wakeup of this CPU (as much again in a VM).
-        So while connections are open we keep polling our epoll set, busy,
-        for up to ``limits.handshake_spin`` (default 50 us) after the last
-        request, the way the kernel's socket busy polling waits for the next
-        packet.  Measured with benchmarks/handshake.py: +15-20% sequential
-        handshakes/s; the blocking wait was no faster than going back to the
-        loop.
-
-        The event loop gets its turn when nothing comes within the spin, when
-        no connection is open, and at the latest after ``_WAKEUP_ROUNDS``
-        rounds or ``_WAKEUP_BUDGET``, whichever comes first, so timers, the
-        control socket and gRPC wait at most that long under a steady stream
-        of handshakes.  The spin costs CPU only while a client
-        holds a connection open and is slow to send its next request.
-
-        Fair between clients, not connections: when several clients have
-        requests ready, each is served at most ``_PER_CLIENT_PER_ROUND`` per
-        round (a client is a peer process; a listener counts as one).  The
-        rest stay ready (epoll is level-triggered and reports them again,
-        behind the others), so a process hammering with 200 connections gets
-        the share of one client, and a well-behaved client waits for a round
-        of a few dozen requests, not of everything the flood has queued.
-        """
-        assert self._epoll is not None
-        epoll, handlers, spin = self._epoll, self._handlers, self.limits.handshake_spin
-        deadline = time.monotonic() + _WAKEUP_BUDGET
-        rounds = 0
-        try:
-            while rounds < _WAKEUP_ROUNDS:
-                events = epoll.poll(0, 256)
-                if not events:
-                    if not self._connections or not spin:
-                        return
-                    spin_until = time.monotonic() + spin
-                    while not events and time.monotonic() < spin_until:
-                        events = epoll.poll(0, 256)
-                    if not events:
-                        return
-                rounds += 1
-                if len(events) <= _PER_CLIENT_PER_ROUND:
-                    for fd, _mask in events:
-                        entry = handlers.get(fd)
-                        if entry is not None:
-                            entry[1]()
-                else:
-                    self._serve_fairly(events)
-                if time.monotonic() >= deadline:
-                    return
-        finally:
-            if rounds > self.longest_wakeup:
-                self.longest_wakeup = rounds
-
-    def _serve_fairly(self, events: list[tuple[int, int]]) -> None:
-        """One round over many ready fds: at most ``_PER_CLIENT_PER_ROUND`` per client."""
-        entries = [e for e in map(self._handlers.get, [fd for fd, _ in events]) if e is not None]
-        if len({key for key, _ in entries}) == 1:
-            for _key, handler in entries:
-                handler()
-            return
-        served: dict[int, int] = {}
-        for key, handler in entries:
-            n = served.get(key, 0)
-            if n < _PER_CLIENT_PER_ROUND:
-                served[key] = n + 1
-                handler()
 
     def _on_readable(self, conn: Connection) -> None:
         """Answer one datagram per wakeup.
@@ -506,7 +354,7 @@ class HandoutServer:
     def _park(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> None:
         """Stop reading ``conn`` until the allocation's owner is resolved, then answer."""
         fd = conn.sock.fileno()
-        self._unwatch(fd)
+        self.reactor.unwatch(fd)
         conn.parked = True
         assert self._loop is not None and self.resolve_owner is not None
         resolve = self.resolve_owner
@@ -525,7 +373,7 @@ class HandoutServer:
                 conn.parked = False
                 conn.last_active = time.monotonic()
                 if self._answer(conn, request, fds):
-                    self._watch(fd, partial(self._on_readable, conn), _client_key(conn))
+                    self.reactor.watch(fd, partial(self._on_readable, conn), client_key(conn))
             finally:
                 if not handed:
                     close_all(fds)
@@ -612,7 +460,7 @@ class HandoutServer:
         self._connections -= 1
         # Closing the only reference to the socket also removes it from our
         # epoll set (we never dup accepted sockets): no EPOLL_CTL_DEL needed.
-        self._handlers.pop(conn.sock.fileno(), None)
+        self.reactor.forget(conn.sock.fileno())
         conn.sock.close()
         s = conn.session
         outcome = s.outcome()
@@ -665,7 +513,7 @@ class HandoutServer:
             "rejected_limit": m.dropped.get("limit"),
             "evicted": m.dropped.get("evicted"),
             "idle_closed": m.dropped.get("idle"),
-            "longest_wakeup": self.longest_wakeup,
+            "longest_wakeup": self.reactor.longest_wakeup,
         }
 
 
@@ -697,30 +545,3 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ServerError(f"another server is already serving {path}")
-
-
-def _has_data(sock: _socket.socket) -> bool:
-    """Whether a request (or EOF) is waiting on ``sock`` (peeked, not read)."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | _DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True  # an error is news too: not a silent connection
-    return True
-
-
-def _peer_pid(sock: _socket.socket) -> int:
-    """The connecting process (SO_PEERCRED), as _client_key keys connections."""
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    except OSError:
-        return 0
-    return pid if pid > 0 else 0
-
-
-def _client_key(conn: Connection) -> int:
-    """Who a connection belongs to, for fairness: its peer process, else itself."""
-    pid = conn.session.peer.pid
-    return pid if pid > 0 else -1 - conn.sock.fileno()
