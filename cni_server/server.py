@@ -1,20 +1,22 @@
 """The UDS fd-handout server: asyncio, one event loop, any number of sockets and clients.
 
-The I/O layer only: it accepts connections on each allocation's
-``SOCK_SEQPACKET`` socket, turns datagrams into :class:`protocol.Request`,
-lets the :class:`protocol.Session` decide, has the :class:`Broker` carry out
-granted steps, and sends the reply (with an fd when one is granted).
+The sockets' side of the I/O layer: it serves each allocation's ``SOCK_SEQPACKET``
+socket files, accepts connections within the limits, and enforces the idle timeout
+with a periodic sweep.  Its parts:
 
-Connections are watched through one epoll set of our own (:mod:`cni_server.reactor`),
-served round robin between clients.  At a connection limit, :func:`choose_victim`
-picks the connection a newcomer takes the place of.  A periodic sweep enforces the
-idle timeout.  All methods must be called on the loop's thread.
+- :mod:`cni_server.reactor`: one epoll set of our own, served round robin between
+  clients;
+- :mod:`cni_server.admission`: at a connection limit, which connection a newcomer
+  takes the place of;
+- :mod:`cni_server.exchange`: a connection's requests and replies (the
+  :class:`protocol.Session` decides, the :class:`Broker` acts).
+
+All methods must be called on the loop's thread.
 """
 
 from __future__ import annotations
 
 import _socket
-import array
 import asyncio
 import contextlib
 import errno
@@ -32,24 +34,16 @@ from cni_server import peer as peer_mod
 from cni_server import protocol
 from cni_server.admission import choose_victim
 from cni_server.allocation import Allocation
-from cni_server.broker import Broker, Outcome
+from cni_server.broker import Broker
 from cni_server.connection import Connection, Listener, client_key
-from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
-from cni_server.metrics import Metrics, reason_label
+from cni_server.exchange import Exchange
+from cni_server.metrics import Metrics
 from cni_server.reactor import Reactor
 
 log = logging.getLogger(__name__)
 
-MAX_FDS_PER_REQUEST = 8  # more than this sets MSG_CTRUNC (the kernel drops the rest)
-_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
-# Plain ints: socket.MSG_* are IntFlag members, and enum arithmetic on every
-# datagram shows up in profiles.
-_MSG_TRUNC = int(socket.MSG_TRUNC)
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_DONTWAIT = int(socket.MSG_DONTWAIT)
 _ACCEPTS_PER_EVENT = 16
 _ACCEPT_PAUSE = 0.1  # seconds a socket is not accepted on after accept() failed
-_RESOLVE_TIMEOUT = 5.0
 _SUN_PATH_MAX = 107
 # A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
 # are bounded only by the sender's SO_SNDBUF (default ~208 KiB), so a client
@@ -94,10 +88,7 @@ class HandoutServer:
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reactor = Reactor(self.limits.handshake_spin, lambda: self._connections > 0)
-        # Called for a /connect on an allocation that allows no hostname yet
-        # (Kubernetes: its pod is not known yet); the request waits for it.
-        self.resolve_owner: Callable[[Allocation], Awaitable[None]] | None = None
-        self._parked: set[asyncio.Task[None]] = set()
+        self.exchange = Exchange(self.broker, self.metrics, self.reactor, self._closed)
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_limit_log = 0.0
         # Out of fds (EMFILE): a spare fd to give up so that a waiting connection can
@@ -117,6 +108,7 @@ class HandoutServer:
         """
         loop = self._loop = self._loop or asyncio.get_running_loop()
         self.reactor.start(loop)
+        self.exchange.loop = loop
         if self._reserve_fd < 0:
             self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         if any(lst.allocation.id == allocation.id for lst in self._listeners.values()):
@@ -176,7 +168,7 @@ class HandoutServer:
         if listener.sock.fileno() >= 0:  # not yet closed by drain()
             self.reactor.unwatch(listener.sock.fileno())
         for conn in list(listener.connections):
-            self._close(conn, "socket withdrawn")
+            self.exchange.close(conn, "socket withdrawn")
         listener.sock.close()
         with contextlib.suppress(FileNotFoundError):
             if os.stat(listener.path).st_ino == listener.inode:
@@ -196,7 +188,7 @@ class HandoutServer:
         self.close()
 
     def close(self) -> None:
-        for task in list(self._parked):
+        for task in list(self.exchange.parked):
             task.cancel()
         for listener in list(self._listeners.values()):
             self._withdraw(listener)
@@ -211,6 +203,19 @@ class HandoutServer:
     @property
     def listeners(self) -> dict[Path, Listener]:
         return self._listeners
+
+    @property
+    def resolve_owner(self) -> Callable[[Allocation], Awaitable[None]] | None:
+        """Who owns an allocation with no hostname yet (Kubernetes: PodResources);
+        a /connect to one waits for it (see Exchange)."""
+        return self.exchange.resolve_owner
+
+    @resolve_owner.setter
+    def resolve_owner(self, fn: Callable[[Allocation], Awaitable[None]] | None) -> None:
+        self.exchange.resolve_owner = fn
+
+    def _closed(self, conn: Connection) -> None:
+        self._connections -= 1
 
     # -- accepting -------------------------------------------------------------
 
@@ -294,7 +299,7 @@ class HandoutServer:
             return False
         conn, why = victim
         self.metrics.dropped.inc("evicted")
-        self._close(conn, f"evicted for a new connection: {why}")
+        self.exchange.close(conn, f"evicted for a new connection: {why}")
         return True
 
     def _open(self, sock: _socket.socket, listener: Listener, answer_now: bool) -> None:
@@ -306,14 +311,14 @@ class HandoutServer:
         except OSError as e:
             peer = protocol.Peer(0, -1, -1, None, f"SO_PEERCRED: {e.strerror}")
         conn = Connection(sock, listener, protocol.Session(
-            listener.allocation, peer, owner_lookup=self.resolve_owner is not None))
+            listener.allocation, peer, owner_lookup=self.exchange.resolve_owner is not None))
         listener.connections.add(conn)
         self._connections += 1
-        self.reactor.watch(sock.fileno(), partial(self._on_readable, conn), client_key(conn))
+        self.reactor.watch(sock.fileno(), partial(self.exchange.on_readable, conn), client_key(conn))
         # Clients usually write /connect right after connect(); answering it now
         # saves a trip through the event loop (EAGAIN costs one cheap syscall).
         if answer_now:
-            self._on_readable(conn)
+            self.exchange.on_readable(conn)
 
     def _log_limit(self, listener: Listener) -> None:
         now = time.monotonic()
@@ -323,159 +328,6 @@ class HandoutServer:
                 "event=connection_rejected reason=limit socket=%s socket_connections=%d "
                 "total_connections=%d rejected_so_far=%d", listener.path,
                 len(listener.connections), self._connections, self.metrics.dropped.get("limit"))
-
-    # -- one connection ---------------------------------------------------------
-
-    def _on_readable(self, conn: Connection) -> None:
-        """Answer one datagram per wakeup.
-
-        A well-behaved client sends its next request only after reading the
-        reply, so reading again would almost always hit EAGAIN; epoll is
-        level-triggered and calls us again if more is queued, which also lets
-        other clients take turns with a chatty one.
-        """
-        try:
-            data, anc, flags, _ = conn.sock.recvmsg(protocol.MAX_REQUEST_BYTES + 1, _ANC_SIZE,
-                                                    _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._close(conn, f"recv error: {e.strerror}")
-            return
-        fds = fds_from_ancillary(anc)
-        if not data and not fds:
-            self._close(conn, "peer closed")
-            return
-        conn.last_active = time.monotonic()
-        request = protocol.Request(data, len(fds), truncated=bool(flags & _MSG_TRUNC),
-                                   ctrl_truncated=bool(flags & _MSG_CTRUNC))
-        self._answer(conn, request, fds)
-
-    def _park(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> None:
-        """Stop reading ``conn`` until the allocation's owner is resolved, then answer."""
-        fd = conn.sock.fileno()
-        self.reactor.unwatch(fd)
-        conn.parked = True
-        assert self._loop is not None and self.resolve_owner is not None
-        resolve = self.resolve_owner
-
-        async def resolve_then_answer() -> None:
-            handed = False  # _answer owns (and closes) the fds once called
-            try:
-                try:
-                    await asyncio.wait_for(resolve(conn.listener.allocation), _RESOLVE_TIMEOUT)
-                except Exception as e:
-                    log.warning("event=owner_unresolved allocation=%s error=%r",
-                                conn.listener.allocation.id, str(e) or type(e).__name__)
-                if conn not in conn.listener.connections:  # closed meanwhile
-                    return
-                handed = True
-                conn.parked = False
-                conn.last_active = time.monotonic()
-                if self._answer(conn, request, fds):
-                    self.reactor.watch(fd, partial(self._on_readable, conn), client_key(conn))
-            finally:
-                if not handed:
-                    close_all(fds)
-
-        task = self._loop.create_task(resolve_then_answer())
-        self._parked.add(task)
-        task.add_done_callback(self._parked.discard)
-
-    def _answer(self, conn: Connection, request: protocol.Request, fds: list[OwnedFd]) -> bool:
-        """Decide, act, close the received fds, reply.  Returns False once the connection is closed.
-
-        Received fds are closed *before* the reply is sent, so a client that has
-        its answer can rely on the daemon holding none of what it sent.
-        """
-        session = conn.session
-        outcome: Outcome | None = None
-        parked = False  # then the parked task owns the fds
-        try:
-            decision = session.handle(request)
-            if isinstance(decision, protocol.Defer):
-                parked = True
-                self._park(conn, request, fds)
-                return True
-            if isinstance(decision, protocol.Grant):
-                outcome = self.broker.perform(conn.listener.allocation, decision, fds)
-                reply = session.grant_done(decision, outcome.ok, outcome.reason)
-            else:
-                reply = decision
-        except Exception:  # a bug in our code must not take the daemon down
-            log.exception("event=session_error socket=%s", conn.listener.path)
-            if outcome is not None:
-                _close_created(outcome)
-            self._close(conn, "internal error")
-            return False
-        finally:
-            if not parked:
-                close_all(fds)
-        try:
-            send_fds: list[int] = []
-            if outcome is not None and outcome.ok and outcome.fd is not None:
-                send_fds.append(outcome.fd)
-                if outcome.extra is not None:
-                    send_fds.append(outcome.extra.fileno())
-            kind = "xsk_socket" if isinstance(decision, protocol.Grant) and decision.op in (
-                protocol.Op.XSK_SOCKET, protocol.Op.XSK_BOUND) else "xsk_map"
-            sent = self._send(conn, reply.text, send_fds, kind)
-        finally:
-            if outcome is not None:
-                _close_created(outcome)
-        verb = session.steps[-1].verb if session.steps else "?"
-        self.metrics.replies.inc(verb, reply.text, reason_label(reply.reason))
-        if not sent:
-            return False
-        if reply.close:
-            self._close(conn, "")
-            return False
-        return True
-
-    def _send(self, conn: Connection, text: str, fds: list[int], kind: str = "") -> bool:
-        payload = text.encode()
-        try:
-            if not fds:
-                conn.sock.send(payload, _DONTWAIT)
-            else:
-                # One SCM_RIGHTS message; DPDK reads its first fd.
-                conn.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               array.array("i", fds))], _DONTWAIT)
-                self.metrics.fds.inc(kind)
-        except BlockingIOError:
-            # A well-behaved client has one request in flight; a full queue means it
-            # sends without reading replies.
-            self._close(conn, "client not reading replies")
-            return False
-        except OSError as e:
-            self._close(conn, f"send error: {e.strerror}")
-            return False
-        return True
-
-    def _close(self, conn: Connection, why: str) -> None:
-        listener = conn.listener
-        if conn not in listener.connections:
-            return
-        listener.connections.discard(conn)
-        self._connections -= 1
-        # Closing the only reference to the socket also removes it from our
-        # epoll set (we never dup accepted sockets): no EPOLL_CTL_DEL needed.
-        self.reactor.forget(conn.sock.fileno())
-        conn.sock.close()
-        s = conn.session
-        outcome = s.outcome()
-        self.metrics.handshakes.inc(outcome)
-        self.metrics.handshake_seconds.observe(time.monotonic() - conn.opened)
-        if log.isEnabledFor(logging.INFO):
-            # One f-string and no arguments: the handshake line is the daemon's most
-            # frequent log line.  Its values are escaped here: the steps' arguments
-            # (client text) by Step.label, the hostname passed /connect's grammar.
-            steps = ",".join([st.label() for st in s.steps]) or "-"
-            extra = f" closed_because={why.replace(' ', '_')}" if why else ""
-            log.info(f"event=handshake socket={listener.path_text} peer_pid={s.peer.pid} "
-                     f"peer_uid={s.peer.uid} peer_netns={s.peer.netns or 'unknown'} "
-                     f"host={s.hostname or '-'} result={outcome} steps={steps} "
-                     f"duration_ms={(time.monotonic() - conn.opened) * 1000.0:.2f}{extra}")
 
     # -- idle timeout ------------------------------------------------------------
 
@@ -494,7 +346,7 @@ class HandoutServer:
             timeout = listener.allocation.idle_timeout or self.limits.idle_timeout
             for conn in [c for c in listener.connections if now - c.last_active > timeout]:
                 self.metrics.dropped.inc("idle")
-                self._close(conn, "idle timeout")
+                self.exchange.close(conn, "idle timeout")
         self._schedule_sweep()
 
     def stats(self) -> dict[str, object]:
@@ -515,13 +367,6 @@ class HandoutServer:
             "idle_closed": m.dropped.get("idle"),
             "longest_wakeup": self.reactor.longest_wakeup,
         }
-
-
-def _close_created(outcome: Outcome) -> None:
-    """The fds a grant made for its reply are closed once the reply is sent (or not)."""
-    for made in (outcome.created, outcome.extra):
-        if made is not None:
-            made.close()
 
 
 def _clear_stale_socket(path: Path) -> None:
