@@ -26,12 +26,11 @@ from typing import Any
 import yaml
 
 from bpf.program import XdpMode
-from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_netdev_name
+from cni_server.protocol import DEFAULT_UMEM_LIMIT, valid_hostname, valid_netdev_name
 
 DEFAULT_SOCKET_DIR = Path("/tmp/afxdp_dp")  # DPDK's default dp_path root
 DEFAULT_CONTROL_SOCKET = Path("/run/afxdp/control.sock")
 _OWNER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
-_HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?")
 
 
 class ConfigError(ValueError):
@@ -188,7 +187,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
         elif key == "allowHosts":
             hosts = _want(value, list, where, "a list of hostnames")
             for i, h in enumerate(hosts):
-                if not isinstance(h, str) or not _HOST_RE.fullmatch(h):
+                if not isinstance(h, str) or not valid_hostname(h):
                     raise ConfigError(f"{where}[{i}]: {h!r} is not a valid hostname")
             if not hosts:
                 raise ConfigError(f"{where}: must name at least one hostname")
@@ -221,7 +220,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
                 raise ConfigError(f"{where}: {value!r} must be >= 0 (0 turns the watch off)")
             cfg.watch_interval = float(interval)
         elif key in ("maxConnections", "maxConnectionsPerSocket"):
-            setattr(cfg, known[key], _positive(value, where))
+            setattr(cfg, known[key], connection_limit(value, where))
         elif key == "handshakeSpinUs":
             cfg.handshake_spin_us = handshake_spin_us(value, where)
         elif key == "logLevel":
@@ -230,12 +229,20 @@ def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
             cfg.log_format = choice(value, where, LOG_FORMATS)
         elif key == "metricsAddress":
             cfg.metrics_address = address(value, where)
-    if cfg.max_connections_per_socket > cfg.max_connections:
-        raise ConfigError(
-            f"maxConnectionsPerSocket: {cfg.max_connections_per_socket} exceeds "
-            f"maxConnections ({cfg.max_connections})"
-        )
+    check_connection_limits(cfg.max_connections, cfg.max_connections_per_socket)
     return cfg
+
+
+def connection_limit(value: object, where: str) -> int:
+    """``maxConnections`` / ``maxConnectionsPerSocket`` (both daemons)."""
+    n: int = _positive(value, where)
+    return n
+
+
+def check_connection_limits(total: int, per_socket: int) -> None:
+    if per_socket > total:
+        raise ConfigError(f"maxConnectionsPerSocket: {per_socket} exceeds "
+                          f"maxConnections ({total})")
 
 
 MAX_HANDSHAKE_SPIN_US = 1000

@@ -67,6 +67,11 @@ MAX_FRAMES = 2**16
 DEFAULT_UMEM_LIMIT = 64 * 2**20
 
 
+def valid_hostname(name: str) -> bool:
+    """What ``/connect,<hostname>`` accepts (a pod name, a host's name)."""
+    return bool(_HOSTNAME_RE.fullmatch(name))
+
+
 def valid_netdev_name(name: str) -> bool:
     """The kernel's dev_valid_name(): 1..15 bytes, no '/', ':' or whitespace, not '.'/'..'."""
     return bool(_NETDEV_RE.fullmatch(name)) and name not in (".", "..")
@@ -316,7 +321,7 @@ class Session:
             return self._note(CONNECT, Reply(NAK, reason="malformed"))
         if self.state is State.CONNECTED:
             return self._note(CONNECT, Reply(NAK, reason="already connected"), arg)
-        if not _HOSTNAME_RE.fullmatch(arg):
+        if not valid_hostname(arg):
             return self._note(CONNECT, Reply(HOST_NAK, reason="invalid hostname"), arg)
         if not self._host_matches(arg, size):
             return self._note(CONNECT, Reply(HOST_NAK, reason="hostname not allowed"), arg)

@@ -23,7 +23,9 @@ from cni_server.config import (
     LOG_LEVELS,
     ConfigError,
     address,
+    check_connection_limits,
     choice,
+    connection_limit,
     handshake_spin_us,
     parse_mode,
     umem_limit,
@@ -95,6 +97,8 @@ class PluginConfig:
     ready_file: Path | None = None
     check_peer_netns: bool = True
     handshake_spin_us: int = 50  # see cni_server.server.Limits.handshake_spin; 0: off
+    max_connections: int = 4096  # handout connections over all sockets (as standalone)
+    max_connections_per_socket: int = 128
     gc_interval: float = 30.0
     gc_grace: float = 300.0  # an allocation no pod claims is released after this long
     rescan_interval: float = 60.0  # full dumps; events keep the view current in between
@@ -113,7 +117,7 @@ class PluginConfig:
 _TOP = {
     "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
     "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
-    "checkPeerNetns", "handshakeSpinUs",
+    "checkPeerNetns", "handshakeSpinUs", "maxConnections", "maxConnectionsPerSocket",
     "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
     "kubeletCheckInterval",
 }
@@ -367,11 +371,15 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
             cfg.check_peer_netns = _bool(value, key)
         elif key == "handshakeSpinUs":
             cfg.handshake_spin_us = handshake_spin_us(value, key)
+        elif key in ("maxConnections", "maxConnectionsPerSocket"):
+            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+            setattr(cfg, attr, connection_limit(value, key))
         elif key == "metricsAddress":
             cfg.metrics_address = address(value, key) if value != "" else ""
         elif key in ("gcInterval", "gcGrace", "rescanInterval", "kubeletCheckInterval"):
             attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
             setattr(cfg, attr, float(_number(value, key, above=True)))
+    check_connection_limits(cfg.max_connections, cfg.max_connections_per_socket)
     return cfg
 
 

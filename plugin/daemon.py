@@ -48,7 +48,9 @@ class KubernetesDaemon:
         self.cfg = cfg
         self.supervise_interval = (cfg.kubelet_check_interval if supervise_interval is None
                                    else supervise_interval)
-        self.server = HandoutServer(limits=Limits(handshake_spin=cfg.handshake_spin_us / 1e6))
+        self.server = HandoutServer(limits=Limits(
+            handshake_spin=cfg.handshake_spin_us / 1e6, max_connections=cfg.max_connections,
+            max_connections_per_socket=cfg.max_connections_per_socket))
         self.netns: Netns | None = None
         self.registry: Registry | None = None
         self.inventory: Inventory | None = None
@@ -62,7 +64,9 @@ class KubernetesDaemon:
 
     async def start(self) -> None:
         cfg = self.cfg
-        raise_fd_limit(8192)
+        # Connections, plus each allocation's program, map and listening socket and
+        # the daemon's own: the default (4096) gives the 8192 it always had.
+        raise_fd_limit(cfg.max_connections + 4096)
         self.netns = Netns.current()
         try:
             await asyncio.to_thread(verify_programs, cfg)

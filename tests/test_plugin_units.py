@@ -238,3 +238,20 @@ def test_a_child_that_outlives_its_timeout_is_killed() -> None:
     from plugin import cni
     code, _, _ = cni.Child(["/bin/sleep", "30"], b"", {}).wait(timeout=0.2)
     assert code == -9
+
+
+def test_the_kubernetes_daemon_takes_the_standalone_connection_limits() -> None:
+    from plugin.daemon import KubernetesDaemon
+    pools = [{"name": "fast", "drivers": ["ice"]}]
+    cfg = validate({"pools": pools, "maxConnections": 300, "maxConnectionsPerSocket": 20},
+                   node_name="n1")
+    limits = KubernetesDaemon(cfg).server.limits
+    assert (limits.max_connections, limits.max_connections_per_socket) == (300, 20)
+    defaults = validate({"pools": pools}, node_name="n1")
+    assert (defaults.max_connections, defaults.max_connections_per_socket) == (4096, 128)
+    for bad, field in (({"maxConnections": 0}, "maxConnections"),
+                       ({"maxConnections": True}, "maxConnections"),
+                       ({"maxConnections": 5, "maxConnectionsPerSocket": 6},
+                        "maxConnectionsPerSocket")):
+        with pytest.raises(ConfigError, match=field):
+            validate({"pools": pools, **bad}, node_name="n1")

@@ -8,7 +8,6 @@ client sockets opened here pass the peer-netns check.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import itertools
@@ -36,6 +35,7 @@ from cni_server.receiver import XskReceiver, receive_all
 from cni_server.server import HandoutServer, Limits, ServerError
 from cni_server.traffic import send_frames
 from tests.kernel import NsFixture, make_netns
+from tests.loop_thread import loop_thread, on_loop
 
 pytestmark = pytest.mark.kernel
 T = TypeVar("T")
@@ -50,16 +50,7 @@ class Served:
     allocation: Allocation
 
     def on_loop(self, fn: Callable[[], T]) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(10)
+        return on_loop(self.loop, fn)
 
     def stats(self) -> dict[str, Any]:
         return self.on_loop(self.server.stats)
@@ -71,10 +62,7 @@ def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), q
     peers = {"va": "vb", "vc": "vd"}
     for dev in netdevs:
         ns.veth(dev, peers[dev], queues=queues)
-    with ns.entered():
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
+    with ns.entered(), loop_thread() as loop:
         programs: list[NetdevProgram] = []
         here = Netns.current()
         server = HandoutServer(limits=limits or Limits())
@@ -92,10 +80,7 @@ def serve(ns: NsFixture, sockdir: Path, *, netdevs: tuple[str, ...] = ("va",), q
             yield served
         finally:
             with contextlib.suppress(Exception):
-                Served(sockdir, server, loop, None).on_loop(server.close)  # type: ignore[arg-type]
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-            loop.close()
+                on_loop(loop, server.close)
             for p in programs:
                 p.detach()
             here.close()

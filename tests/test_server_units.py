@@ -8,7 +8,6 @@ import concurrent.futures
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cni_server.netns import Netns
 from cni_server.protocol import Op
 from cni_server.server import HandoutServer
 from tests.fakes import FakeBroker, FakeProgram, fake_allocation
+from tests.loop_thread import loop_thread, on_loop
 
 T = TypeVar("T")
 HOST = "pod-a"
@@ -37,16 +37,7 @@ class Served:
     loop: asyncio.AbstractEventLoop
 
     def on_loop(self, fn: Callable[[], T]) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(10)
+        return on_loop(self.loop, fn)
 
     def client(self) -> Client:
         return Client(self.path, server_uid=os.getuid())
@@ -54,27 +45,22 @@ class Served:
 
 @contextlib.contextmanager
 def serve(tmp_path: Path, hostnames: frozenset[str] = frozenset({HOST})) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    here = Netns.current()
-    broker = FakeBroker()
-    server = HandoutServer(broker=broker)
-    path = tmp_path / "afxdp.sock"
-    alloc, programs = fake_allocation(here, "eth1", "eth2", hostnames=hostnames,
-                                      socket_paths=(path,))
-    served = Served(path, server, broker, alloc, programs, loop)
-    try:
-        served.on_loop(lambda: server.serve(alloc, mode=0o600))
-        yield served
-    finally:
-        served.on_loop(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        for p in programs:
-            p.close()
-        here.close()
+    with loop_thread() as loop:
+        here = Netns.current()
+        broker = FakeBroker()
+        server = HandoutServer(broker=broker)
+        path = tmp_path / "afxdp.sock"
+        alloc, programs = fake_allocation(here, "eth1", "eth2", hostnames=hostnames,
+                                          socket_paths=(path,))
+        served = Served(path, server, broker, alloc, programs, loop)
+        try:
+            served.on_loop(lambda: server.serve(alloc, mode=0o600))
+            yield served
+        finally:
+            served.on_loop(server.close)
+            for p in programs:
+                p.close()
+            here.close()
 
 
 @pytest.fixture
