@@ -405,6 +405,18 @@ class Registry:
                 return a
         return None
 
+    def set_unavailable(self, netdev: str, why: str) -> bool:
+        """Stop (``why``) or resume ("") handing out ``netdev``'s map, whoever judges
+        it (the standalone watch, the Kubernetes inventory).  Returns whether that
+        changed anything; False for a netdev of no allocation."""
+        allocation = self.by_netdev(netdev)
+        if allocation is None or netdev not in allocation.netdevs:
+            return False
+        device = allocation.netdevs[netdev]
+        changed = device.unavailable != why
+        device.unavailable = why
+        return changed
+
     def is_moving(self, netdev: str) -> bool:
         """A CNI ADD/DEL is moving ``netdev`` between namespaces right now."""
         return netdev in self._moving

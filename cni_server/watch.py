@@ -79,31 +79,28 @@ class ProgramWatch:
             allocation = self.registry.by_netdev(name)
             if allocation is None or name not in allocation.netdevs or name not in seen:
                 continue  # released meanwhile, or the kernel could not say this time
-            device = allocation.netdevs[name]
             ifindex, prog_id = seen[name]
             if ifindex == 0:
-                if device.unavailable != "netdev is gone":
+                if self.registry.set_unavailable(name, "netdev is gone"):
                     log.warning("event=netdev_gone netdev=%s", name)
-                device.unavailable = "netdev is gone"
                 continue
             if prog_id == held:
-                if device.unavailable:
+                if self.registry.set_unavailable(name, ""):
                     log.info("event=netdev_serving_again netdev=%s", name)
-                    device.unavailable = ""
                 self._failed.pop(name, None)
                 continue
             if self._failed.get(name) == (ifindex, prog_id):
                 continue
             log.warning("event=xdp_lost netdev=%s expected_prog_id=%d found_prog_id=%d", name,
                         held, prog_id)
-            device.unavailable = "netdev lost its XDP program"
+            self.registry.set_unavailable(name, "netdev lost its XDP program")
             try:
                 await self.registry.repair(name)
             except Exception as e:
                 self._failed[name] = (ifindex, prog_id)
                 log.error("event=xdp_repair_failed netdev=%s error=%r", name, str(e))
                 continue
-            device.unavailable = ""
+            self.registry.set_unavailable(name, "")
             self._failed.pop(name, None)
 
 

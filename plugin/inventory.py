@@ -162,12 +162,11 @@ class Inventory:
         (e.g. a foreign program took its place) is not retried for the same
         netdev and program until something changes.
         """
-        allocation = self.registry.by_netdev(state.name)
-        if allocation is None:
+        if self.registry.by_netdev(state.name) is None:
             return
-        device = allocation.netdevs[state.name]
         stale = state.reason in (GONE, LOST_PROGRAM)
-        device.unavailable = f"netdev {state.reason}" if stale and not state.healthy else ""
+        self.registry.set_unavailable(
+            state.name, f"netdev {state.reason}" if stale and not state.healthy else "")
         if state.reason != LOST_PROGRAM or state.netdev is None or state.name in self._repairing:
             return
         key = (state.netdev.ifindex, state.netdev.xdp_prog_id)
