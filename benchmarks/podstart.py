@@ -37,7 +37,7 @@ from cni_server.client import fetch_map_fd
 from tests.cni_runner import CNI_PATH
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, write_config
-from tests.kernel import ROOT, Daemon, make_netns
+from tests.kernel import ROOT, Daemon, make_netns, veth_pairs
 from tests.load import pct
 
 
@@ -71,11 +71,7 @@ def main() -> int:
     try:
         with make_netns() as node, make_netns() as pod, \
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-            batch = "".join(f"link add p{i} numrxqueues 1 numtxqueues 1 type veth peer q{i} "
-                            f"numrxqueues 1 numtxqueues 1\nlink set p{i} up\nlink set q{i} up\n"
-                            for i in range(a.runs))
-            subprocess.run(["ip", "-n", node.name, "-batch", "-"], input=batch, text=True,
-                           check=True)
+            veth_pairs(node, a.runs)
             cfg = write_config(work)
             doc = json.loads(cfg.read_text())
             doc["cniSocket"] = str(work / "cni.sock")

@@ -41,7 +41,7 @@ from cni_server.client import fetch_map_fd
 from cni_server.netdev import link_info
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, write_config
-from tests.kernel import Daemon, NsFixture, make_netns
+from tests.kernel import Daemon, NsFixture, make_netns, veth_pairs
 from tests.load import hammer_results, hammering, pct
 
 HOST = socket.gethostname()
@@ -61,15 +61,6 @@ def ms(values: list[float]) -> dict[str, float]:
 
 def emit(name: str, **fields: object) -> None:
     print(json.dumps({"figure": name, **fields}), flush=True)
-
-
-def make_veths(ns: NsFixture, n: int) -> float:
-    t0 = time.perf_counter()
-    batch = "".join(f"link add p{i} numrxqueues 1 numtxqueues 1 type veth peer q{i} "
-                    f"numrxqueues 1 numtxqueues 1\nlink set p{i} up\nlink set q{i} up\n"
-                    for i in range(n))
-    subprocess.run(["ip", "-n", ns.name, "-batch", "-"], input=batch, text=True, check=True)
-    return time.perf_counter() - t0
 
 
 def attach_detach(ns: NsFixture, n: int) -> None:
@@ -126,7 +117,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="afxdp-bench-", dir="/tmp"))
     work.chmod(0o755)
     with make_netns() as ns, running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-        emit("create_veths", netdevs=a.netdevs, seconds=round(make_veths(ns, a.netdevs), 2))
+        emit("create_veths", netdevs=a.netdevs, seconds=round(veth_pairs(ns, a.netdevs), 2))
         attach_detach(ns, a.netdevs)
 
         cfg = write_config(work)

@@ -40,7 +40,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
 XDP_FLAGS_REPLACE = 1 << 4
 
-# enum XDP_ATTACHED_* (uapi/linux/if_link.h), as bpf_xdp_query reports them (0: none).
+# enum XDP_ATTACHED_* (uapi/linux/if_link.h), as IFLA_XDP_ATTACHED reports them (0: none).
 XDP_ATTACHED_DRV = 1
 XDP_ATTACHED_SKB = 2
 XDP_ATTACHED_HW = 3
@@ -54,23 +54,6 @@ class XdpAttachOpts(ctypes.Structure):
     """struct bpf_xdp_attach_opts."""
 
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int)]
-
-
-class XdpQueryOpts(ctypes.Structure):
-    """struct bpf_xdp_query_opts, up to ``attach_mode`` (libbpf 1.1's last field).
-
-    Newer libbpf releases append fields; passing our smaller ``sz`` is the
-    supported way to stay compatible with them.
-    """
-
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("prog_id", ctypes.c_uint32),
-        ("drv_prog_id", ctypes.c_uint32),
-        ("hw_prog_id", ctypes.c_uint32),
-        ("skb_prog_id", ctypes.c_uint32),
-        ("attach_mode", ctypes.c_uint8),
-    ]
 
 
 class TestRunOpts(ctypes.Structure):
@@ -158,7 +141,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_map__reuse_fd": ([vp, i], i),
         "bpf_program__fd": ([vp], i),
         "bpf_xdp_attach": ([i, i, u32, ctypes.POINTER(XdpAttachOpts)], i),
-        "bpf_xdp_query": ([i, i, ctypes.POINTER(XdpQueryOpts)], i),
         "bpf_obj_pin": ([i, cp], i),
         "bpf_obj_get": ([cp], i),
         "bpf_prog_get_fd_by_id": ([u32], i),

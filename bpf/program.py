@@ -8,6 +8,7 @@ it (see ``cni_server.netns``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import enum
@@ -16,9 +17,14 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import libbpf
 from bpf.errors import BpfError, ForeignProgram, LibbpfError, ObjectInvalid, ObjectMissing
@@ -173,21 +179,72 @@ def kernel_name(program_name: str) -> str:
     return program_name[:15]
 
 
+# IFLA_XDP_ATTACHED as pyroute2 decodes it.
+_ATTACHED_NAMES = {"xdp": libbpf.XDP_ATTACHED_DRV, "xdpgeneric": libbpf.XDP_ATTACHED_SKB,
+                   "xdpoffload": libbpf.XDP_ATTACHED_HW, "xdpmulti": libbpf.XDP_ATTACHED_MULTI}
+
+
+def _xdp_attrs(ifindex: int) -> dict[str, Any]:
+    """IFLA_XDP of one link (RTM_GETLINK for that ifindex), {} when there is none.
+
+    Not libbpf's bpf_xdp_query: it dumps every link of the namespace to find one,
+    which costs 20 ms per call with 1,000 netdevs (2 ms with 100).  pyroute2's
+    synchronous API runs an event loop of its own, which it cannot on a thread that
+    runs one (the daemon's): there the request goes through a new thread, which
+    starts in the caller's network namespace."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _xdp_attrs_here(ifindex)
+    result: list[dict[str, Any]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(_xdp_attrs_here(ifindex))
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="xdp-query")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _xdp_attrs_here(ifindex: int) -> dict[str, Any]:
+    with IPRoute() as ipr:
+        try:
+            link = ipr.link("get", index=ifindex)[0]
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return {}
+            raise LibbpfError(f"querying the XDP program of ifindex {ifindex}", e.code,
+                              []) from e
+    xdp = link.get_attr("IFLA_XDP")
+    return dict(xdp["attrs"]) if xdp else {}
+
+
 def query(ifindex: int) -> XdpState:
     """The XDP program attached to ``ifindex`` (prog_id 0 when none)."""
-    opts = libbpf.XdpQueryOpts(sz=ctypes.sizeof(libbpf.XdpQueryOpts))
-    libbpf.check(
-        libbpf.call("bpf_xdp_query", ifindex, 0, ctypes.byref(opts)),
-        f"querying the XDP program of ifindex {ifindex}",
-    )
-    mode = _ATTACHED_MODE.get(opts.attach_mode)
-    prog_id = opts.prog_id or opts.drv_prog_id or opts.skb_prog_id or opts.hw_prog_id
+    attrs = _xdp_attrs(ifindex)
+
+    def prog(kind: str) -> int:
+        return int(attrs.get(f"IFLA_XDP_{kind}PROG_ID") or 0)
+
+    attached = attrs.get("IFLA_XDP_ATTACHED")
+    attach_mode = int(_ATTACHED_NAMES.get(attached, 0) if isinstance(attached, str)
+                      else attached or 0)
+    mode = _ATTACHED_MODE.get(attach_mode)
+    drv, hw = prog("DRV_"), prog("HW_")
+    prog_id = prog("") or drv or prog("SKB_") or hw
     if not prog_id:
         return XdpState(ifindex, 0, None)
-    if opts.attach_mode == libbpf.XDP_ATTACHED_MULTI:
+    if attach_mode == libbpf.XDP_ATTACHED_MULTI:
         # Only the drv+hw combination exists; the driver-level one is the one we manage.
-        mode = "native" if opts.drv_prog_id else "hw"
-        prog_id = opts.drv_prog_id or opts.hw_prog_id
+        mode = "native" if drv else "hw"
+        prog_id = drv or hw
     name, tag = "", ""
     try:
         fd = libbpf.check(libbpf.call("bpf_prog_get_fd_by_id", prog_id), f"opening program {prog_id}")

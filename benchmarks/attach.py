@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Attaching our program to many veths: what it costs, and what changes it.
+
+    sudo .venv/bin/python benchmarks/attach.py [--netdevs 200] [--threads 4]
+
+In a private netns with ``--netdevs`` veth pairs, our program is attached to
+every ``p<i>`` (load + attach + XSKMAP sized to the queues, as the daemon does
+it) and detached again, in four ways, each timed as a whole:
+
+- ``native``: one after another, at the driver's hook (what the daemon does);
+- ``skb``: one after another, at the generic hook;
+- ``native-threads``: ``--threads`` threads at once, each with its own netlink
+  and BPF work, to see whether the kernel's part runs in parallel;
+- ``load-only``: the BPF object loaded and closed, no attach: our share.
+
+Prints one JSON line per way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bpf.program import DEFAULT_PROGRAM, NetdevProgram, XdpMode, ensure_attached
+from cni_server.netdev import link_info
+from tests.kernel import make_netns, veth_pairs
+
+
+def attach_all(names: list[str], mode: XdpMode, threads: int) -> tuple[float, float, str]:
+    def one(name: str) -> NetdevProgram:
+        info = link_info(name)
+        return ensure_attached(name, info.ifindex, info.queue_slots, mode)
+
+    t0 = time.perf_counter()
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            programs = list(pool.map(one, names))
+    else:
+        programs = [one(n) for n in names]
+    attach = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for p in programs:
+        p.detach()
+    return attach, time.perf_counter() - t0, programs[0].mode
+
+
+def load_only(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        DEFAULT_PROGRAM.load(1).close()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--netdevs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=4)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("attach.py: needs root (netns, veth, XDP)")
+    print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+                      "netdevs": a.netdevs}))
+    names = [f"p{i}" for i in range(a.netdevs)]
+    with make_netns() as ns:
+        veth_pairs(ns, a.netdevs)
+        with ns.entered():  # threads started here inherit this netns
+            for way, mode, threads in (("native", XdpMode.NATIVE, 1),
+                                       ("skb", XdpMode.SKB, 1),
+                                       ("native-threads", XdpMode.NATIVE, a.threads)):
+                attach, detach, got = attach_all(names, mode, threads)
+                print(json.dumps({"way": way, "mode": got, "threads": threads,
+                                  "attach_all_s": round(attach, 2),
+                                  "attach_each_ms": round(attach / a.netdevs * 1e3, 2),
+                                  "detach_all_s": round(detach, 2)}), flush=True)
+            took = load_only(a.netdevs)
+            print(json.dumps({"way": "load-only", "all_s": round(took, 2),
+                              "each_ms": round(took / a.netdevs * 1e3, 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
