@@ -182,15 +182,20 @@ def holder_of(netdev: str, netns_inode: int) -> dict[str, Any] | None:
 
 def _flocked(major: int, minor: int, inode: int) -> bool:
     """Whether /proc/locks lists an flock() on that file."""
-    want = f"{major:02x}:{minor:02x}:{inode}"
+    return f"{major:02x}:{minor:02x}:{inode}" in _flocked_files()
+
+
+def _flocked_files() -> set[str]:
+    """``major:minor:inode`` of every file /proc/locks lists an flock() on."""
+    found: set[str] = set()
     with contextlib.suppress(OSError), open("/proc/locks") as f:
         for line in f:
             fields = line.split()
             # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; blocked waiters
             # add a "->" field before the type.
-            if "FLOCK" in fields and want in fields:
-                return True
-    return False
+            if "FLOCK" in fields:
+                found.update(x for x in fields if x.count(":") == 2)
+    return found
 
 
 def _read(fd: int) -> dict[str, Any]:
@@ -222,14 +227,41 @@ class Claims:
     def holds(self, netdev: str) -> bool:
         return netdev in self._held
 
-    def other_holder(self, netdev: str) -> dict[str, Any] | None:
-        """Who else serves ``netdev`` (None: nobody, or we do)."""
-        if netdev in self._held:
-            return None
-        info = holder_of(netdev, self.netns_inode)
-        if info is not None and info.get("pid") == os.getpid():
-            return None
-        return info
+    def others(self) -> dict[str, dict[str, Any]]:
+        """Every netdev of our netns another live daemon holds, with its holder: one
+        scan of the claims directory and one read of /proc/locks, for a caller that
+        asks about many netdevs at once (the inventory, about each of its 1,000)."""
+        prefix = f"{self.netns_inode}-"
+        names: dict[str, str] = {}  # netdev -> lock file
+        try:
+            with os.scandir(run_dir() / _LOCKS) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(prefix) and name.endswith(".lock"):
+                        netdev = name[len(prefix):-len(".lock")]
+                        if netdev not in self._held:
+                            names[netdev] = entry.path
+        except OSError:
+            return {}
+        if not names:
+            return {}
+        locked = _flocked_files()
+        out: dict[str, dict[str, Any]] = {}
+        for netdev, path in names.items():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+                if key in locked:
+                    info = _read(fd)
+                    if info.get("pid") != os.getpid():
+                        out[netdev] = info
+            finally:
+                os.close(fd)
+        return out
 
     def close(self) -> None:
         for netdev in list(self._held):

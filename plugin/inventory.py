@@ -129,8 +129,11 @@ class Inventory:
                                              for n, p in sorted(c.conflicts.items())))
             self._log_exclusions(c.excluded, c.conflicts)
             changed: set[str] = set()
+            claims = self.registry.programs.claims
+            others = claims.others() if claims is not None else {}  # one scan for all
             for pool in self.cfg.pools:
-                states = {name: self._health(dev) for name, dev in c.members[pool.name].items()}
+                states = {name: self._health(dev, others)
+                          for name, dev in c.members[pool.name].items()}
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
                         states[name] = self._away(name)
@@ -205,13 +208,13 @@ class Inventory:
             return DeviceState(name, None, True, "in its pod's network namespace")
         return DeviceState(name, None, False, GONE)
 
-    def _health(self, dev: Netdev) -> DeviceState:
+    def _health(self, dev: Netdev, others: dict[str, dict[str, Any]]) -> DeviceState:
+        """``others``: the netdevs another daemon serves (Claims.others)."""
         if self.registry.is_moving(dev.name):  # taken down to move it, or back up
             return DeviceState(dev.name, dev, True, "being moved by CNI")
         if not dev.up:
             return DeviceState(dev.name, dev, False, "link down")
-        claims = self.registry.programs.claims
-        other = claims.other_holder(dev.name) if claims is not None else None
+        other = others.get(dev.name)
         if other is not None:
             return DeviceState(dev.name, dev, False, "served by another afxdp daemon "
                                                      f"({describe_holder(other)})")
