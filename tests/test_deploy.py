@@ -141,6 +141,13 @@ def test_network_attachment_is_wired_to_the_resource_and_the_daemon() -> None:
         cfg.resource_name(cfg.pools[0])
     conf = cni.parse_config(nad["spec"]["config"].encode(), "DEL")  # the plugin's own parser
     assert conf["type"] == "afxdp" and conf["daemonSocket"] == str(cfg.cni_socket)
+    assert conf.get("capabilities") == {"deviceID": True}  # Multus' runtimeConfig.deviceID
+    # The pod sees the netdev as CNI_IFNAME (net1), which is what the example pods pass
+    # DPDK as iface=, with the allocated netdev's socket as dp_path=.
+    assert conf.get("rename", True) is True
+    for pod in ("dpdk-use-cni", "dpdk-pinned-map"):
+        args = " ".join(find("Pod", pod)["spec"]["containers"][0]["args"])
+        assert "iface=net1," in args and "dp_path=/tmp/afxdp_dp/$(AFXDP_DEVICES_POOL1)/" in args
 
 
 @pytest.mark.parametrize("name,caps", [("dpdk-use-cni", {"NET_RAW", "IPC_LOCK"}),
