@@ -39,21 +39,15 @@ class LinkInfo:
 def link_info(name: str) -> LinkInfo:
     """Look up ``name``; raises NetdevMissing when there is no such link here."""
     with IPRoute() as ipr:
-        try:
-            links = ipr.link("get", ifname=name)
-        except NetlinkError as e:
-            if e.code == 19:  # ENODEV
-                raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
-            raise
-        link = links[0]
-        return LinkInfo(
-            name=link.get("ifname"),
-            ifindex=int(link["index"]),
-            mac=str(link.get("address") or ""),
-            num_rx_queues=int(link.get("num_rx_queues") or 1),
-            num_tx_queues=int(link.get("num_tx_queues") or 1),
-            up=bool(link["flags"] & 1),
-        )
+        link = _get(ipr, name)
+    return LinkInfo(
+        name=link.get("ifname"),
+        ifindex=int(link["index"]),
+        mac=str(link.get("address") or ""),
+        num_rx_queues=int(link.get("num_rx_queues") or 1),
+        num_tx_queues=int(link.get("num_tx_queues") or 1),
+        up=bool(link["flags"] & 1),
+    )
 
 
 def _settings(link: Any) -> dict[str, str]:
@@ -63,18 +57,20 @@ def _settings(link: Any) -> dict[str, str]:
 
 
 def _get(ipr: IPRoute, name: str) -> Any:
+    """The link called ``name`` here; NetdevMissing when there is none."""
     try:
         return ipr.link("get", ifname=name)[0]
     except NetlinkError as e:
-        if e.code == 19:
+        if e.code == 19:  # ENODEV
             raise NetdevMissing(f"no netdev named {name!r} in this network namespace") from e
         raise
 
 
 def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, str]:
     """Move ``name`` into the netns ``target_fd`` refers to, named ``new_name`` there,
-    with ``mtu`` (0: as it is): one netlink request, so the kernel refuses a name
-    taken there (EEXIST) before anything moves.  Returns its settings from before
+    with ``mtu`` (0: as it is), in one netlink request.  The kernel applies the move
+    first: a refused name or MTU leaves the device moved (the caller checks the name
+    before and brings it home after a failure).  Returns its settings from before
     (admin state, MTU, MAC), for DEL to give back."""
     with IPRoute() as ipr:
         link = _get(ipr, name)
