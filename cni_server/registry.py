@@ -391,9 +391,10 @@ class Registry:
         self.factory = factory
         self.allocations: dict[str, Allocation] = {}
         self.specs: dict[str, AllocationSpec] = {}
-        # Called when a netdev of an allocation moved (CNI ADD/DEL), so that
-        # whoever judges device health (the inventory) looks again.
-        self.on_moved: list[Callable[[str], None]] = []
+        # Called with a netdev whose allocation changed in what health depends on (it
+        # moved: CNI ADD/DEL; or it was released), so that whoever judges device
+        # health (the inventory) looks again.
+        self.on_changed: list[Callable[[str], None]] = []
         self._moving: set[str] = set()
         server.metrics.track(server.metrics.allocations, lambda: len(self.allocations))
 
@@ -430,7 +431,7 @@ class Registry:
             yield
         finally:
             self._moving.discard(netdev)
-            for notify in self.on_moved:
+            for notify in self.on_changed:
                 notify(netdev)
 
     # -- changes ---------------------------------------------------------------
@@ -540,6 +541,11 @@ class Registry:
             self.save()
         log.info("event=allocation_released id=%s netdevs=%s detach=%s", allocation_id,
                  ",".join(spec.netdevs), detach)
+        # The netlink events of the release (a detach, a deleted pair) may have been
+        # judged while the allocation still held its netdevs: judge them again now.
+        for netdev in spec.netdevs:
+            for notify in self.on_changed:
+                notify(netdev)
 
     def _locate(self, spec: AllocationSpec, netdev: str) -> tuple[Netns | None, str]:
         """Where a netdev of a (restored) allocation is: a pod's netns per its attachment
@@ -596,7 +602,7 @@ class Registry:
             attached[netdev] = record
         self.specs[allocation_id] = replace(spec, attached=attached)
         self.save()
-        for notify in self.on_moved:
+        for notify in self.on_changed:
             notify(netdev)
 
     async def bring_home(self, allocation_id: str, netdev: str) -> None:

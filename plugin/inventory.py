@@ -93,7 +93,7 @@ class Inventory:
         self._repairing: set[str] = set()
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
-        registry.on_moved.append(lambda _netdev: self._kick.set())
+        registry.on_changed.append(lambda _netdev: self._kick.set())
 
     # -- scanning ----------------------------------------------------------------
 

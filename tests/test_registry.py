@@ -79,7 +79,7 @@ def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
 
     async def body(reg: Registry) -> None:
         moved: list[str] = []
-        reg.on_moved.append(moved.append)
+        reg.on_changed.append(moved.append)
         a = await reg.create(spec(base, "va"))
         a.netdevs["va"].unavailable = "netdev is gone"
         with pytest.raises(HandshakeError, match="/fd_nak"):
@@ -88,6 +88,8 @@ def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
         reg.record_attachment("a1", "va", None, None, "va", info.ifindex)
         assert moved == ["va"] and a.netdevs["va"].unavailable == ""
         (await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")).close()
+        await reg.release("a1")  # and a release has health judged again too
+        assert moved == ["va", "va"]
 
     run_in(netns, body)
 
