@@ -7,7 +7,7 @@ BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(wildcard bpf/*.bpf.c))
 PROTOS := $(wildcard plugin/api/*.proto)
 PROTO_PY := $(patsubst %.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: setup bpf proto cni demo test unit lint bench clean image-test
+.PHONY: setup bpf proto demo test unit lint bench clean image-test
 
 setup:
 	scripts/setup.sh
@@ -16,14 +16,6 @@ bpf: $(BPF_OBJS)
 
 bpf/%.bpf.o: bpf/%.bpf.c
 	clang $(BPF_CFLAGS) -c $< -o $@
-
-# The CNI executable: one stdlib-only file, installed as /opt/cni/bin/afxdp
-# (`afxdp install-cni`, or copy build/afxdp-cni there).
-cni: build/afxdp-cni
-
-build/afxdp-cni: plugin/cni.py
-	mkdir -p build
-	install -m 0755 $< $@
 
 # kubelet's gRPC APIs: Python modules generated from our .proto files (not committed).
 proto: $(PROTO_PY)
@@ -48,7 +40,7 @@ image-test: setup
 # Dead code: vulture over the product and what uses it (tests, benchmarks, scripts).
 # Names used by frameworks rather than by our code: pytest's, gRPC servicer methods, logging's
 # module switches, ctypes structure fields the kernel reads, fields read via __dict__.
-VULTURE_IGNORE := pytestmark,pytest_*,PreStartContainer,_srcfile,logThreads,logProcesses,logMultiprocessing,map_ids,rx_*,tx_*
+VULTURE_IGNORE := pytestmark,pytest_*,PreStartContainer,_srcfile,logThreads,logProcesses,logMultiprocessing,map_ids,rx_*,tx_*,object_hook,object_pairs_hook,parse_float,parse_int,parse_constant
 
 lint:
 	.venv/bin/ruff check bpf cni_server plugin tests benchmarks scripts
@@ -61,4 +53,4 @@ bench: setup
 	$(PY) benchmarks/handshake.py
 
 clean:
-	rm -f bpf/*.bpf.o plugin/api/*_pb2*.py plugin/api/*_pb2.pyi build/afxdp-cni
+	rm -f bpf/*.bpf.o plugin/api/*_pb2*.py plugin/api/*_pb2.pyi

@@ -6,7 +6,7 @@ these from a worker thread (``asyncio.to_thread`` or ``Netns.run_async``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -39,7 +39,10 @@ class LinkInfo:
 def link_info(name: str) -> LinkInfo:
     """Look up ``name``; raises NetdevMissing when there is no such link here."""
     with IPRoute() as ipr:
-        link = _get(ipr, name)
+        return _info(_get(ipr, name))
+
+
+def _info(link: Any) -> LinkInfo:
     return LinkInfo(
         name=link.get("ifname"),
         ifindex=int(link["index"]),
@@ -115,11 +118,12 @@ def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | 
 def set_up_info(name: str) -> LinkInfo:
     """``name`` administratively up, and what it is then: one call, for one hop from
     the event loop to a worker thread."""
-    set_up(name)
-    return link_info(name)
+    with IPRoute() as ipr:
+        link = _get(ipr, name)
+        ipr.link("set", index=int(link["index"]), state="up")
+    return replace(_info(link), up=True)
 
 
 def set_up(name: str) -> None:
     """Administratively up (in the calling thread's netns)."""
-    with IPRoute() as ipr:
-        ipr.link("set", index=link_info(name).ifindex, state="up")
+    set_up_info(name)

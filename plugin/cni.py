@@ -29,13 +29,13 @@ in ``LOG_DIR``, and the daemon at ``daemonSocket`` must run as root.
 from __future__ import annotations
 
 # Start-up is most of this executable's cost (a runtime runs it for every pod), so
-# it imports only what it must: json (which brings re), C modules, no subprocess,
-# socket.py or typing (mypy reads the names below; Python never imports them).
+# it imports only C modules and os/sys/time: no json package (it brings re, enum,
+# functools and collections: 10 ms, as much as the interpreter's own start), no
+# subprocess, socket.py or typing (mypy reads the names below; Python never
+# imports them).
 import _socket
 import fcntl
-import json
 import os
-import re
 import select
 import struct
 import sys
@@ -54,7 +54,7 @@ DAEMON_TIMEOUT = 30.0
 LOG_DIR = "/var/log/afxdp"
 _NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd (linux/nsfs.h)
 _CLONE_NEWNET = 0x40000000
-_BARE = re.compile(r"[A-Za-z0-9._:/@+,\-]+")
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/@+,-")
 
 # CNI spec error codes, then ours (100+, docs/cni.md).
 INCOMPATIBLE_VERSION = 1
@@ -74,6 +74,81 @@ REQUIRED_ENV = {
     "STATUS": (),
     "GC": (),
 }
+
+
+# -- JSON ------------------------------------------------------------------------------
+# The json package's own C codec (_json), driven as json.loads/json.dumps drive it
+# with their defaults; the package is imported only where _json is missing, or by
+# _json itself to raise a decode error.
+
+
+class _DecodeContext:  # the attributes _json.make_scanner reads from a JSONDecoder
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                      "NaN": float("nan")}.__getitem__
+
+
+def _not_serializable(obj: object) -> object:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+_JSON_SPACE = " \t\n\r"
+
+_scan: Any = None  # _json's scanner; None: an interpreter without the C codec
+_encoder: Any = None
+try:
+    import _json
+    _scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
+    _encoder = (_json.make_encoder, _json.encode_basestring_ascii)
+except (ImportError, AttributeError):
+    pass
+
+
+def loads(data: bytes | str) -> Any:
+    """As ``json.loads`` (UTF-8 bytes or str): the value, or ValueError."""
+    if _scan is None:
+        import json
+        return json.loads(data)
+    if isinstance(data, (bytes, bytearray)):
+        text = data.decode("utf-8-sig")  # bytes may start with a BOM, as json allows
+    elif data.startswith("\ufeff"):
+        raise _decode_error("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    else:
+        text = data
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as e:
+        raise _decode_error("Expecting value", text, e.value) from None
+    except Exception:  # _json builds its errors from json.decoder's class, loaded here:
+        import json  # only a refused document pays for the package, to get json's message
+        return json.loads(text)
+    rest = len(text) - len(text[end:].lstrip(_JSON_SPACE))
+    if rest != len(text):
+        raise _decode_error("Extra data", text, rest)
+    return value
+
+
+def _decode_error(what: str, text: str, pos: int) -> ValueError:
+    """json's message for the same error: what, line, column and char offset."""
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)
+    return ValueError(f"{what}: line {line} column {column} (char {pos})")
+
+
+def dumps(value: object) -> str:
+    """As ``json.dumps(value)`` with its defaults."""
+    if _encoder is None:
+        import json
+        return json.dumps(value)
+    make_encoder, ascii_string = _encoder
+    encode = make_encoder({}, _not_serializable, ascii_string, None, ": ", ", ", False, False,
+                          True)
+    return "".join(encode(value, 0))
 
 
 class CniError(Exception):
@@ -99,7 +174,7 @@ class Log:
 
 def _esc(value: object) -> str:
     text = str(value)
-    return text if _BARE.fullmatch(text) else json.dumps(text)
+    return text if text and _BARE.issuperset(text) else dumps(text)
 
 
 _S_IFMT, _S_IFDIR, _S_IFREG = 0o170000, 0o040000, 0o100000
@@ -177,7 +252,7 @@ def result_ips(ips: list[dict[str, Any]], version: str) -> list[dict[str, Any]]:
 
 def _version_asked(stdin: bytes) -> str:
     try:
-        doc = json.loads(stdin) if stdin.strip() else {}
+        doc = loads(stdin) if stdin.strip() else {}
     except ValueError:
         return ""
     version = doc.get("cniVersion") if isinstance(doc, dict) else None
@@ -210,7 +285,7 @@ def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
         if uid != 0:
             raise CniError(UNTRUSTED_DAEMON, f"the server on {path} runs as uid {uid}, not "
                            "root: it is not the afxdp daemon")
-        data = json.dumps(request).encode()
+        data = dumps(request).encode()
         if fd is None:
             s.send(data)
         else:
@@ -223,7 +298,7 @@ def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
         s.close()
     if not raw:
         raise CniError(TRY_AGAIN, "afxdp daemon closed the connection without an answer")
-    reply = json.loads(raw)
+    reply = loads(raw)
     if not reply.get("ok"):
         raise CniError(int(reply.get("code", TRY_AGAIN)), str(reply.get("msg")),
                        str(reply.get("details") or ""))
@@ -329,7 +404,7 @@ def delegate_result(child: Child, command: str, conf: dict[str, Any]) -> dict[st
     out = stdout.decode("utf-8", "replace").strip()
     if code != 0:
         try:
-            err = json.loads(out)
+            err = loads(out)
             code, msg = int(err.get("code", IPAM_FAILED)), str(err.get("msg", out))
             details = str(err.get("details") or "")
         except (ValueError, AttributeError):
@@ -338,7 +413,7 @@ def delegate_result(child: Child, command: str, conf: dict[str, Any]) -> dict[st
                        details)
     if not out:
         return {}
-    result: dict[str, Any] = json.loads(out)
+    result: dict[str, Any] = loads(out)
     return result
 
 
@@ -351,10 +426,10 @@ def delegate(command: str, conf_bytes: bytes, conf: dict[str, Any], env: dict[st
 def delegate_versions(conf: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The CNI versions the IPAM plugin supports (its VERSION answer)."""
     exe = find_plugin(str(conf["ipam"]["type"]), env.get("CNI_PATH", ""))
-    _, stdout, _ = Child([exe], json.dumps({"cniVersion": conf["cniVersion"]}).encode(),
+    _, stdout, _ = Child([exe], dumps({"cniVersion": conf["cniVersion"]}).encode(),
                          dict(env, CNI_COMMAND="VERSION")).wait()
     try:
-        versions = json.loads(stdout).get("supportedVersions", [])
+        versions = loads(stdout).get("supportedVersions", [])
     except (ValueError, AttributeError):
         return []
     return [str(v) for v in versions] if isinstance(versions, list) else []
@@ -365,7 +440,7 @@ def delegate_versions(conf: dict[str, Any], env: dict[str, str]) -> list[str]:
 
 def parse_config(raw: bytes, command: str) -> dict[str, Any]:
     try:
-        conf = json.loads(raw)
+        conf = loads(raw)
     except ValueError as e:
         raise CniError(DECODE, "network configuration is not valid JSON", str(e)) from None
     if not isinstance(conf, dict):
@@ -510,7 +585,7 @@ def run(env: dict[str, str], stdin: bytes, stdout: IO[str], stderr: IO[str]) -> 
         if command == "VERSION":
             # The answer's cniVersion is the one given on stdin (when there is one).
             asked = _version_asked(stdin)
-            stdout.write(json.dumps({"cniVersion": asked or SUPPORTED_VERSIONS[-1],
+            stdout.write(dumps({"cniVersion": asked or SUPPORTED_VERSIONS[-1],
                                      "supportedVersions": SUPPORTED_VERSIONS}) + "\n")
             return 0
         if command not in COMMANDS:
@@ -529,16 +604,16 @@ def run(env: dict[str, str], stdin: bytes, stdout: IO[str], stderr: IO[str]) -> 
             log = open_log(conf["logFile"])
         out = COMMANDS[command](conf, stdin, env, log)
         if out is not None:
-            stdout.write(json.dumps(out) + "\n")
+            stdout.write(dumps(out) + "\n")
         return 0
     except CniError as e:
         log("error", command=command, code=e.code, msg=e.msg)
-        stdout.write(json.dumps({"cniVersion": version, "code": e.code, "msg": e.msg,
+        stdout.write(dumps({"cniVersion": version, "code": e.code, "msg": e.msg,
                                  "details": e.details}) + "\n")
         return 1
     except Exception as e:  # never a traceback on stdout: a spec error instead
         log("internal_error", command=command, error=repr(e))
-        stdout.write(json.dumps({"cniVersion": version, "code": TRY_AGAIN,
+        stdout.write(dumps({"cniVersion": version, "code": TRY_AGAIN,
                                  "msg": "internal error in the afxdp CNI plugin",
                                  "details": repr(e)}) + "\n")
         return 1

@@ -75,9 +75,14 @@ def _link_state(name: str) -> dict[str, Any]:
 
 
 def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
-    """In the pod's netns: up, addresses and routes from the IPAM result."""
+    """In the pod's netns: up, addresses and routes from the IPAM result; its ifindex
+    and MAC.  One netlink socket for all of it: this is on every pod's start."""
     with IPRoute() as ipr:
-        idx = link_info(name).ifindex
+        try:
+            link = ipr.link("get", ifname=name)[0]
+        except NetlinkError as e:
+            raise NetdevMissing(name) from e
+        idx = int(link["index"])
         ipr.link("set", index=idx, state="up")
         for ip in (ipam or {}).get("ips", []):
             addr, _, plen = str(ip["address"]).partition("/")
@@ -89,7 +94,7 @@ def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
                 kw["gateway"] = route["gw"]
             with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
                 ipr.route("add", **kw)
-    return _link_state(name)
+    return {"ifindex": idx, "mac": str(link.get("address") or "")}
 
 
 class CniEndpoint:

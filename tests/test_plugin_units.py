@@ -255,3 +255,89 @@ def test_the_kubernetes_daemon_takes_the_standalone_connection_limits() -> None:
                         "maxConnectionsPerSocket")):
         with pytest.raises(ConfigError, match=field):
             validate({"pools": pools, **bad}, node_name="n1")
+
+
+# -- the CNI executable's JSON codec ---------------------------------------------------------
+
+JSON_TEXTS = [
+    '{"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "host-local", "ranges": [[{}]]}}',
+    ' \n\t{"a": [1, -2.5e3, true, false, null, "\\u00e9\\ud83d\\ude00", "\\n\\"\\\\"]}\r\n ',
+    '[]', '"x"', '0', '-0.0', '1E400', 'NaN', '-Infinity', '{"a": 1, "a": 2}',
+    '"\u00e9t\u00e9"', '{"deep": ' + '[' * 200 + ']' * 200 + '}', '123456789012345678901234567890',
+]
+BAD_JSON = ['', '   ', '{', '{"a": 1} x', '{"a": 1}{}', "{'a': 1}", '[1,]', '"\x01"', 'nul',
+            '{"a" 1}', '\ufeff{}', '[1] \n [2]', '\n\n  }']
+
+
+@pytest.mark.parametrize("text", JSON_TEXTS)
+def test_the_cni_executables_codec_reads_and_writes_what_json_does(text: str) -> None:
+    import json
+    import math
+
+    from plugin import cni
+    for data in (text, text.encode()):
+        got, want = cni.loads(data), json.loads(text)
+        if isinstance(want, float) and math.isnan(want):
+            assert math.isnan(got)
+            continue
+        assert got == want and type(got) is type(want)
+        assert cni.dumps(got) == json.dumps(want)
+
+
+@pytest.mark.parametrize("text", BAD_JSON)
+def test_the_cni_executables_codec_refuses_what_json_refuses_with_its_message(text: str) -> None:
+    import json
+
+    from plugin import cni
+    for data in (text, text.encode()):
+        try:
+            want = json.loads(data)
+        except ValueError as e:
+            with pytest.raises(ValueError) as got:
+                cni.loads(data)
+            assert str(got.value) == str(e)
+        else:  # json reads a UTF-8 BOM in bytes
+            assert isinstance(data, bytes) and cni.loads(data) == want
+
+
+def test_the_cni_executables_codec_refuses_bytes_that_are_not_utf8_and_odd_values() -> None:
+    from plugin import cni
+    with pytest.raises(ValueError):
+        cni.loads(b'{"a": "\xff"}')
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        cni.dumps({"a": object()})
+    with pytest.raises(ValueError, match=r"[Cc]ircular"):
+        loop: list[Any] = []
+        loop.append(loop)
+        cni.dumps(loop)
+
+
+def test_the_installed_cni_executable_imports_no_pure_python_package_it_can_do_without() -> None:
+    import subprocess
+    import sys
+    plugin_path = Path(__file__).resolve().parent.parent / "plugin" / "cni.py"
+    code = (f"import sys; g = {{'__name__': 'cni'}}; exec(compile(open({str(plugin_path)!r})"
+            ".read(), 'cni', 'exec'), g); print(' '.join(sorted(sys.modules)))\n"
+            "try: g['loads'](b'{not json')\n"
+            "except ValueError as e: print(e)")
+    out = subprocess.run(["/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                          else sys.executable, "-IS", "-c", code],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    modules = out[0].split()
+    assert {"json", "re", "enum", "subprocess", "socket", "typing"}.isdisjoint(modules), modules
+    # A refused document still gets json's own message (the package loads for it).
+    assert out[1:] == ["Expecting property name enclosed in double quotes: line 1 column 2 "
+                       "(char 1)"]
+
+
+def test_the_cni_executables_codec_falls_back_to_json_without_the_c_module() -> None:
+    import subprocess
+    import sys
+    plugin_path = Path(__file__).resolve().parent.parent / "plugin" / "cni.py"
+    code = ("import sys; sys.modules['_json'] = None; g = {'__name__': 'cni'}\n"
+            f"exec(compile(open({str(plugin_path)!r}).read(), 'cni', 'exec'), g)\n"
+            "assert g['_scan'] is None and g['_encoder'] is None\n"
+            "print(g['dumps'](g['loads'](b'{\"a\": [1, \"\\\\u00e9\"]}')))")
+    out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == '{"a": [1, "\\u00e9"]}\n'
