@@ -128,27 +128,55 @@ def cmd_daemon(a: argparse.Namespace) -> int:
 
 
 def cmd_install_cni(a: argparse.Namespace) -> int:
-    """Copy the stdlib-only CNI executable to DEST/afxdp, atomically, mode 0755, started
-    by the host's interpreter (``--python``) in isolated mode whatever the PATH."""
+    """Install the stdlib-only CNI plugin: DEST/NAME, a launcher started by the host's
+    interpreter (``--python``) in isolated mode whatever the PATH, and the plugin
+    itself in DEST/NAME.d, where the host's interpreter caches its bytecode (see
+    plugin/cni_launcher.py).  Each file is replaced atomically, the launcher last."""
     import plugin.cni
+    import plugin.cni_launcher
 
     if not a.python.startswith("/"):
         return _fail(EXIT_USAGE, f"--python {a.python!r} must be an absolute path: runtimes "
                                  "run the plugin with a PATH of their own")
     dest = Path(a.dest)
     target = dest / a.name
-    source = Path(plugin.cni.__file__).read_text()
-    body = source.split("\n", 1)[1] if source.startswith("#!") else source
+    lib = dest / f"{a.name}.d"
+
+    def without_shebang(module: Any) -> str:
+        source = Path(module.__file__).read_text()
+        return source.split("\n", 1)[1] if source.startswith("#!") else source
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = dest / f".{a.name}.tmp.{os.getpid()}"
-        tmp.write_text(f"#!{a.python} -IS\n{body}")
-        tmp.chmod(0o755)
-        tmp.replace(target)
+        for d in (lib, lib / "__pycache__"):
+            if d.is_symlink() or (d.exists() and not d.is_dir()):
+                d.unlink()
+            d.mkdir(mode=0o755, exist_ok=True)
+            _own(d, 0o755)
+        for old in (lib / "__pycache__").iterdir():  # bytecode of an earlier version
+            old.unlink()
+        _write_atomically(lib / f"{plugin.cni_launcher.MODULE}.py",
+                          without_shebang(plugin.cni), 0o644)
+        _write_atomically(target, f"#!{a.python} -IS\n{without_shebang(plugin.cni_launcher)}",
+                          0o755)
     except OSError as e:
         return _fail(EXIT_ERROR, f"installing the CNI plugin in {dest}: {e.strerror or e}")
-    print(f"installed {target}")
+    print(f"installed {target} (the plugin in {lib})")
     return 0
+
+
+def _write_atomically(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    _own(tmp, mode)
+    tmp.replace(path)
+
+
+def _own(path: Path, mode: int) -> None:
+    """Root's, ``mode``: the launcher runs nothing else.  (Installed by another user,
+    the plugin refuses to run, as it should: the runtime runs it as root.)"""
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+    path.chmod(mode)
 
 
 # -- request -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -84,13 +85,59 @@ def test_the_executable_needs_only_the_standard_library_and_python_3_8(cni: Runn
         "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
 
 
-def test_install_cni_puts_one_executable_file_in_place(tmp_path: Path) -> None:
+def _version(exe: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(exe)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"},
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the plugin's files must be root's")
+def test_install_cni_puts_a_launcher_and_the_plugin_whose_bytecode_is_cached(
+        tmp_path: Path) -> None:
     res = run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(tmp_path))
-    target = tmp_path / "afxdp"
-    assert "installed" in res.stdout and target.stat().st_mode & 0o111
-    out = subprocess.run([str(target)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"},
-                         capture_output=True, text=True, check=True).stdout
-    assert json.loads(out)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+    target, lib = tmp_path / "afxdp", tmp_path / "afxdp.d"
+    assert "installed" in res.stdout and target.stat().st_mode & 0o777 == 0o755
+    assert (lib / "afxdp_cni.py").read_text() == PLUGIN.read_text().split("\n", 1)[1]
+    assert {p.name: p.stat().st_mode & 0o777 for p in (lib, lib / "afxdp_cni.py",
+                                                       lib / "__pycache__")} == {
+        "afxdp.d": 0o755, "afxdp_cni.py": 0o644, "__pycache__": 0o755}
+    assert json.loads(_version(target).stdout)["supportedVersions"] == [
+        "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+    # The first run compiled the plugin once; later runs load that.
+    (pyc,) = (lib / "__pycache__").iterdir()
+    assert pyc.name.startswith("afxdp_cni.") and pyc.stat().st_mode & 0o022 == 0
+    first = pyc.stat().st_mtime_ns
+    assert _version(target).returncode == 0 and pyc.stat().st_mtime_ns == first
+    # A reinstall (an upgrade) leaves no bytecode of the old plugin behind.
+    run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(tmp_path))
+    assert list((lib / "__pycache__").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the plugin's files must be root's")
+@pytest.mark.parametrize("spoil", ["dir_group_writable", "module_world_writable",
+                                   "cache_not_roots", "module_a_symlink", "module_missing"])
+def test_the_launcher_runs_no_plugin_file_others_could_have_written(
+        tmp_path: Path, spoil: str) -> None:
+    run(sys.executable, "-m", "cni_server.cli", "install-cni", "--dest", str(tmp_path))
+    lib = tmp_path / "afxdp.d"
+    module = lib / "afxdp_cni.py"
+    evil = tmp_path / "evil.py"
+    evil.write_text("import sys; print('evil code ran'); sys.exit(0)\n")
+    if spoil == "dir_group_writable":
+        lib.chmod(0o775)
+    elif spoil == "module_world_writable":
+        module.chmod(0o646)
+    elif spoil == "cache_not_roots":
+        os.chown(lib / "__pycache__", 65534, 65534)
+    elif spoil == "module_a_symlink":
+        module.unlink()
+        module.symlink_to(evil)
+    else:
+        module.unlink()
+    res = _version(tmp_path / "afxdp")
+    assert res.returncode == 1 and "evil" not in res.stdout, res.stdout
+    err = json.loads(res.stdout)
+    assert err["code"] == 112 and "install-cni" in err["msg"]
+    assert list((lib / "__pycache__").iterdir()) == []  # nothing was compiled
 
 
 def test_the_installed_plugin_starts_the_system_python_isolated_whatever_the_path(
