@@ -50,6 +50,9 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "logFormat": a.log_format, "metricsAddress": a.metrics_address,
     }
     raw = {k: v for k, v in pairs.items() if v is not None}
+    for key in ("socketDir", "pinDir", "controlSocket", "bpfObject", "readyFile"):
+        if raw.get(key):  # a flag's path is the caller's: made absolute here
+            raw[key] = os.path.abspath(raw[key])
     if a.force:
         raw["forceReplace"] = True
     if a.no_peer_netns_check:
@@ -103,7 +106,7 @@ def cmd_daemon(a: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail(EXIT_USAGE, f"configuration: {e}")
     if a.ready_file:
-        cfg.ready_file = Path(a.ready_file)
+        cfg.ready_file = Path(a.ready_file).absolute()
     if a.metrics_address is not None:
         try:
             cfg.metrics_address = config_mod.address(a.metrics_address, "--metrics-address") \

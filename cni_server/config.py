@@ -1,8 +1,18 @@
-"""Standalone daemon configuration: typed, validated once, errors name the field path.
+"""Node daemon configuration: one model for both front ends, validated once.
 
-The same settings come from ``afxdp serve`` flags or a YAML file (``--config``);
-flags given on the command line override the file.  YAML keys are camelCase,
-as in the Kubernetes configuration::
+``NodeSettings`` holds what every node daemon takes (logs, control socket,
+metrics, connection limits, the program object); ``StandaloneConfig`` (``afxdp
+serve``) and ``plugin.config.PluginConfig`` (``afxdp daemon``) extend it.  Each
+is read from camelCase keys through a table of :class:`Setting` (key, reader,
+field), so both read a shared key the same way: the same type, the same limits,
+the same error.  Every error names the field path and what was expected, e.g.
+``maxConnectionsPerSocket: 300 exceeds maxConnections (200)``.  Paths in a file
+must be absolute (a daemon's working directory means nothing); flags given on the
+command line are made absolute against the working directory.  A key given with
+no value (``key:`` in YAML) keeps its default.
+
+The standalone settings come from ``afxdp serve`` flags or a YAML file
+(``--config``); flags override the file::
 
     netdevs: [v0, v1]
     socketDir: /tmp/afxdp_dp
@@ -19,7 +29,8 @@ import grp
 import pwd
 import re
 import socket
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +49,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class StandaloneConfig:
-    netdevs: list[str]
+class NodeSettings:
+    """What every node daemon takes, whatever its front end."""
+
+    log_level: str = "info"
+    log_format: str = "kv"
+    control_socket: Path | None = DEFAULT_CONTROL_SOCKET
+    metrics_address: str = ""  # host:port for /metrics, /healthz, /readyz; "": off
+    ready_file: Path | None = None
+    check_peer_netns: bool = True
+    handshake_spin_us: int = 50  # see server.Limits.handshake_spin; 0: off
+    max_connections: int = 4096  # handout connections over all sockets
+    max_connections_per_socket: int = 128
+    bpf_object: Path | None = None  # None: the built afxdp_redirect object
+
+
+@dataclass
+class StandaloneConfig(NodeSettings):
+    netdevs: list[str] = field(default_factory=list)
     socket_dir: Path = DEFAULT_SOCKET_DIR
     allow_hosts: list[str] = field(default_factory=lambda: [socket.gethostname()])
     xdp_mode: XdpMode = XdpMode.AUTO
@@ -47,28 +74,12 @@ class StandaloneConfig:
     socket_uid: int = -1
     socket_gid: int = -1
     pin_dir: Path | None = None
-    control_socket: Path | None = DEFAULT_CONTROL_SOCKET
     force_replace: bool = False
-    check_peer_netns: bool = True
     idle_timeout: float = 30.0
-    max_connections: int = 4096
-    max_connections_per_socket: int = 128
-    handshake_spin_us: int = 50  # see server.Limits.handshake_spin; 0: off
-    bpf_object: Path | None = None
     program_name: str = ""  # the program in bpf_object; "": afxdp_redirect
-    ready_file: Path | None = None
-    log_level: str = "info"
-    log_format: str = "kv"
-    metrics_address: str = ""  # host:port for /metrics, /healthz, /readyz; "": off
     watch_interval: float = 1.0  # seconds between checks that our programs are attached; 0: off
     allow_unbound_xsk: bool = False  # /xsk_socket hands out unbound sockets (see docs/security.md)
     max_umem_bytes: int = DEFAULT_UMEM_LIMIT  # per /xsk_bound_socket
-
-
-# YAML key -> (dataclass field, parser)
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(w.capitalize() for w in rest)
 
 
 def parse_owner(text: str, where: str) -> tuple[int, int]:
@@ -112,14 +123,6 @@ def parse_mode(value: object, where: str) -> int:
     return mode
 
 
-def _want(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where}: {value!r} is not {what}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}: {value!r} is not {what}")
-    return value
-
-
 def choice(value: object, where: str, options: tuple[str, ...]) -> str:
     """``value`` if it is one of ``options``, else a ConfigError naming the field."""
     if value not in options:
@@ -140,103 +143,184 @@ def address(value: object, where: str) -> str:
     return f"{host}:{int(port)}"
 
 
-def _positive(value: object, where: str, *, real: bool = False) -> Any:
-    v = _want(value, (int, float) if real else int, where,
-              "a positive number" if real else "a positive integer")
-    if v <= 0:
-        raise ConfigError(f"{where}: {value!r} must be > 0")
-    return v
+def boolean(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not true or false")
+    return value
 
 
-def _path(value: object, where: str) -> Path:
-    text = _want(value, str, where, "a path")
-    if not text or "\0" in text:
-        raise ConfigError(f"{where}: {value!r} is not a valid path")
-    return Path(text)
+def number(value: object, where: str, *, integer: bool = False, minimum: float = 0,
+           above: bool = False) -> Any:
+    """A number (an integer if asked) >= ``minimum`` (> with ``above``); never a bool."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{where}: {value!r} is not {'an integer' if integer else 'a number'}")
+    if value < minimum or (above and value == minimum):
+        raise ConfigError(f"{where}: {value!r} must be {'>' if above else '>='} {minimum}")
+    return value
+
+
+def seconds(value: object, where: str) -> float:
+    """A duration in seconds, > 0."""
+    return float(number(value, where, above=True))
+
+
+def path(value: object, where: str) -> Path:
+    """An absolute path (a daemon's working directory means nothing)."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"{where}: {value!r} is not an absolute path")
+    return Path(value)
+
+
+def metrics_address(value: object, where: str) -> str:
+    """``host:port``, or "" for off."""
+    return "" if value == "" else address(value, where)
+
+
+Reader = Callable[[object, str], Any]
+
+
+def one_of(options: tuple[str, ...]) -> Reader:
+    return lambda value, where: choice(value, where, options)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One top-level key: how its value is read and which field(s) it sets.
+
+    ``read`` None: a key the validator reads itself (it needs more than its value);
+    ``fields`` empty: the key in snake_case; several: ``read`` returns one value each.
+    """
+
+    key: str
+    read: Reader | None
+    fields: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        return self.fields or (re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(),
+                                      self.key),)
+
+
+def check_known(raw: Mapping[str, object], table: Sequence[Setting]) -> None:
+    known = {s.key for s in table}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+
+
+def read_settings(cfg: NodeSettings, raw: Mapping[str, object], table: Sequence[Setting]
+                  ) -> None:
+    """Set ``cfg``'s fields from ``raw`` through ``table``; ConfigError naming the key."""
+    check_known(raw, table)
+    by_key = {s.key: s for s in table}
+    for key, value in raw.items():
+        setting = by_key[key]
+        if value is None or setting.read is None:
+            continue
+        names = setting.names()
+        got = setting.read(value, key)
+        for name, v in zip(names, got if len(names) > 1 else (got,), strict=True):
+            setattr(cfg, name, v)
+    check_connection_limits(cfg.max_connections, cfg.max_connections_per_socket)
+
+
+def netdev_names(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: {value!r} must be a non-empty list of interface names")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not valid_netdev_name(name):
+            raise ConfigError(f"{where}[{i}]: {name!r} is not a valid interface name")
+    dupes = sorted({n for n in value if value.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: {', '.join(dupes)} listed more than once")
+    return list(value)
+
+
+def hostnames(value: object, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {value!r} is not a list of hostnames")
+    for i, h in enumerate(value):
+        if not isinstance(h, str) or not valid_hostname(h):
+            raise ConfigError(f"{where}[{i}]: {h!r} is not a valid hostname")
+    if not value:
+        raise ConfigError(f"{where}: must name at least one hostname")
+    return list(value)
+
+
+def xdp_mode(value: object, where: str) -> XdpMode:
+    try:
+        return XdpMode(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not one of auto, native, skb") from None
+
+
+def program_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        raise ConfigError(f"{where}: {value!r} is not a BPF program (function) name")
+    return value
+
+
+def watch_interval(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {value!r} is not a number of seconds (0: off)")
+    if value < 0:
+        raise ConfigError(f"{where}: {value!r} must be >= 0 (0 turns the watch off)")
+    return float(value)
+
+
+def connection_limit(value: object, where: str) -> int:
+    """``maxConnections`` / ``maxConnectionsPerSocket``: a positive integer."""
+    n: int = number(value, where, integer=True, above=True)
+    return n
+
+
+def owner(value: object, where: str) -> tuple[int, int]:
+    return parse_owner(str(value), where)
+
+
+# Every node daemon's keys: read the same way by both front ends.
+NODE_SETTINGS: tuple[Setting, ...] = (
+    Setting("logLevel", one_of(LOG_LEVELS)),
+    Setting("logFormat", one_of(LOG_FORMATS)),
+    Setting("controlSocket", path),
+    Setting("metricsAddress", metrics_address),
+    Setting("readyFile", path),
+    Setting("checkPeerNetns", boolean),
+    Setting("handshakeSpinUs", lambda v, w: handshake_spin_us(v, w)),
+    Setting("maxConnections", connection_limit),
+    Setting("maxConnectionsPerSocket", connection_limit),
+    Setting("bpfObject", path),
+)
+
+STANDALONE_SETTINGS: tuple[Setting, ...] = (
+    *NODE_SETTINGS,
+    Setting("netdevs", netdev_names),
+    Setting("socketDir", path),
+    Setting("allowHosts", hostnames),
+    Setting("xdpMode", xdp_mode),
+    Setting("socketMode", lambda v, w: parse_mode(v, w)),
+    Setting("socketOwner", owner, ("socket_uid", "socket_gid")),
+    Setting("pinDir", path),
+    Setting("forceReplace", boolean),
+    Setting("idleTimeout", seconds),
+    Setting("programName", program_name),
+    Setting("watchInterval", watch_interval),
+    Setting("allowUnboundXsk", boolean),
+    Setting("maxUmemBytes", lambda v, w: umem_limit(v, w)),
+)
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> StandaloneConfig:
     """Build a StandaloneConfig from camelCase keys; every error names its field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, not {type(raw).__name__}")
-    known = {_camel(f.name): f.name for f in fields(StandaloneConfig)
-             if f.name not in ("socket_uid", "socket_gid")}  # both come from socketOwner
-    known["socketOwner"] = "socket_owner"
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
-    netdevs = raw.get("netdevs")
-    if netdevs is None:
+    check_known(raw, STANDALONE_SETTINGS)
+    if raw.get("netdevs") is None:
         raise ConfigError("netdevs: no netdev to serve: give --netdev NAME (repeat it for "
                           "several), or list them under netdevs: in the --config file")
-    if not isinstance(netdevs, list) or not netdevs:
-        raise ConfigError(f"netdevs: {netdevs!r} must be a non-empty list of interface names")
-    for i, name in enumerate(netdevs):
-        if not isinstance(name, str) or not valid_netdev_name(name):
-            raise ConfigError(f"netdevs[{i}]: {name!r} is not a valid interface name")
-    dupes = sorted({n for n in netdevs if netdevs.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"netdevs: {', '.join(dupes)} listed more than once")
-    cfg = StandaloneConfig(netdevs=list(netdevs))
-    for key, value in raw.items():
-        if value is None:
-            continue
-        where = key
-        if key == "socketDir":
-            cfg.socket_dir = _path(value, where)
-        elif key == "allowHosts":
-            hosts = _want(value, list, where, "a list of hostnames")
-            for i, h in enumerate(hosts):
-                if not isinstance(h, str) or not valid_hostname(h):
-                    raise ConfigError(f"{where}[{i}]: {h!r} is not a valid hostname")
-            if not hosts:
-                raise ConfigError(f"{where}: must name at least one hostname")
-            cfg.allow_hosts = list(hosts)
-        elif key == "xdpMode":
-            try:
-                cfg.xdp_mode = XdpMode(value)
-            except ValueError:
-                raise ConfigError(f"{where}: {value!r} is not one of auto, native, skb") from None
-        elif key == "socketMode":
-            cfg.socket_mode = parse_mode(value, where)
-        elif key == "socketOwner":
-            cfg.socket_uid, cfg.socket_gid = parse_owner(str(value), where)
-        elif key in ("pinDir", "bpfObject", "readyFile", "controlSocket"):
-            setattr(cfg, known[key], _path(value, where))
-        elif key == "programName":
-            name = _want(value, str, where, "a BPF program (function) name")
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
-                raise ConfigError(f"{where}: {name!r} is not a BPF program (function) name")
-            cfg.program_name = name
-        elif key == "maxUmemBytes":
-            cfg.max_umem_bytes = umem_limit(value, where)
-        elif key in ("forceReplace", "checkPeerNetns", "allowUnboundXsk"):
-            setattr(cfg, known[key], _want(value, bool, where, "true or false"))
-        elif key == "idleTimeout":
-            cfg.idle_timeout = float(_positive(value, where, real=True))
-        elif key == "watchInterval":
-            interval = _want(value, (int, float), where, "a number of seconds (0: off)")
-            if interval < 0:
-                raise ConfigError(f"{where}: {value!r} must be >= 0 (0 turns the watch off)")
-            cfg.watch_interval = float(interval)
-        elif key in ("maxConnections", "maxConnectionsPerSocket"):
-            setattr(cfg, known[key], connection_limit(value, where))
-        elif key == "handshakeSpinUs":
-            cfg.handshake_spin_us = handshake_spin_us(value, where)
-        elif key == "logLevel":
-            cfg.log_level = choice(value, where, LOG_LEVELS)
-        elif key == "logFormat":
-            cfg.log_format = choice(value, where, LOG_FORMATS)
-        elif key == "metricsAddress":
-            cfg.metrics_address = address(value, where)
-    check_connection_limits(cfg.max_connections, cfg.max_connections_per_socket)
+    cfg = StandaloneConfig()
+    read_settings(cfg, raw, STANDALONE_SETTINGS)
     return cfg
-
-
-def connection_limit(value: object, where: str) -> int:
-    """``maxConnections`` / ``maxConnectionsPerSocket`` (both daemons)."""
-    n: int = _positive(value, where)
-    return n
 
 
 def check_connection_limits(total: int, per_socket: int) -> None:

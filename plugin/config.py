@@ -13,23 +13,25 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from bpf.program import PROGRAM_NAME, ProgramSpec, XdpMode
 from cni_server.config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
+    NODE_SETTINGS,
     ConfigError,
-    address,
-    check_connection_limits,
+    NodeSettings,
+    Setting,
+    check_known,
     choice,
-    connection_limit,
-    handshake_spin_us,
     parse_mode,
+    read_settings,
+    seconds,
     umem_limit,
 )
+from cni_server.config import boolean as _bool
+from cni_server.config import number as _number
+from cni_server.config import path as _path
 from cni_server.protocol import DEFAULT_UMEM_LIMIT
 from plugin.virtual import host_end
 
@@ -78,34 +80,25 @@ class PoolConfig:
 
 
 @dataclass
-class PluginConfig:
-    pools: list[PoolConfig]
+class PluginConfig(NodeSettings):
+    pools: list[PoolConfig] = field(default_factory=list)
     resource_prefix: str = "afxdp"
-    log_level: str = "info"
-    log_format: str = "kv"
     node_name: str = ""
     state_dir: Path = Path("/var/lib/afxdp")
     socket_root: Path = Path("/var/run/afxdp/sockets")
     bpffs_root: Path = Path("/sys/fs/bpf/afxdp")
     device_plugins_dir: Path = Path("/var/lib/kubelet/device-plugins")
     pod_resources_socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
-    control_socket: Path | None = Path("/run/afxdp/control.sock")
     cni_socket: Path = Path("/run/afxdp/cni.sock")
     # /metrics, /healthz, /readyz; "": off.  Loopback unless told otherwise: the
     # DaemonSet passes the node's address (--metrics-address) for probes and scraping.
     metrics_address: str = "127.0.0.1:9402"
-    ready_file: Path | None = None
-    check_peer_netns: bool = True
-    handshake_spin_us: int = 50  # see cni_server.server.Limits.handshake_spin; 0: off
-    max_connections: int = 4096  # handout connections over all sockets (as standalone)
-    max_connections_per_socket: int = 128
     gc_interval: float = 30.0
     gc_grace: float = 300.0  # an allocation no pod claims is released after this long
     rescan_interval: float = 60.0  # full dumps; events keep the view current in between
     # How often the device plugin checks its socket and kubelet's as a safety net;
     # inotify on the plugins directory reports a kubelet restart at once.
     kubelet_check_interval: float = 10.0
-    bpf_object: Path | None = None
 
     def resource_name(self, pool: PoolConfig) -> str:
         return f"{self.resource_prefix}/{pool.name}"
@@ -114,13 +107,6 @@ class PluginConfig:
         return next(p for p in self.pools if p.name == name)
 
 
-_TOP = {
-    "resourcePrefix", "logLevel", "logFormat", "nodeName", "stateDir", "socketRoot", "bpffsRoot",
-    "devicePluginsDir", "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
-    "checkPeerNetns", "handshakeSpinUs", "maxConnections", "maxConnectionsPerSocket",
-    "gcInterval", "gcGrace", "rescanInterval", "bpfObject", "pools", "metricsAddress",
-    "kubeletCheckInterval",
-}
 _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
@@ -168,28 +154,6 @@ def _patterns(value: object, where: str) -> list[re.Pattern[str]]:
             raise ConfigError(f"{where}[{i}]: {text!r} is not a valid regular expression ({e})"
                               ) from None
     return out
-
-
-def _number(value: object, where: str, *, integer: bool = False, minimum: float = 0,
-            above: bool = False) -> Any:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigError(f"{where}: {value!r} is not {'an integer' if integer else 'a number'}")
-    if value < minimum or (above and value == minimum):
-        raise ConfigError(f"{where}: {value!r} must be {'>' if above else '>='} {minimum}")
-    return value
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not true or false")
-    return value
-
-
-def _path(value: object, where: str) -> Path:
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        raise ConfigError(f"{where}: {value!r} is not an absolute path")
-    return Path(value)
 
 
 def _pool(raw: object, where: str, node: str) -> PoolConfig:
@@ -333,12 +297,35 @@ def _program(value: object, where: str) -> tuple[ProgramSpec, dict[str, list[int
     return spec, {str(m): list(k) for m, k in keys.items()}
 
 
+def resource_prefix(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _DNS_SUBDOMAIN.fullmatch(value) or len(value) > 253:
+        raise ConfigError(f"{where}: {value!r} is not a DNS subdomain")
+    return value
+
+
+# The node daemon's keys, then Kubernetes mode's (pools and nodeName are read first).
+PLUGIN_SETTINGS: tuple[Setting, ...] = (
+    *NODE_SETTINGS,
+    Setting("pools", None),
+    Setting("nodeName", None),
+    Setting("resourcePrefix", resource_prefix),
+    Setting("stateDir", _path),
+    Setting("socketRoot", _path),
+    Setting("bpffsRoot", _path),
+    Setting("devicePluginsDir", _path),
+    Setting("podResourcesSocket", _path),
+    Setting("cniSocket", _path),
+    Setting("gcInterval", seconds),
+    Setting("gcGrace", seconds),
+    Setting("rescanInterval", seconds),
+    Setting("kubeletCheckInterval", seconds),
+)
+
+
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping")
-    for key in raw:
-        if key not in _TOP:
-            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(_TOP))})")
+    check_known(raw, PLUGIN_SETTINGS)
     node = node_name or raw.get("nodeName") or os.environ.get("NODE_NAME") or socket.gethostname()
     if not isinstance(node, str) or not node:
         raise ConfigError(f"nodeName: {node!r} is not a node name")
@@ -353,33 +340,7 @@ def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
         seen[p.name] = i
     _check_literal_overlap(pools)
     cfg = PluginConfig(pools=pools, node_name=node)
-    for key, value in raw.items():
-        if key == "resourcePrefix":
-            if not isinstance(value, str) or not _DNS_SUBDOMAIN.fullmatch(value) or len(value) > 253:
-                raise ConfigError(f"resourcePrefix: {value!r} is not a DNS subdomain")
-            cfg.resource_prefix = value
-        elif key == "logLevel":
-            cfg.log_level = choice(value, key, LOG_LEVELS)
-        elif key == "logFormat":
-            cfg.log_format = choice(value, key, LOG_FORMATS)
-        elif key in ("stateDir", "socketRoot", "bpffsRoot", "devicePluginsDir",
-                     "podResourcesSocket", "controlSocket", "cniSocket", "readyFile",
-                     "bpfObject"):
-            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
-            setattr(cfg, attr, _path(value, key))
-        elif key == "checkPeerNetns":
-            cfg.check_peer_netns = _bool(value, key)
-        elif key == "handshakeSpinUs":
-            cfg.handshake_spin_us = handshake_spin_us(value, key)
-        elif key in ("maxConnections", "maxConnectionsPerSocket"):
-            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
-            setattr(cfg, attr, connection_limit(value, key))
-        elif key == "metricsAddress":
-            cfg.metrics_address = address(value, key) if value != "" else ""
-        elif key in ("gcInterval", "gcGrace", "rescanInterval", "kubeletCheckInterval"):
-            attr = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
-            setattr(cfg, attr, float(_number(value, key, above=True)))
-    check_connection_limits(cfg.max_connections, cfg.max_connections_per_socket)
+    read_settings(cfg, raw, PLUGIN_SETTINGS)
     return cfg
 
 

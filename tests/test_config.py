@@ -96,3 +96,58 @@ def test_owner_accepts_names_numbers_and_default_group() -> None:
     assert parse_owner("65534", "x") == (65534, 65534)
     assert parse_owner("0:65534", "x") == (0, 65534)
     assert parse_owner("root:nogroup", "x") == (0, 65534)
+
+
+# -- one model for both daemons ----------------------------------------------------------------
+
+def _both(extra: dict[str, Any]) -> list[Any]:
+    """``extra`` read by the standalone and the Kubernetes validators."""
+    from plugin.config import validate as validate_k8s
+    out: list[Any] = []
+    for build in (lambda: validate({"netdevs": ["v0"], **extra}),
+                  lambda: validate_k8s({"pools": [{"name": "p", "drivers": ["ice"]}], **extra},
+                                       node_name="n1")):
+        try:
+            out.append(build())
+        except ConfigError as e:
+            out.append(str(e))
+    return out
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("logLevel", "loud"), ("logFormat", "xml"), ("controlSocket", "run/c.sock"),
+    ("metricsAddress", "nowhere"), ("readyFile", 5), ("checkPeerNetns", "no"),
+    ("handshakeSpinUs", 1001), ("maxConnections", 0), ("maxConnectionsPerSocket", True),
+    ("bpfObject", "prog.o"),
+])
+def test_both_daemons_refuse_a_shared_key_with_the_same_error(key: str, bad: object) -> None:
+    standalone, k8s = _both({key: bad})
+    assert isinstance(standalone, str) and standalone.startswith(f"{key}:"), standalone
+    assert standalone == k8s
+
+
+def test_both_daemons_read_every_shared_key_into_the_same_field() -> None:
+    from cni_server.config import NODE_SETTINGS
+    good = {"logLevel": "debug", "logFormat": "json", "controlSocket": "/run/x/c.sock",
+            "metricsAddress": "", "readyFile": "/run/x/ready", "checkPeerNetns": False,
+            "handshakeSpinUs": 0, "maxConnections": 300, "maxConnectionsPerSocket": 20,
+            "bpfObject": "/opt/prog.o"}
+    assert set(good) == {s.key for s in NODE_SETTINGS}
+    standalone, k8s = _both(good)
+    for setting in NODE_SETTINGS:
+        (name,) = setting.names()
+        assert getattr(standalone, name) == getattr(k8s, name), name
+    assert (standalone.metrics_address, standalone.max_connections,
+            standalone.control_socket) == ("", 300, Path("/run/x/c.sock"))
+
+
+def test_a_relative_path_is_refused_in_a_file_and_made_absolute_from_a_flag(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni_server.cli import _serve_overrides, build_parser
+    with pytest.raises(ConfigError, match="socketDir: 'sock' is not an absolute path"):
+        validate({"netdevs": ["v0"], "socketDir": "sock"})
+    monkeypatch.chdir(tmp_path)
+    a = build_parser().parse_args(["serve", "--netdev", "v0", "--socket-dir", "sock",
+                                   "--ready-file", "r.json"])
+    cfg = validate(_serve_overrides(a))
+    assert (cfg.socket_dir, cfg.ready_file) == (tmp_path / "sock", tmp_path / "r.json")
