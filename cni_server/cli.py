@@ -63,8 +63,9 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from cni_server.daemon import DaemonError, StandaloneDaemon
+    from cni_server.node import DaemonError
     from cni_server.server import ServerError
+    from cni_server.standalone import standalone_daemon
 
     try:
         raw = config_mod.load_file(Path(a.config)) if a.config else {}
@@ -78,7 +79,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     if os.geteuid() != 0:
         log.warning("event=not_root hint=attaching_XDP_needs_CAP_NET_ADMIN_and_CAP_BPF")
-    daemon = StandaloneDaemon(cfg)
+    daemon = standalone_daemon(cfg)
     try:
         asyncio.run(daemon.run())
     except (BpfError, DaemonError, ServerError, ControlError, OSError) as e:
@@ -92,14 +93,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
+    from cni_server.node import DaemonError
     from cni_server.ownership import OwnershipError
     from cni_server.registry import RegistryError
     from cni_server.safedir import UnsafeDirectory
     from cni_server.server import ServerError
     from cni_server.state import StateError
     from plugin.config import load
-    from plugin.daemon import KubernetesDaemon
     from plugin.inventory import PoolConflict
+    from plugin.kubernetes import kubernetes_daemon
 
     try:
         cfg = load(Path(a.config), node_name=a.node_name)
@@ -115,12 +117,12 @@ def cmd_daemon(a: argparse.Namespace) -> int:
             return _fail(EXIT_USAGE, f"configuration: {e}")
     logs.setup(cfg.log_level, cfg.log_format)
     try:
-        asyncio.run(KubernetesDaemon(cfg).run())
+        asyncio.run(kubernetes_daemon(cfg).run())
     except (PoolConflict, ConfigError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_USAGE, f"configuration: {e}")
     except (BpfError, ServerError, ControlError, RegistryError, StateError, OSError,
-            UnsafeDirectory, OwnershipError) as e:
+            UnsafeDirectory, OwnershipError, DaemonError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_ERROR, str(e))
     log.info("event=stopped")

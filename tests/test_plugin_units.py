@@ -241,11 +241,11 @@ def test_a_child_that_outlives_its_timeout_is_killed() -> None:
 
 
 def test_the_kubernetes_daemon_takes_the_standalone_connection_limits() -> None:
-    from plugin.daemon import KubernetesDaemon
+    from plugin.kubernetes import kubernetes_daemon
     pools = [{"name": "fast", "drivers": ["ice"]}]
     cfg = validate({"pools": pools, "maxConnections": 300, "maxConnectionsPerSocket": 20},
                    node_name="n1")
-    limits = KubernetesDaemon(cfg).server.limits
+    limits = kubernetes_daemon(cfg).server.limits
     assert (limits.max_connections, limits.max_connections_per_socket) == (300, 20)
     defaults = validate({"pools": pools}, node_name="n1")
     assert (defaults.max_connections, defaults.max_connections_per_socket) == (4096, 128)

@@ -1,0 +1,161 @@
+"""The node daemon: one lifecycle for every front end.
+
+``NodeDaemon`` owns what every node daemon has: the handout server and its
+limits, the daemon's netns, the claim on the netdevs it serves, the program
+table and the registry, the control socket, ``/metrics`` and the probes, the
+ready file, and the order things start and stop in.  A :class:`FrontEnd` says
+what is served: the standalone one (``cni_server.standalone``) a fixed netdev
+list; the Kubernetes one (``plugin.kubernetes``) pools, the device plugin, the
+CNI endpoint and PodResources.
+
+Start-up is all-or-nothing: a failure undoes what was done and is raised.  On
+SIGTERM or SIGINT it stops accepting, lets handshakes in flight finish, and
+stops; whether allocations are released (standalone) or kept for running pods
+and the next start (Kubernetes) is the front end's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, Protocol
+
+from cni_server.config import NodeSettings
+from cni_server.control import ControlServer
+from cni_server.health import HealthServer
+from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
+from cni_server.netns import Netns
+from cni_server.ownership import Claims
+from cni_server.registry import ProgramTable, Registry
+from cni_server.server import HandoutServer, Limits
+
+log = logging.getLogger(__name__)
+DRAIN_SECONDS = 2.0
+
+
+class DaemonError(Exception):
+    """Start-up failed; the message says what and where."""
+
+
+class FrontEnd(Protocol):
+    """What a kind of node daemon adds to the core, called in this order:
+    ``prepare`` (before the registry exists), ``start``, and on the way down
+    ``stop`` (before connections drain) and ``cleanup`` (after the registry's
+    shutdown)."""
+
+    mode: str  # in the netdev claims and the status: "standalone", "kubernetes"
+    release_on_stop: bool  # detach and remove everything at stop, or keep it for pods
+    fd_headroom: int  # fds beyond the connections: programs, maps, sockets, the daemon's own
+    force_replace: bool  # take a netdev whose XDP program is not ours
+
+    def claim_facts(self) -> dict[str, str]: ...
+    def idle_timeout(self) -> float: ...
+    async def prepare(self, node: NodeDaemon) -> None: ...
+    def registry_parts(self) -> tuple[Any, ...]: ...
+    async def start(self, node: NodeDaemon) -> None: ...
+    async def stop(self, node: NodeDaemon) -> None: ...
+    async def cleanup(self, node: NodeDaemon) -> None: ...
+    def ready(self) -> tuple[bool, str]: ...
+    def status(self, node: NodeDaemon) -> dict[str, Any]: ...
+    def ready_line(self, node: NodeDaemon) -> str: ...
+
+
+class NodeDaemon:
+    def __init__(self, settings: NodeSettings, front: FrontEnd) -> None:
+        self.settings = settings
+        self.front = front
+        self.server = HandoutServer(limits=Limits(
+            idle_timeout=front.idle_timeout(),
+            max_connections=settings.max_connections,
+            max_connections_per_socket=settings.max_connections_per_socket,
+            handshake_spin=settings.handshake_spin_us / 1e6,
+        ))
+        self.netns: Netns | None = None
+        self.claims: Claims | None = None
+        self.registry: Registry | None = None
+        self.http: HealthServer | None = None
+        self._control: ControlServer | None = None
+        self._started = False
+        self._stop = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        raise_fd_limit(s.max_connections + self.front.fd_headroom)
+        self.netns = Netns.current()
+        self.claims = Claims(self.netns.inode, {
+            "pid": os.getpid(), "mode": self.front.mode, **self.front.claim_facts(),
+            "control": str(s.control_socket or "")})
+        try:
+            await self.front.prepare(self)
+            self.registry = Registry(self.server, self.netns, ProgramTable(
+                force_replace=self.front.force_replace, bpf_object=s.bpf_object,
+                metrics=self.server.metrics, claims=self.claims), *self.front.registry_parts())
+            await self.front.start(self)
+            if s.control_socket is not None:
+                self._control = ControlServer(s.control_socket)
+                self._control.register("status", self._status_op)
+                await self._control.start()
+            if s.metrics_address:
+                self.http = HealthServer(s.metrics_address, self.server.metrics, self.ready)
+                await self.http.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+        report_ready(s.ready_file, self.status())
+        log.info("event=ready %s", self.front.ready_line(self))
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        await run_until_signal(self.start, self.stop, self._stop)
+
+    async def stop(self) -> None:
+        """Undo everything start() did, in reverse; safe to call on a partial start."""
+        self._started = False
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        await self.front.stop(self)
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        await self.server.drain(DRAIN_SECONDS)  # let handshakes in flight finish
+        if self.registry is not None:
+            await self.registry.shutdown(release=self.front.release_on_stop)
+        self.server.close()
+        await self.front.cleanup(self)
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.unlink(missing_ok=True)
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
+
+    # -- what it reports -------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: started, and whatever the front end waits for."""
+        if not self._started:
+            return False, "starting"
+        return self.front.ready()
+
+    def status(self) -> dict[str, Any]:
+        allocations = self.registry.allocations.values() if self.registry else []
+        return {
+            "pid": os.getpid(),
+            "mode": self.front.mode,
+            "hostname": socket.gethostname(),
+            "netns": self.netns.inode if self.netns else None,
+            "allocations": [a.describe() | {"connections": sum(
+                len(lst.connections) for lst in self.server.listeners.values()
+                if lst.allocation is a)} for a in allocations],
+            "server": self.server.stats(),
+            "http": self.http.address if self.http else None,
+            **self.front.status(self),
+        }
+
+    async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}

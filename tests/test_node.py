@@ -1,0 +1,122 @@
+"""The node daemon's one lifecycle, with a front end that records what it is asked:
+no root, no kernel.  (The two real front ends run end to end in test_daemon.py and
+test_plugin.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_server.config import NodeSettings
+from cni_server.control import call
+from cni_server.node import NodeDaemon
+
+
+class RecordingFront:
+    mode = "test"
+    release_on_stop = True
+    fd_headroom = 16
+    force_replace = False
+
+    def __init__(self, fail_in: str = "") -> None:
+        self.calls: list[str] = []
+        self.fail_in = fail_in
+        self.registered = False
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.fail_in:
+            raise RuntimeError(f"{name} failed")
+
+    def claim_facts(self) -> dict[str, str]:
+        return {"sockets": "/nowhere"}
+
+    def idle_timeout(self) -> float:
+        return 7.0
+
+    async def prepare(self, node: NodeDaemon) -> None:
+        assert node.registry is None and node.netns is not None
+        self._call("prepare")
+
+    def registry_parts(self) -> tuple[Any, ...]:
+        self._call("registry_parts")
+        return ()
+
+    async def start(self, node: NodeDaemon) -> None:
+        assert node.registry is not None
+        self._call("start")
+
+    async def stop(self, node: NodeDaemon) -> None:
+        self._call("stop")
+
+    async def cleanup(self, node: NodeDaemon) -> None:
+        self._call("cleanup")
+
+    def ready(self) -> tuple[bool, str]:
+        return self.registered, "not registered yet"
+
+    def status(self, node: NodeDaemon) -> dict[str, Any]:
+        return {"front": "recording"}
+
+    def ready_line(self, node: NodeDaemon) -> str:
+        return "front=recording"
+
+
+def _settings(tmp_path: Path) -> NodeSettings:
+    return NodeSettings(control_socket=tmp_path / "control.sock",
+                        ready_file=tmp_path / "ready.json", max_connections=50,
+                        max_connections_per_socket=5, handshake_spin_us=0)
+
+
+def test_the_front_end_is_called_in_order_and_the_core_serves_status(tmp_path: Path) -> None:
+    front = RecordingFront()
+    node = NodeDaemon(_settings(tmp_path), front)
+    limits = node.server.limits
+    assert (limits.idle_timeout, limits.max_connections, limits.max_connections_per_socket,
+            limits.handshake_spin) == (7.0, 50, 5, 0)
+
+    async def scenario() -> dict[str, Any]:
+        await node.start()
+        assert node.ready() == (False, "not registered yet")
+        front.registered = True
+        assert node.ready() == (True, "not registered yet")
+        reply = await asyncio.to_thread(call, tmp_path / "control.sock",
+                                        {"op": "status"})
+        await node.stop()
+        assert node.ready() == (False, "starting")
+        return reply
+
+    reply = asyncio.run(scenario())
+    assert front.calls == ["prepare", "registry_parts", "start", "stop", "cleanup"]
+    status = reply["status"]
+    assert (status["mode"], status["front"], status["allocations"]) == ("test", "recording", [])
+    assert not (tmp_path / "ready.json").exists() and not (tmp_path / "control.sock").exists()
+
+
+@pytest.mark.parametrize("fail_in", ["prepare", "start"])
+def test_a_failed_start_is_undone_and_raised(tmp_path: Path, fail_in: str) -> None:
+    front = RecordingFront(fail_in=fail_in)
+    node = NodeDaemon(_settings(tmp_path), front)
+    with pytest.raises(RuntimeError, match=f"{fail_in} failed"):
+        asyncio.run(node.start())
+    assert front.calls[-2:] == ["stop", "cleanup"]
+    assert node.netns is None and not (tmp_path / "ready.json").exists()
+
+
+def test_the_ready_file_holds_the_status(tmp_path: Path) -> None:
+    node = NodeDaemon(_settings(tmp_path), RecordingFront())
+
+    async def scenario() -> dict[str, Any]:
+        await node.start()
+        try:
+            doc: dict[str, Any] = json.loads((tmp_path / "ready.json").read_text())
+            return doc
+        finally:
+            await node.stop()
+
+    doc = asyncio.run(scenario())
+    assert doc["mode"] == "test" and doc["front"] == "recording"
