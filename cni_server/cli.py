@@ -95,7 +95,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_daemon(a: argparse.Namespace) -> int:
     from cni_server.node import DaemonError
     from cni_server.ownership import OwnershipError
-    from cni_server.registry import RegistryError
+    from cni_server.programs import RegistryError
     from cni_server.safedir import UnsafeDirectory
     from cni_server.server import ServerError
     from cni_server.state import StateError

@@ -28,7 +28,8 @@ from cni_server.health import HealthServer
 from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.ownership import Claims
-from cni_server.registry import ProgramTable, Registry
+from cni_server.programs import ProgramTable
+from cni_server.registry import Registry
 from cni_server.server import HandoutServer, Limits
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from bpf.errors import BpffsError
 from cni_server.config import StandaloneConfig
 from cni_server.node import DaemonError, NodeDaemon
 from cni_server.ownership import NetdevBusy, OwnershipError
-from cni_server.registry import SOCKET_NAME, AllocationSpec
 from cni_server.safedir import UnsafeDirectory, ensure_dir
+from cni_server.spec import SOCKET_NAME, AllocationSpec
 from cni_server.watch import ProgramWatch
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
 from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
 from cni_server.netns import Netns, NetnsError
-from cni_server.registry import AllocationSpec, NotBroughtHome, Registry
+from cni_server.registry import NotBroughtHome, Registry
+from cni_server.spec import AllocationSpec
 from plugin.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
@@ -240,13 +241,13 @@ class CniEndpoint:
                 handed_over = False  # once recorded, the registry owns ``target``
                 try:
                     if device.netns is not home:
-                        record = self.registry.specs[alloc_id].attached.get(netdev, {})
+                        record = self.registry.attachment(netdev) or {}
                         if device.netns.inode == target.inode and record.get("container_id") == cid:
                             state = await target.run_async(lambda: _link_state(record["ifname"]))
                             return self._result(record["ifname"], state, req)  # a retried ADD
                         raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
                                        f"network namespace (container {record.get('container_id')})")
-                    spec = self.registry.specs[alloc_id]
+                    spec = self.registry.spec(alloc_id)
                     if spec.virtual_kind:  # first, so a missing bridge fails before any move
                         try:
                             await asyncio.to_thread(plug, host_end(netdev), spec.virtual_bridge)
@@ -288,7 +289,7 @@ class CniEndpoint:
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
                               "cni_ifname": cni_ifname, "container_id": cid,
                               "network": str(req.get("network") or ""), **before}
-                    self.registry.record_attachment(alloc_id, netdev, record, target, target_name,
+                    self.registry.attach(alloc_id, netdev, record, target, target_name,
                                                     int(state["ifindex"]))
                     handed_over = True
                 finally:
@@ -310,7 +311,7 @@ class CniEndpoint:
             allocation = self.registry.by_netdev(netdev)
             if allocation is None:
                 return {"released": False}
-            record = self.registry.specs[allocation.id].attached.get(netdev)
+            record = self.registry.attachment(netdev)
             if record is None or (cid and record.get("container_id") not in ("", cid)):
                 return {"released": False}
             with self.registry.moving(netdev):
@@ -319,7 +320,7 @@ class CniEndpoint:
                 except NotBroughtHome as e:  # the runtime retries a failed DEL
                     raise CniError(MOVE_FAILED, f"cannot bring {netdev!r} back to the node",
                                    str(e)) from e
-                await self._unplug(self.registry.specs[allocation.id], netdev)
+                await self._unplug(self.registry.spec(allocation.id), netdev)
         return {"released": True}
 
     @staticmethod
@@ -332,16 +333,15 @@ class CniEndpoint:
                 log.warning("event=virtual_unplug_failed netdev=%s error=%r", netdev, str(e))
 
     def _by_container(self, cid: str, cni_ifname: str) -> str | None:
-        for spec in self.registry.specs.values():
-            for netdev, rec in spec.attached.items():
-                if rec.get("container_id") == cid and rec.get("cni_ifname") in ("", cni_ifname):
-                    return netdev
+        for netdev, rec in self.registry.attachments():
+            if rec.get("container_id") == cid and rec.get("cni_ifname") in ("", cni_ifname):
+                return netdev
         return None
 
     async def check(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
         netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
-        alloc_id, device = self._allocated(netdev)
-        record = self.registry.specs[alloc_id].attached.get(netdev)
+        _, device = self._allocated(netdev)
+        record = self.registry.attachment(netdev)
         if record is None or record.get("container_id") != cid:
             raise CniError(CHECK_FAILED, f"device {netdev!r} is not attached to container {cid}")
         try:
@@ -372,19 +372,18 @@ class CniEndpoint:
         valid = {(str(a.get("containerID")), str(a.get("ifname")))
                  for a in req.get("valid", []) if isinstance(a, dict)}
         released = []
-        for spec in list(self.registry.specs.values()):
-            for netdev, rec in list(spec.attached.items()):
-                if rec.get("network") != network:
+        for netdev, rec in list(self.registry.attachments()):
+            if rec.get("network") != network:
+                continue
+            if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
+                try:
+                    await self.delete({"deviceID": netdev,
+                                       "containerID": rec.get("container_id")}, [])
+                except CniError as e:  # the others are still collected
+                    log.warning("event=gc_release_failed netdev=%s msg=%r details=%r",
+                                netdev, e.msg, e.details)
                     continue
-                if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
-                    try:
-                        await self.delete({"deviceID": netdev,
-                                           "containerID": rec.get("container_id")}, [])
-                    except CniError as e:  # the others are still collected
-                        log.warning("event=gc_release_failed netdev=%s msg=%r details=%r",
-                                    netdev, e.msg, e.details)
-                        continue
-                    released.append(netdev)
+                released.append(netdev)
         return {"released": released}
 
 

@@ -30,7 +30,8 @@ from typing import Any
 import grpc
 
 from cni_server.allocation import Allocation
-from cni_server.registry import AllocationSpec, Registry
+from cni_server.registry import Registry
+from cni_server.spec import AllocationSpec
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PluginConfig, PoolConfig
 from plugin.deviceplugin import HEALTHY, UNHEALTHY, AllocateError
@@ -97,7 +98,7 @@ class PoolBackend:
         allocation = self.registry.by_netdev(ids[0]) if ids else None
         if allocation is None or set(allocation.netdevs) != set(ids):
             return None
-        if self.registry.specs[allocation.id].attached:
+        if self.registry.spec(allocation.id).attached:
             return None
         log.info("event=allocation_reused id=%s netdevs=%s reason=%r", allocation.id,
                  ",".join(ids), "another container of the pod (device reuse)")
@@ -151,7 +152,7 @@ class PoolBackend:
         return allocation
 
     def _response(self, allocation: Allocation) -> pb.ContainerAllocateResponse:
-        spec = self.registry.specs[allocation.id]
+        spec = self.registry.spec(allocation.id)
         resp = pb.ContainerAllocateResponse()
         info: dict[str, dict[str, object]] = {}
         for name, dev in allocation.netdevs.items():

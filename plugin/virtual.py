@@ -21,7 +21,7 @@ import subprocess
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_server.registry import AllocationSpec
+from cni_server.spec import AllocationSpec
 
 log = logging.getLogger(__name__)
 _PROBE = "afxnkprobe"

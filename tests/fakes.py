@@ -6,6 +6,9 @@ SCM_RIGHTS, peer identity), only what a grant would do to the kernel is faked.
   test can tell the fd a client received is the one the server meant to send.
 - FakeBroker performs grants on FakeProgram: the XSKMAP fd for /xsk_map_fd, a
   refusal (as the real broker gives one) for what needs AF_XDP; it records each grant.
+- FakeProgramTable is the registry's program table without a kernel: each netdev
+  gets one FakeProgram, shared and counted as the real table shares ours, closed
+  with its last user; it records each call, and can be told to refuse a netdev.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.broker import Broker, Outcome
 from cni_server.fds import OwnedFd
 from cni_server.netns import Netns
+from cni_server.programs import RegistryError
 from cni_server.protocol import Grant, Op
 
 
@@ -72,3 +76,42 @@ def fake_allocation(here: Netns, *netdevs: str, hostnames: frozenset[str],
         netdevs={p.netdev: AllocatedDevice(p.netdev, p, here)  # type: ignore[arg-type]
                  for p in programs})
     return alloc, programs
+
+
+@dataclass
+class FakeProgramTable:
+    refuse: set[str] = field(default_factory=set)  # acquire raises for these
+    claims: Any = None
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    programs: dict[str, FakeProgram] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+
+    async def acquire(self, netdev: str, mode: Any, netns: Netns | None = None,
+                      ifname: str = "", choice: Any = None) -> FakeProgram:
+        self.calls.append(("acquire", netdev))
+        if netdev in self.refuse:
+            raise RegistryError(f"{netdev}: refused by the test")
+        if netdev not in self.programs:
+            self.programs[netdev] = FakeProgram(netdev)
+        self.users[netdev] = self.users.get(netdev, 0) + 1
+        return self.programs[netdev]
+
+    async def release(self, netdev: str, *, detach: bool = True) -> None:
+        self.calls.append(("release", netdev, detach))
+        self.users[netdev] -= 1
+        if not self.users[netdev]:
+            del self.users[netdev]
+            self.programs.pop(netdev).close()
+
+    def relocate(self, netdev: str, netns: Netns | None, ifname: str, ifindex: int) -> None:
+        self.calls.append(("relocate", netdev, ifname, ifindex))
+
+    async def repair(self, netdev: str, mode: Any) -> str:
+        self.calls.append(("repair", netdev))
+        return "reattached"
+
+    def get(self, netdev: str) -> FakeProgram | None:
+        return self.programs.get(netdev)
+
+    def netdevs(self) -> list[str]:
+        return list(self.programs)

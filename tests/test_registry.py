@@ -17,8 +17,10 @@ from bpf import bpffs, libbpf
 from cni_server.client import HandshakeError, fetch_map_fd
 from cni_server.netdev import link_info
 from cni_server.netns import Netns
-from cni_server.registry import AllocationSpec, ProgramTable, Registry, RegistryError
+from cni_server.programs import ProgramTable, RegistryError
+from cni_server.registry import Registry
 from cni_server.server import HandoutServer
+from cni_server.spec import AllocationSpec
 from cni_server.state import StateError, StateFile
 from tests.kernel import NsFixture, run
 
@@ -85,7 +87,7 @@ def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
         with pytest.raises(HandshakeError, match="/fd_nak"):
             await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")
         info = await asyncio.to_thread(link_info, "va")
-        reg.record_attachment("a1", "va", None, None, "va", info.ifindex)
+        reg._moved("a1", "va", None, None, "va", info.ifindex)  # as CNI DEL records it
         assert moved == ["va"] and a.netdevs["va"].unavailable == ""
         (await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")).close()
         await reg.release("a1")  # and a release has health judged again too
