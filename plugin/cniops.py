@@ -1,0 +1,298 @@
+"""What the daemon does for each CNI request: ADD, DEL, CHECK, STATUS and GC.
+
+Called by the CNI endpoint (``plugin.cniendpoint``) with the request and the fds
+it carried.  ADD moves an allocated netdev into the pod's network namespace,
+named ``CNI_IFNAME`` there, and configures it; DEL brings it home as it was.
+Operations on one netdev are serialised; different netdevs proceed in parallel.
+Netlink work runs in worker threads (inside the right namespace).  Errors are
+:class:`CniError` with CNI error codes (``docs/cni.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_server.allocation import Allocation
+from cni_server.fds import OwnedFd
+from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
+from cni_server.netns import Netns
+from cni_server.registry import NotBroughtHome, Registry
+from cni_server.spec import AllocationSpec
+from plugin.virtual import VirtualError, host_end, plug, unplug
+
+log = logging.getLogger(__name__)
+
+# CNI error codes (spec) and ours (100+).
+TRY_AGAIN = 11
+NOT_ALLOCATED = 101
+IN_OTHER_NETNS = 102
+NAME_TAKEN = 103
+CHECK_FAILED = 104
+MOVE_FAILED = 105
+BAD_REQUEST = 106
+NOT_OWNER = 109
+NETNS_UNUSABLE = 111
+
+# Asked before a device moves: may pod (namespace, name) have this allocation?
+# Returns why not ("" when it may).
+OwnerCheck = Callable[[Allocation, str, str], Awaitable[str]]
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        self.code = code
+        self.msg = msg
+        self.details = details
+        super().__init__(msg)
+
+
+def _link_state(name: str) -> dict[str, Any]:
+    """ifindex, mac, up and IPv4/IPv6 addresses of ``name`` in the calling thread's netns."""
+    with IPRoute() as ipr:
+        try:
+            link = ipr.link("get", ifname=name)[0]
+        except NetlinkError as e:
+            raise NetdevMissing(name) from e
+        idx = int(link["index"])
+        addrs = [f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)
+                 if int(a["scope"]) < 253]
+    return {"ifindex": idx, "mac": str(link.get("address") or ""), "up": bool(link["flags"] & 1),
+            "addresses": addrs}
+
+
+def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
+    """In the pod's netns: up, addresses and routes from the IPAM result; its ifindex
+    and MAC.  One netlink socket for all of it: this is on every pod's start."""
+    with IPRoute() as ipr:
+        try:
+            link = ipr.link("get", ifname=name)[0]
+        except NetlinkError as e:
+            raise NetdevMissing(name) from e
+        idx = int(link["index"])
+        ipr.link("set", index=idx, state="up")
+        for ip in (ipam or {}).get("ips", []):
+            addr, _, plen = str(ip["address"]).partition("/")
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+        for route in (ipam or {}).get("routes", []):
+            dst, _, plen = str(route["dst"]).partition("/")
+            kw: dict[str, Any] = {"dst": dst, "dst_len": int(plen), "oif": idx}
+            if route.get("gw"):
+                kw["gateway"] = route["gw"]
+            with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
+                ipr.route("add", **kw)
+    return {"ifindex": idx, "mac": str(link.get("address") or "")}
+
+
+
+class CniOperations:
+    def __init__(self, registry: Registry, check_owner: OwnerCheck | None = None) -> None:
+        self.registry = registry
+        # The config a CNI ADD carries is written by tenants (NADs): which device it
+        # names proves nothing; the pod the runtime names must own the allocation.
+        self.check_owner = check_owner
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any], list[OwnedFd]],
+                                             Awaitable[dict[str, Any]]]]:
+        """The operations by the request's ``op``."""
+        return {"add": self.add, "del": self.delete, "check": self.check,
+                "status": self.status, "gc": self.gc}
+
+    def _lock(self, netdev: str) -> asyncio.Lock:
+        return self._locks.setdefault(netdev, asyncio.Lock())
+
+    # -- operations -------------------------------------------------------------------
+
+    def _allocated(self, netdev: str) -> tuple[str, Any]:
+        allocation = self.registry.by_netdev(netdev)
+        if allocation is None:
+            raise CniError(NOT_ALLOCATED, f"device {netdev!r} is not allocated on this node",
+                           "the device plugin must allocate it to the pod first")
+        return allocation.id, allocation.netdevs[netdev]
+
+    async def add(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        cni_ifname = str(req.get("ifname") or "")
+        if not netdev or not cid or not cni_ifname or len(fds) != 1:
+            raise CniError(BAD_REQUEST, "add needs deviceID, containerID, ifname and a netns fd")
+        target_name = cni_ifname if req.get("rename") else netdev
+        pod: dict[str, Any] = req["pod"] if isinstance(req.get("pod"), dict) else {}
+        namespace, pod_name = str(pod.get("namespace") or ""), str(pod.get("name") or "")
+        async with self._lock(netdev):
+            alloc_id, _device = self._allocated(netdev)
+            if self.check_owner is not None:
+                if not namespace or not pod_name:
+                    raise CniError(NOT_OWNER, "CNI_ARGS names no pod (K8S_POD_NAMESPACE, "
+                                   "K8S_POD_NAME): cannot check who may have the device")
+                why = await self.check_owner(self.registry.allocations[alloc_id], namespace,
+                                             pod_name)
+                if why:
+                    raise CniError(NOT_OWNER, f"device {netdev!r} is not allocated to pod "
+                                   f"{namespace}/{pod_name}", why)
+            with self.registry.moving(netdev):
+                alloc_id, device = self._allocated(netdev)
+                home = self.registry.netns
+                target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
+                handed_over = False  # once recorded, the registry owns ``target``
+                try:
+                    if device.netns is not home:
+                        record = self.registry.attachment(netdev) or {}
+                        if device.netns.inode == target.inode and record.get("container_id") == cid:
+                            state = await target.run_async(lambda: _link_state(record["ifname"]))
+                            return self._result(record["ifname"], state, req)  # a retried ADD
+                        raise CniError(IN_OTHER_NETNS, f"device {netdev!r} is already in another "
+                                       f"network namespace (container {record.get('container_id')})")
+                    spec = self.registry.spec(alloc_id)
+                    if spec.virtual_kind:  # first, so a missing bridge fails before any move
+                        try:
+                            await asyncio.to_thread(plug, host_end(netdev), spec.virtual_bridge)
+                        except (VirtualError, NetlinkError) as e:
+                            raise CniError(MOVE_FAILED, f"cannot connect virtual device "
+                                           f"{netdev!r} on the node", str(e)) from e
+                    # (also the first entry into the pod's netns: one we cannot enter
+                    # fails here, before anything moves)
+                    if await target.run_async(lambda: _exists(target_name)):
+                        raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
+                                       "the pod's network namespace")
+                    try:
+                        # Moved, named and sized in one request.
+                        before = await asyncio.to_thread(move_into, netdev, target.fileno(),
+                                                         target_name, int(req.get("mtu") or 0))
+                    except (NetlinkError, LookupError) as e:
+                        # The kernel may have moved it and then refused the rest.
+                        with contextlib.suppress(Exception):
+                            if not await asyncio.to_thread(_exists, netdev):
+                                await target.run_async(lambda: bring_home(
+                                    target_name if _exists(target_name) else netdev, netdev,
+                                    home.fileno()))
+                        await self._unplug(spec, netdev)
+                        raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
+                                       ) from e
+                    try:
+                        state = await target.run_async(lambda: _configure(target_name,
+                                                                          req.get("ipam")))
+                    except Exception as e:
+                        with contextlib.suppress(Exception):
+                            await target.run_async(lambda: bring_home(
+                                target_name if _exists(target_name) else netdev, netdev,
+                                home.fileno(), before))
+                            if before.get("orig_up") == "1":
+                                await asyncio.to_thread(set_up, netdev)
+                        await self._unplug(spec, netdev)
+                        raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
+                                       str(e)) from e
+                    record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
+                              "cni_ifname": cni_ifname, "container_id": cid,
+                              "network": str(req.get("network") or ""), **before}
+                    self.registry.attach(alloc_id, netdev, record, target, target_name,
+                                                    int(state["ifindex"]))
+                    handed_over = True
+                finally:
+                    if not handed_over:
+                        target.close()
+        return self._result(target_name, state, req)
+
+    @staticmethod
+    def _result(name: str, state: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+        return {"interface": {"name": name, "mac": state["mac"], "sandbox": req.get("netns", "")}}
+
+    async def delete(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        if not netdev:
+            netdev = self._by_container(cid, str(req.get("ifname") or "")) or ""
+        if not netdev:
+            return {"released": False}  # nothing of ours: DEL is idempotent
+        async with self._lock(netdev):
+            allocation = self.registry.by_netdev(netdev)
+            if allocation is None:
+                return {"released": False}
+            record = self.registry.attachment(netdev)
+            if record is None or (cid and record.get("container_id") not in ("", cid)):
+                return {"released": False}
+            with self.registry.moving(netdev):
+                try:
+                    await self.registry.bring_home(allocation.id, netdev)
+                except NotBroughtHome as e:  # the runtime retries a failed DEL
+                    raise CniError(MOVE_FAILED, f"cannot bring {netdev!r} back to the node",
+                                   str(e)) from e
+                await self._unplug(self.registry.spec(allocation.id), netdev)
+        return {"released": True}
+
+    @staticmethod
+    async def _unplug(spec: AllocationSpec, netdev: str) -> None:
+        """A virtual device's node end off its bridge (the pod no longer has the other end)."""
+        if spec.virtual_kind:
+            try:
+                await asyncio.to_thread(unplug, host_end(netdev))
+            except NetlinkError as e:
+                log.warning("event=virtual_unplug_failed netdev=%s error=%r", netdev, str(e))
+
+    def _by_container(self, cid: str, cni_ifname: str) -> str | None:
+        for netdev, rec in self.registry.attachments():
+            if rec.get("container_id") == cid and rec.get("cni_ifname") in ("", cni_ifname):
+                return netdev
+        return None
+
+    async def check(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
+        _, device = self._allocated(netdev)
+        record = self.registry.attachment(netdev)
+        if record is None or record.get("container_id") != cid:
+            raise CniError(CHECK_FAILED, f"device {netdev!r} is not attached to container {cid}")
+        try:
+            state = await device.netns.run_async(lambda: _link_state(record["ifname"]))
+        except LookupError:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} is missing from the pod's "
+                           "network namespace") from None
+        if not state["up"]:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} is down")
+        want = {str(ip["address"]) for ip in req.get("ips", [])}
+        missing = sorted(want - set(state["addresses"]))
+        if missing:
+            raise CniError(CHECK_FAILED, f"{record['ifname']!r} lacks address(es) "
+                           f"{', '.join(missing)}")
+        return {"checked": True}
+
+    async def status(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        return {"allocations": len(self.registry.allocations)}
+
+    async def gc(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+        """Release this network's attachments not in its valid list (CNI 1.1 GC).  Only
+        attachments recorded for the same network name: GC for network A must leave
+        network B's devices in their pods (and records without a network, from an
+        earlier release, alone)."""
+        network = str(req.get("network") or "")
+        if not network:
+            raise CniError(BAD_REQUEST, "gc needs the network name")
+        valid = {(str(a.get("containerID")), str(a.get("ifname")))
+                 for a in req.get("valid", []) if isinstance(a, dict)}
+        released = []
+        for netdev, rec in list(self.registry.attachments()):
+            if rec.get("network") != network:
+                continue
+            if (rec.get("container_id"), rec.get("cni_ifname")) not in valid:
+                try:
+                    await self.delete({"deviceID": netdev,
+                                       "containerID": rec.get("container_id")}, [])
+                except CniError as e:  # the others are still collected
+                    log.warning("event=gc_release_failed netdev=%s msg=%r details=%r",
+                                netdev, e.msg, e.details)
+                    continue
+                released.append(netdev)
+        return {"released": released}
+
+
+def _exists(name: str) -> bool:
+    try:
+        link_info(name)
+    except LookupError:
+        return False
+    return True
