@@ -109,5 +109,21 @@ class Metrics:
         """Read ``gauge`` from ``fn`` at scrape time."""
         gauge.set_function(fn)
 
+    def handout_summary(self) -> dict[str, object]:
+        """The handout counts ``afxdp status`` shows, from the same counters /metrics
+        exports, so the two agree."""
+        replies: dict[str, int] = {}
+        for (_verb, text, reason), n in list(self.replies.counts.items()):
+            key = text if reason == "ok" else reason
+            replies[key] = replies.get(key, 0) + n
+        return {
+            "handshakes": {outcome: n for (outcome,), n in list(self.handshakes.counts.items())},
+            "replies": replies,
+            "fds_sent": sum(self.fds.counts.values()),
+            "rejected_limit": self.dropped.get("limit"),
+            "evicted": self.dropped.get("evicted"),
+            "idle_closed": self.dropped.get("idle"),
+        }
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import bpffs
+from bpf.errors import BpffsError
 from bpf.program import XdpMode
 from cni_server.allocation import AllocatedDevice, Allocation
 from cni_server.netdev import bring_home, link_info, set_up_info
@@ -180,6 +181,33 @@ class Provisioner:
             return (await asyncio.to_thread(set_up_info if up else link_info, netdev)).ifindex
         except (NetlinkError, LookupError):
             return 0
+
+    @staticmethod
+    def pin_for_pod(spec: AllocationSpec, device: AllocatedDevice, *, in_pod: bool) -> None:
+        """A CNI-moved netdev's map: pinned where its pod looks while it is there,
+        unpinned when it is home.  A failure is logged, not raised: the move is done
+        and recorded either way, and the pod still has its socket."""
+        if device.pin is None:
+            return
+        try:
+            if in_pod:
+                bpffs.pin(device.program.map_fd, device.pin, uid=spec.uid, gid=spec.gid,
+                          mode=spec.mode)
+            else:
+                bpffs.unpin(device.pin)
+        except (BpffsError, OSError) as e:
+            log.error("event=pin_failed netdev=%s pin=%s error=%r", device.name, device.pin,
+                      str(e))
+
+    @staticmethod
+    def repin(spec: AllocationSpec, device: AllocatedDevice) -> None:
+        """The pin of a netdev whose program (and map) was replaced: the new map."""
+        pin = spec.pin_path(device.name)
+        if pin is not None:
+            bpffs.unpin(pin)
+            if not device.awaiting_cni:  # else pinned at CNI ADD
+                bpffs.pin(device.program.map_fd, pin, uid=spec.uid, gid=spec.gid,
+                          mode=spec.mode)
 
     @staticmethod
     def _mkdir(path: Path, inside: Path, on_undo: Callable[..., Any]) -> None:

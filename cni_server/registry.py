@@ -24,8 +24,6 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from bpf import bpffs
-from bpf.errors import BpffsError
 from bpf.program import XdpMode
 from cni_server.allocation import Allocation
 from cni_server.netns import Netns
@@ -200,18 +198,7 @@ class Registry:
             # In its pod (ADD): hand out, and pin where the pod looks.  Home (DEL):
             # nothing again until the next ADD.
             device.awaiting_cni = record is None
-            if device.pin is not None:
-                try:
-                    if record is None:
-                        bpffs.unpin(device.pin)
-                    else:
-                        bpffs.pin(device.program.map_fd, device.pin, uid=spec.uid,
-                                  gid=spec.gid, mode=spec.mode)
-                except (BpffsError, OSError) as e:
-                    # The move is done and recorded below either way; the pod still
-                    # has its socket.  Say so rather than lose track of the netdev.
-                    log.error("event=pin_failed netdev=%s pin=%s error=%r", netdev, device.pin,
-                              str(e))
+            self._provision.pin_for_pod(spec, device, in_pod=record is not None)
         self.programs.relocate(netdev, netns, ifname, ifindex)
         allocation.aliases = {k: v for k, v in allocation.aliases.items() if v != netdev}
         if record is not None and ifname != netdev:
@@ -231,13 +218,8 @@ class Registry:
             return "skipped"
         spec = self._specs[allocation.id]
         result = await self.programs.repair(netdev, XdpMode(spec.xdp_mode))
-        pin = spec.pin_path(netdev)
-        device = allocation.netdevs[netdev]
-        if result == "replaced" and pin is not None:
-            bpffs.unpin(pin)
-            if not device.awaiting_cni:  # else pinned at CNI ADD
-                bpffs.pin(device.program.map_fd, pin, uid=spec.uid, gid=spec.gid,
-                          mode=spec.mode)
+        if result == "replaced":
+            self._provision.repin(spec, allocation.netdevs[netdev])
         log.info("event=xdp_repaired netdev=%s allocation=%s result=%s", netdev, allocation.id,
                  result)
         return result

@@ -19,11 +19,9 @@ from __future__ import annotations
 import _socket
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -39,12 +37,12 @@ from cni_server.connection import Connection, Listener, client_key
 from cni_server.exchange import Exchange
 from cni_server.metrics import Metrics
 from cni_server.reactor import Reactor
+from cni_server.socketfile import SocketFileError, listen_on
 
 log = logging.getLogger(__name__)
 
 _ACCEPTS_PER_EVENT = 16
 _ACCEPT_PAUSE = 0.1  # seconds a socket is not accepted on after accept() failed
-_SUN_PATH_MAX = 107
 # A well-behaved client has one reply in flight.  Connected SEQPACKET sockets
 # are bounded only by the sender's SO_SNDBUF (default ~208 KiB), so a client
 # that never reads would pin that much daemon memory; the kernel doubles this
@@ -132,24 +130,10 @@ class HandoutServer:
         if path in self._listeners:
             raise ServerError(f"{path} is already served (allocation "
                               f"{self._listeners[path].allocation.id})")
-        if len(os.fsencode(path)) > _SUN_PATH_MAX:
-            raise ServerError(f"socket path too long for a Unix socket (max 107 bytes): {path}")
-        _clear_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(str(path))
-            # Mode first, while the file is still ours: changing the mode of a file
-            # handed to another uid would need CAP_FOWNER, which the daemon lacks.
-            os.chmod(path, mode)
-            os.chown(path, uid, gid)
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-            inode = os.stat(path).st_ino
-        except OSError as e:
-            sock.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise ServerError(f"cannot serve {path}: {e.strerror or e}") from e
+            sock, inode = listen_on(path, mode, uid, gid)
+        except SocketFileError as e:
+            raise ServerError(str(e)) from e
         listener = Listener(allocation, path, sock, inode)
         self._listeners[path] = listener
         self.reactor.watch(sock.fileno(), partial(self._on_acceptable, listener), -1 - sock.fileno())
@@ -351,42 +335,5 @@ class HandoutServer:
 
     def stats(self) -> dict[str, object]:
         """For ``afxdp status``: read from the metrics, so it and /metrics agree."""
-        m = self.metrics
-        replies: dict[str, int] = {}
-        for (_verb, text, reason), n in list(m.replies.counts.items()):
-            key = text if reason == "ok" else reason
-            replies[key] = replies.get(key, 0) + n
-        return {
-            "sockets": len(self._listeners),
-            "connections": self._connections,
-            "handshakes": {outcome: n for (outcome,), n in list(m.handshakes.counts.items())},
-            "replies": replies,
-            "fds_sent": sum(m.fds.counts.values()),
-            "rejected_limit": m.dropped.get("limit"),
-            "evicted": m.dropped.get("evicted"),
-            "idle_closed": m.dropped.get("idle"),
-            "longest_wakeup": self.reactor.longest_wakeup,
-        }
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a leftover socket file, refusing if a live server still answers there."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ServerError(f"cannot check existing socket {path}: {e.strerror}") from e
-        path.unlink(missing_ok=True)
-        log.info("event=stale_socket_removed socket=%s", path)
-        return
-    finally:
-        probe.close()
-    raise ServerError(f"another server is already serving {path}")
+        return {"sockets": len(self._listeners), "connections": self._connections,
+                **self.metrics.handout_summary(), "longest_wakeup": self.reactor.longest_wakeup}
