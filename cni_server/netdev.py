@@ -39,7 +39,7 @@ class LinkInfo:
 def link_info(name: str) -> LinkInfo:
     """Look up ``name``; raises NetdevMissing when there is no such link here."""
     with IPRoute() as ipr:
-        return _info(_get(ipr, name))
+        return _info(get_link(ipr, name))
 
 
 def _info(link: Any) -> LinkInfo:
@@ -59,7 +59,7 @@ def _settings(link: Any) -> dict[str, str]:
             "orig_mac": str(link.get("address") or "")}
 
 
-def _get(ipr: IPRoute, name: str) -> Any:
+def get_link(ipr: IPRoute, name: str) -> Any:
     """The link called ``name`` here; NetdevMissing when there is none."""
     try:
         return ipr.link("get", ifname=name)[0]
@@ -76,7 +76,7 @@ def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, s
     before and brings it home after a failure).  Returns its settings from before
     (admin state, MTU, MAC), for DEL to give back."""
     with IPRoute() as ipr:
-        link = _get(ipr, name)
+        link = get_link(ipr, name)
         kw: dict[str, Any] = {"net_ns_fd": target_fd}
         if new_name != name:
             kw["ifname"] = new_name
@@ -97,11 +97,11 @@ def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | 
     settings = settings or {}
     with IPRoute() as ipr:
         try:
-            idx = int(_get(ipr, ifname)["index"])
+            idx = int(get_link(ipr, ifname)["index"])
         except NetdevMissing:
             if ifname == orig:
                 raise
-            idx = int(_get(ipr, orig)["index"])
+            idx = int(get_link(ipr, orig)["index"])
         ipr.link("set", index=idx, state="down")  # (a device that is up cannot be renamed)
         kw: dict[str, Any] = {}
         if ifname != orig:
@@ -119,7 +119,7 @@ def set_up_info(name: str) -> LinkInfo:
     """``name`` administratively up, and what it is then: one call, for one hop from
     the event loop to a worker thread."""
     with IPRoute() as ipr:
-        link = _get(ipr, name)
+        link = get_link(ipr, name)
         ipr.link("set", index=int(link["index"]), state="up")
     return replace(_info(link), up=True)
 

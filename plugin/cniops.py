@@ -22,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd
-from cni_server.netdev import NetdevMissing, bring_home, link_info, move_into, set_up
+from cni_server.netdev import bring_home, get_link, link_info, move_into, set_up
 from cni_server.netns import Netns
 from cni_server.registry import NotBroughtHome, Registry
 from cni_server.spec import AllocationSpec
@@ -57,10 +57,7 @@ class CniError(Exception):
 def _link_state(name: str) -> dict[str, Any]:
     """ifindex, mac, up and IPv4/IPv6 addresses of ``name`` in the calling thread's netns."""
     with IPRoute() as ipr:
-        try:
-            link = ipr.link("get", ifname=name)[0]
-        except NetlinkError as e:
-            raise NetdevMissing(name) from e
+        link = get_link(ipr, name)
         idx = int(link["index"])
         addrs = [f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)
                  if int(a["scope"]) < 253]
@@ -72,10 +69,7 @@ def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
     """In the pod's netns: up, addresses and routes from the IPAM result; its ifindex
     and MAC.  One netlink socket for all of it: this is on every pod's start."""
     with IPRoute() as ipr:
-        try:
-            link = ipr.link("get", ifname=name)[0]
-        except NetlinkError as e:
-            raise NetdevMissing(name) from e
+        link = get_link(ipr, name)
         idx = int(link["index"])
         ipr.link("set", index=idx, state="up")
         for ip in (ipam or {}).get("ips", []):
