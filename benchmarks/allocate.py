@@ -48,6 +48,10 @@ def main() -> int:
     ap.add_argument("--netdevs", type=int, default=1000)
     ap.add_argument("--one", type=int, default=200, help="1-device Allocate calls")
     ap.add_argument("--eight", type=int, default=50, help="8-device Allocate calls")
+    ap.add_argument("--after", type=float, default=0.0, metavar="S",
+                    help="wait S seconds after the full list before the first Allocate "
+                         "(0: at once, as pods pending at a restart do; 2: steady state, "
+                         "after the daemon's post-start heap settling)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -73,6 +77,7 @@ def main() -> int:
                     res["startup_to_full_list_s"] = time.perf_counter() - t0
                     res["devices_listed"] = len(devs)
                     res["rss_mib_idle"] = rss_mib(daemon.proc.pid)
+                    time.sleep(a.after)
                     names = [f"p{i}" for i in range(a.netdevs)]
                     one = []
                     for i in range(a.one):
@@ -105,6 +110,8 @@ def main() -> int:
     print(f"{a.netdevs} veth pairs created in {res['create_veths_s']:.1f} s")
     print(f"daemon start to the full list of {res['devices_listed']} devices at kubelet: "
           f"{res['startup_to_full_list_s']:.2f} s; RSS {res['rss_mib_idle']:.1f} MiB")
+    if a.after:
+        print(f"(first Allocate {a.after:g} s after the full list)")
     print(f"Allocate, 1 device:  p50 {o['p50']:.1f} ms  p99 {o['p99']:.1f} ms  (n={o['n']})")
     print(f"Allocate, 8 devices: p50 {e['p50']:.1f} ms  p99 {e['p99']:.1f} ms  (n={e['n']})")
     print(f"RSS after {res['allocations']} allocations: {res['rss_mib_after']:.1f} MiB")

@@ -17,9 +17,11 @@ and the next start (Kubernetes) is the front end's call.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
+import time
 from typing import Any, Protocol
 
 from cni_server.config import NodeSettings
@@ -34,6 +36,7 @@ from cni_server.server import HandoutServer, Limits
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
+SETTLE_AFTER = 0.5  # seconds after ready: see _settle_heap
 
 
 class DaemonError(Exception):
@@ -79,6 +82,7 @@ class NodeDaemon:
         self.http: HealthServer | None = None
         self._control: ControlServer | None = None
         self._started = False
+        self._settle: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -107,6 +111,9 @@ class NodeDaemon:
             await self.stop()
             raise
         self._started = True
+        # Soon, not now: kubelet dials back for the device list right after the
+        # device plugin registers, and it should not wait for this.
+        self._settle = asyncio.get_running_loop().call_later(SETTLE_AFTER, _settle_heap)
         report_ready(s.ready_file, self.status())
         log.info("event=ready %s", self.front.ready_line(self))
 
@@ -117,6 +124,9 @@ class NodeDaemon:
     async def stop(self) -> None:
         """Undo everything start() did, in reverse; safe to call on a partial start."""
         self._started = False
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
         if self.http is not None:
             await self.http.close()
             self.http = None
@@ -160,3 +170,21 @@ class NodeDaemon:
 
     async def _status_op(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
+
+
+def _settle_heap() -> None:
+    """Collect start-up's garbage once, then freeze what is left out of the cyclic
+    collector's sight.
+
+    pyroute2 makes cyclic garbage of every netlink reply (each parsed message
+    refers to itself), so start-up at 1,000 netdevs leaves ~400,000 such objects,
+    and the first full collection, which also walks every live object, landed in
+    whatever ran next: a 400 ms Allocate.  Collected here, just after start-up,
+    and with what start-up built (modules, the registry, the inventory) frozen,
+    later full collections walk only what came after.
+    Refcounting still frees frozen objects; only a cycle among them would stay."""
+    t0 = time.perf_counter()
+    collected = gc.collect()
+    gc.freeze()
+    log.info("event=heap_settled collected=%d frozen=%d ms=%.0f", collected,
+             gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)

@@ -120,3 +120,50 @@ def test_the_ready_file_holds_the_status(tmp_path: Path) -> None:
 
     doc = asyncio.run(scenario())
     assert doc["mode"] == "test" and doc["front"] == "recording"
+
+
+def test_start_up_garbage_is_collected_soon_after_ready_and_the_rest_frozen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import cni_server.node as node_mod
+    monkeypatch.setattr(node_mod, "SETTLE_AFTER", 0.05)
+    node = NodeDaemon(_settings(tmp_path), RecordingFront())
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    async def scenario() -> tuple[int, int, bool]:
+        await node.start()
+        gc.unfreeze()
+        Cycle()  # start-up's kind of garbage: a cycle only the collector frees
+        frozen_at_ready = gc.get_freeze_count()
+        await asyncio.sleep(0.3)
+        frozen_after = gc.get_freeze_count()
+        garbage_left = any(isinstance(o, Cycle) for o in gc.get_objects())
+        await node.stop()
+        return frozen_at_ready, frozen_after, garbage_left
+
+    try:
+        at_ready, after, garbage_left = asyncio.run(scenario())
+    finally:
+        gc.unfreeze()
+    assert at_ready == 0 and after > 0 and not garbage_left
+
+
+def test_a_daemon_stopped_before_settling_does_not_settle(tmp_path: Path) -> None:
+    import gc
+    node = NodeDaemon(_settings(tmp_path), RecordingFront())
+
+    async def scenario() -> None:
+        await node.start()
+        await node.stop()
+        await asyncio.sleep(0.7)
+
+    gc.unfreeze()
+    try:
+        asyncio.run(scenario())
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
