@@ -351,16 +351,21 @@ def handshake_spin_us(value: object, where: str) -> int:
     return value
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping (validation happens in :func:`validate`)."""
+def read_yaml(path: Path) -> Any:
+    """A YAML config file's document, for a validator (both daemons' files)."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (validation happens in :func:`validate`)."""
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -14,8 +14,6 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from bpf.program import PROGRAM_NAME, ProgramSpec, XdpMode
 from cni_server.config import (
     NODE_SETTINGS,
@@ -26,6 +24,7 @@ from cni_server.config import (
     choice,
     parse_mode,
     read_settings,
+    read_yaml,
     seconds,
     umem_limit,
 )
@@ -359,12 +358,4 @@ def _check_literal_overlap(pools: list[PoolConfig]) -> None:
 
 
 def load(path: Path, *, node_name: str | None = None) -> PluginConfig:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return validate(raw, node_name=node_name)
+    return validate(read_yaml(path), node_name=node_name)
