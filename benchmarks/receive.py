@@ -17,6 +17,11 @@ Rate = frames received / time from the first to the last frame.  Both runs
 share the sender and the kernel path (XDP redirect into the socket), so the
 ratio shows what the handout costs on the data path: it should be ~1.0.  The
 absolute rate is bound by this Python sender and receiver, not by the kernel.
+
+``--c``: the receiver and the sender are benchmarks/xsk_bench.c instead (built
+here with the system C compiler): an AF_XDP receiver that busy-polls its rings,
+given the map fd, and an AF_PACKET sender (sendmmsg, qdisc bypassed), so that
+the kernel path, not Python, is the limit.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import socket
 import statistics
 import subprocess
@@ -75,12 +81,49 @@ def one_run(ns: NsFixture, map_fd: int, frames: int) -> dict[str, float]:
         return {"received": got, "fps": got / seconds if seconds else 0.0}
 
 
+def build_c(work: Path) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise SystemExit("receive.py: no C compiler (cc/gcc/clang) to build xsk_bench.c")
+    out = work / "xsk_bench"
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out),
+                    str(Path(__file__).with_name("xsk_bench.c"))], check=True)
+    return out
+
+
+def one_run_c(ns: NsFixture, map_fd: int, frames: int) -> dict[str, float]:
+    """The C receiver (given the map fd) and the C sender, in ``ns``."""
+    assert C_BENCH is not None
+    ifindex = socket.if_nametoindex("va")  # (the caller is in ns)
+    rx = subprocess.Popen(ns.cmd(str(C_BENCH), "rx", str(map_fd), str(ifindex), "0",
+                                 str(frames)),
+                          stdout=subprocess.PIPE, text=True, pass_fds=(map_fd,))
+    try:
+        assert rx.stdout is not None
+        if rx.stdout.readline().strip() != "ready":
+            raise SystemExit("xsk_bench rx did not start")
+        subprocess.run(ns.cmd(str(C_BENCH), "tx", "vb", str(frames)), check=True)
+        got, first, last = (int(x) for x in rx.stdout.readline().split())
+    finally:
+        rx.kill()
+        rx.wait()
+    seconds = (last - first) / 1e9
+    return {"received": got, "fps": got / seconds if seconds else 0.0}
+
+
+C_BENCH: Path | None = None  # set by --c
+
+
+def run_with(ns: NsFixture, map_fd: int, frames: int) -> dict[str, float]:
+    return (one_run_c if C_BENCH else one_run)(ns, map_fd, frames)
+
+
 def handed_out(ns: NsFixture, tmp: Path, frames: int) -> dict[str, float]:
     d = Daemon(ns, tmp, "--netdev", "va", "--socket-dir", f"{tmp}/s",
                "--allow-host", socket.gethostname(), "--log-level", "warning")
     try:
         with ns.entered(), fetch_map_fd(f"{tmp}/s/va/afxdp.sock", "va") as fd:
-            return one_run(ns, fd.fileno(), frames)
+            return run_with(ns, fd.fileno(), frames)
     finally:
         d.stop()
 
@@ -91,7 +134,7 @@ def privileged(ns: NsFixture, tmp: Path, frames: int) -> dict[str, float]:
         program = LoadedProgram.load(1, default_object())
         mode = attach(ifindex, program, XdpMode.AUTO, ifname="va")
         try:
-            return one_run(ns, program.map_fd, frames)
+            return run_with(ns, program.map_fd, frames)
         finally:
             detach(ifindex, program, mode, ifname="va")
             program.close()
@@ -102,11 +145,16 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--c", action="store_true",
+                    help="C receiver and sender (benchmarks/xsk_bench.c), not Python")
     a = ap.parse_args()
+    global C_BENCH
     if os.geteuid() != 0:
         raise SystemExit("receive.py: needs root (netns, veth, XDP)")
     runs: dict[str, list[dict[str, float]]] = {"handed_out": [], "privileged": []}
     with make_netns() as ns, tempfile.TemporaryDirectory() as tmp:
+        if a.c:
+            C_BENCH = build_c(Path(tmp))
         ns.veth("va", "vb")
         for r in range(a.rounds):
             # Alternate which goes first: the VM's speed drifts within a round too.
@@ -117,10 +165,16 @@ def main() -> int:
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                     "node": platform.node()},
+        "consumer": "C (xsk_bench.c)" if a.c else "Python (cni_server.receiver)",
         "frames_per_run": a.frames, "runs": runs,
         "median_fps": {k: round(v) for k, v in med.items()},
         "ratio_handed_out_to_privileged": round(med["handed_out"] / med["privileged"], 3)
         if med["privileged"] else None,
+        # Each round's two runs side by side (the VM drifts between rounds): the median
+        # of the per-round ratios.
+        "paired_ratio_median": round(statistics.median(
+            h["fps"] / p["fps"] for h, p in zip(runs["handed_out"], runs["privileged"],
+                                                 strict=True) if p["fps"]), 3),
     }, indent=2))
     return 0
 
