@@ -8,8 +8,8 @@ runtime do it, against ``afxdp daemon`` and the in-process fake kubelet:
 
 1. kubelet's Allocate for one device (attach our program, create the
    allocation, serve its socket);
-2. the runtime's CNI ADD (our stdlib-only executable on the host's python3,
-   moving the netdev into the pod's netns, keeping its name);
+2. the runtime's CNI ADD (our executable as ``afxdp install-cni`` installs it,
+   on the host's python3, moving the netdev into the pod's netns as ``net1``);
 3. the pod's first DPDK handshake (connect .. fin, map fd received) from inside
    its netns, with its pod name as hostname.
 
@@ -34,16 +34,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cni_server.client import fetch_map_fd
-from tests.cni_runner import CNI_PATH
+from tests.cni_runner import CNI_PATH, install_plugin
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, write_config
-from tests.kernel import ROOT, Daemon, make_netns, veth_pairs
+from tests.kernel import Daemon, make_netns, veth_pairs
 from tests.load import pct
 
 
-def cni(node_cmd: list[str], command: str, conf: dict[str, Any], pod_ns: Path, cid: str) -> None:
+def cni(node_cmd: list[str], command: str, conf: dict[str, Any], pod_ns: Path, cid: str,
+        cni_path: str) -> None:
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": str(pod_ns),
-           "CNI_IFNAME": "net1", "CNI_PATH": CNI_PATH, "PATH": "/usr/sbin:/usr/bin",
+           "CNI_IFNAME": "net1", "CNI_PATH": cni_path, "PATH": "/usr/sbin:/usr/bin",
            # the pod, as the runtime names it (here the container id is the pod's name)
            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}
     proc = subprocess.run(node_cmd, input=json.dumps(conf).encode(), env=env,
@@ -78,7 +79,9 @@ def main() -> int:
             cfg.write_text(json.dumps(doc))
             d = Daemon(node, work, "--config", str(cfg), mode="daemon",
                        control=work / "control.sock")
-            plugin = node.cmd("/usr/bin/python3", "-I", "-S", str(ROOT / "plugin" / "cni.py"))
+            bindir = install_plugin(work / "bin")
+            cni_path = f"{bindir}:{CNI_PATH}"
+            plugin = node.cmd(str(bindir / "afxdp"))
             try:
                 kubelet.wait_devices(RESOURCE, lambda devs: len(devs) == a.runs, 30)
                 for i in range(a.runs):
@@ -89,7 +92,7 @@ def main() -> int:
                     mount = kubelet.allocate(RESOURCE, [dev]).container_responses[0].mounts[0]
                     kubelet.add_pod("default", name, RESOURCE, [dev])  # admitted
                     t1 = time.perf_counter()
-                    cni(plugin, "ADD", conf, pod.path, name)
+                    cni(plugin, "ADD", conf, pod.path, name, cni_path)
                     t2 = time.perf_counter()
                     with pod.entered():
                         fetch_map_fd(f"{mount.host_path}/afxdp.sock", dev, hostname=name,
@@ -98,7 +101,7 @@ def main() -> int:
                     for key, v in (("allocate", t1 - t0), ("cni_add", t2 - t1),
                                    ("first_handshake", t3 - t2), ("total", t3 - t0)):
                         phases[key].append(v)
-                    cni(plugin, "DEL", conf, pod.path, name)
+                    cni(plugin, "DEL", conf, pod.path, name, cni_path)
                     kubelet.remove_pod("default", name)
             except BaseException:
                 print(d.log()[-3000:], file=sys.stderr)
