@@ -268,42 +268,80 @@ def pod_from_args(env: dict[str, str]) -> dict[str, str]:
 # -- talking to the daemon --------------------------------------------------------------
 
 
+class DaemonCall:
+    """One connection to the daemon: a request (with an fd, if any), perhaps a
+    follow-up datagram, then the reply."""
+
+    def __init__(self, path: str, timeout: float = DAEMON_TIMEOUT) -> None:
+        self.path, self.timeout = path, timeout
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(path)
+            except OSError as e:
+                raise CniError(DAEMON_UNREACHABLE, f"afxdp daemon not reachable on {path}",
+                               e.strerror or str(e)) from None
+            # We are about to pass the pod's netns: only to the daemon, which runs as root.
+            _pid, uid, _gid = struct.unpack("3i", self.sock.getsockopt(
+                _socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
+            if uid != 0:
+                raise CniError(UNTRUSTED_DAEMON, f"the server on {path} runs as uid {uid}, "
+                               "not root: it is not the afxdp daemon")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send(self, message: dict[str, Any], fd: int | None = None) -> None:
+        data = dumps(message).encode()
+        try:
+            if fd is None:
+                self.sock.send(data)
+            else:
+                self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                            struct.pack("i", fd))])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered already (and closed): reply() reads why
+        except (TimeoutError, _socket.timeout):
+            raise self._timeout() from None
+
+    def reply(self) -> dict[str, Any]:
+        """The daemon's ``result``, or CniError with its error."""
+        try:
+            try:
+                raw = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                # The daemon closed with our follow-up unread (it had answered early):
+                # the kernel reports that first, then the answer it queued.
+                raw = self.sock.recv(1 << 20)
+        except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
+            raise self._timeout() from None
+        if not raw:
+            raise CniError(TRY_AGAIN, "afxdp daemon closed the connection without an answer")
+        reply = loads(raw)
+        if not reply.get("ok"):
+            raise CniError(int(reply.get("code", TRY_AGAIN)), str(reply.get("msg")),
+                           str(reply.get("details") or ""))
+        result: dict[str, Any] = reply.get("result") or {}
+        return result
+
+    def _timeout(self) -> CniError:
+        return CniError(TRY_AGAIN, f"afxdp daemon on {self.path} did not answer in "
+                        f"{self.timeout:.0f} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def daemon_call(path: str, request: dict[str, Any], fd: int | None = None,
                 timeout: float = DAEMON_TIMEOUT) -> dict[str, Any]:
     """One request (and optionally one fd) to the daemon; its ``result`` or CniError."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    call = DaemonCall(path, timeout)
     try:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except OSError as e:
-            raise CniError(DAEMON_UNREACHABLE, f"afxdp daemon not reachable on {path}",
-                           e.strerror or str(e)) from None
-        # We are about to pass the pod's netns: only to the daemon, which runs as root.
-        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(_socket.SOL_SOCKET,
-                                                           _socket.SO_PEERCRED, 12))
-        if uid != 0:
-            raise CniError(UNTRUSTED_DAEMON, f"the server on {path} runs as uid {uid}, not "
-                           "root: it is not the afxdp daemon")
-        data = dumps(request).encode()
-        if fd is None:
-            s.send(data)
-        else:
-            s.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
-        raw = s.recv(1 << 20)
-    except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
-        raise CniError(TRY_AGAIN, f"afxdp daemon on {path} did not answer in {timeout:.0f} s"
-                       ) from None
+        call.send(request, fd)
+        return call.reply()
     finally:
-        s.close()
-    if not raw:
-        raise CniError(TRY_AGAIN, "afxdp daemon closed the connection without an answer")
-    reply = loads(raw)
-    if not reply.get("ok"):
-        raise CniError(int(reply.get("code", TRY_AGAIN)), str(reply.get("msg")),
-                       str(reply.get("details") or ""))
-    result: dict[str, Any] = reply.get("result") or {}
-    return result
+        call.close()
 
 
 # -- IPAM delegation --------------------------------------------------------------------
@@ -488,25 +526,50 @@ def has_ipam(conf: dict[str, Any]) -> bool:
 
 def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> dict[str, Any]:
     netns_fd = open_netns(env["CNI_NETNS"])  # before anything is done for the pod
+    # IPAM runs while the daemon checks and moves the device (the move is most of
+    # an ADD); its result follows the request on the same connection.
+    child = start_delegate("ADD", raw, conf, env) if has_ipam(conf) else None
+    ipam: dict[str, Any] = {}
+    ipam_done = False  # addresses to give back if the ADD fails
     try:
-        ipam: dict[str, Any] = {}
-        if has_ipam(conf):
-            ipam = delegate("ADD", raw, conf, env)
+        call = DaemonCall(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET))
         try:
-            reply = daemon_call(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET), {
+            call.send({
                 "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
                 "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"], "network": conf["name"],
                 "pod": pod_from_args(env),
                 "rename": bool(conf.get("rename", True)), "mtu": int(conf.get("mtu", 0)),
-                "ipam": ipam or None,
+                "ipam": "follows" if child is not None else None,
             }, netns_fd)
-        except BaseException:
-            if has_ipam(conf):  # give the addresses back
+            if child is not None:
+                waiting, child = child, None
                 try:
-                    delegate("DEL", raw, conf, env)
+                    ipam = delegate_result(waiting, "ADD", conf)
                 except CniError as e:
-                    log("ipam_rollback_failed", msg=e.msg)
-            raise
+                    call.send({"ipam_failed": e.msg})  # the daemon brings the device home
+                    try:
+                        call.reply()
+                    except CniError as daemon_error:
+                        log("add_undone", code=daemon_error.code, msg=daemon_error.msg)
+                    raise
+                ipam_done = True
+                call.send({"ipam": ipam})
+            reply = call.reply()
+        finally:
+            call.close()
+    except BaseException:
+        if child is not None:  # the daemon could not be asked: IPAM's answer still counts
+            try:
+                delegate_result(child, "ADD", conf)
+                ipam_done = True
+            except CniError:
+                pass
+        if ipam_done:  # give the addresses back
+            try:
+                delegate("DEL", raw, conf, env)
+            except CniError as e:
+                log("ipam_rollback_failed", msg=e.msg)
+        raise
     finally:
         os.close(netns_fd)
     iface = reply["interface"]

@@ -4,8 +4,10 @@ A root-only ``SOCK_SEQPACKET`` socket.  One request per connection: a JSON
 datagram (at most 64 KiB) with, for ADD, the pod's network namespace as an fd
 (SCM_RIGHTS, so the daemon needs no view of the runtime's paths); one JSON
 reply ``{"ok": true, "result": {...}}`` or ``{"ok": false, "code": N, "msg":
-..., "details": ...}`` with CNI error codes (``docs/cni.md``).  What each
-operation does is ``plugin.cniops``.
+..., "details": ...}`` with CNI error codes (``docs/cni.md``).  An ADD that says
+``"ipam": "follows"`` is followed by a second datagram, ``{"ipam": {...}}`` or
+``{"ipam_failed": msg}``: the plugin runs IPAM while the daemon moves the device.
+What each operation does is ``plugin.cniops``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from plugin.cniops import (
     TRY_AGAIN,
     CniError,
     CniOperations,
+    FollowUp,
     OwnerCheck,
 )
 
@@ -93,7 +97,7 @@ class CniEndpoint:
             try:
                 data, anc, flags, _ = await asyncio.to_thread(conn.recvmsg, MAX_REQUEST + 1, _ANC)
                 fds = fds_from_ancillary(anc)
-                reply = await self._dispatch(data, flags, fds)
+                reply = await self._dispatch(data, flags, fds, partial(_follow_up, conn))
             except OSError as e:
                 log.warning("event=cni_request_failed error=%r", str(e))
                 return
@@ -102,7 +106,8 @@ class CniEndpoint:
             with contextlib.suppress(OSError):
                 conn.send(json.dumps(reply).encode())
 
-    async def _dispatch(self, data: bytes, flags: int, fds: list[OwnedFd]) -> dict[str, Any]:
+    async def _dispatch(self, data: bytes, flags: int, fds: list[OwnedFd],
+                        follow_up: FollowUp | None = None) -> dict[str, Any]:
         op_label = "?"  # for metrics; the op once the request is understood
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -116,7 +121,7 @@ class CniEndpoint:
             if handler is None:
                 raise CniError(BAD_REQUEST, f"unknown op {op!r}")
             op_label = str(op)
-            result = await handler(request, fds)
+            result = await handler(request, fds, follow_up)
             self.registry.server.metrics.cni_ops.labels(op_label, "ok").inc()
             log.info("event=cni op=%s device=%s container=%s result=ok", op,
                      request.get("deviceID", "-"), request.get("containerID", "-"))
@@ -133,3 +138,20 @@ class CniEndpoint:
             log.exception("event=cni_internal_error")
             return {"ok": False, "code": TRY_AGAIN, "msg": "internal error in the daemon",
                     "details": str(e)}
+
+
+FOLLOW_UP_TIMEOUT = 90.0  # IPAM (DHCP, say) may take a while; the device waits in the pod
+
+
+async def _follow_up(conn: socket.socket) -> dict[str, Any] | None:
+    """The connection's next datagram as a JSON object; None if it is closed, times
+    out, or holds anything else."""
+    def recv() -> bytes:
+        conn.settimeout(FOLLOW_UP_TIMEOUT)
+        return conn.recv(MAX_REQUEST)
+    try:
+        data = await asyncio.to_thread(recv)
+        msg = json.loads(data) if data else None
+    except (OSError, ValueError):
+        return None
+    return msg if isinstance(msg, dict) else None

@@ -38,8 +38,13 @@ NAME_TAKEN = 103
 CHECK_FAILED = 104
 MOVE_FAILED = 105
 BAD_REQUEST = 106
+IPAM_FAILED = 108
 NOT_OWNER = 109
 NETNS_UNUSABLE = 111
+
+# The next datagram of the request's connection (None: closed, timed out or not a
+# JSON object): ADD's IPAM result when the plugin ran IPAM while the device moved.
+FollowUp = Callable[[], Awaitable[dict[str, Any] | None]]
 
 # Asked before a device moves: may pod (namespace, name) have this allocation?
 # Returns why not ("" when it may).
@@ -94,7 +99,7 @@ class CniOperations:
         self.check_owner = check_owner
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def handlers(self) -> dict[str, Callable[[dict[str, Any], list[OwnedFd]],
+    def handlers(self) -> dict[str, Callable[[dict[str, Any], list[OwnedFd], FollowUp | None],
                                              Awaitable[dict[str, Any]]]]:
         """The operations by the request's ``op``."""
         return {"add": self.add, "del": self.delete, "check": self.check,
@@ -112,7 +117,8 @@ class CniOperations:
                            "the device plugin must allocate it to the pod first")
         return allocation.id, allocation.netdevs[netdev]
 
-    async def add(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+    async def add(self, req: dict[str, Any], fds: list[OwnedFd],
+                  follow_up: FollowUp | None = None) -> dict[str, Any]:
         netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
         cni_ifname = str(req.get("ifname") or "")
         if not netdev or not cid or not cni_ifname or len(fds) != 1:
@@ -171,8 +177,8 @@ class CniOperations:
                         raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
                                        ) from e
                     try:
-                        state = await target.run_async(lambda: _configure(target_name,
-                                                                          req.get("ipam")))
+                        ipam = await _ipam_result(req, follow_up)
+                        state = await target.run_async(lambda: _configure(target_name, ipam))
                     except Exception as e:
                         with contextlib.suppress(Exception):
                             await target.run_async(lambda: bring_home(
@@ -181,6 +187,8 @@ class CniOperations:
                             if before.get("orig_up") == "1":
                                 await asyncio.to_thread(set_up, netdev)
                         await self._unplug(spec, netdev)
+                        if isinstance(e, CniError):
+                            raise
                         raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
                                        str(e)) from e
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
@@ -198,7 +206,8 @@ class CniOperations:
     def _result(name: str, state: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
         return {"interface": {"name": name, "mac": state["mac"], "sandbox": req.get("netns", "")}}
 
-    async def delete(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+    async def delete(self, req: dict[str, Any], fds: list[OwnedFd],
+                     follow_up: FollowUp | None = None) -> dict[str, Any]:
         netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
         if not netdev:
             netdev = self._by_container(cid, str(req.get("ifname") or "")) or ""
@@ -235,7 +244,8 @@ class CniOperations:
                 return netdev
         return None
 
-    async def check(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+    async def check(self, req: dict[str, Any], fds: list[OwnedFd],
+                    follow_up: FollowUp | None = None) -> dict[str, Any]:
         netdev, cid = str(req.get("deviceID") or ""), str(req.get("containerID") or "")
         _, device = self._allocated(netdev)
         record = self.registry.attachment(netdev)
@@ -255,10 +265,12 @@ class CniOperations:
                            f"{', '.join(missing)}")
         return {"checked": True}
 
-    async def status(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+    async def status(self, req: dict[str, Any], fds: list[OwnedFd],
+                     follow_up: FollowUp | None = None) -> dict[str, Any]:
         return {"allocations": len(self.registry.allocations)}
 
-    async def gc(self, req: dict[str, Any], fds: list[OwnedFd]) -> dict[str, Any]:
+    async def gc(self, req: dict[str, Any], fds: list[OwnedFd],
+                 follow_up: FollowUp | None = None) -> dict[str, Any]:
         """Release this network's attachments not in its valid list (CNI 1.1 GC).  Only
         attachments recorded for the same network name: GC for network A must leave
         network B's devices in their pods (and records without a network, from an
@@ -282,6 +294,25 @@ class CniOperations:
                     continue
                 released.append(netdev)
         return {"released": released}
+
+
+async def _ipam_result(req: dict[str, Any], follow_up: FollowUp | None
+                       ) -> dict[str, Any] | None:
+    """ADD's IPAM result: in the request, or (``"ipam": "follows"``) the next datagram,
+    ``{"ipam": {...}}``, which the plugin sends once its IPAM plugin, run while the
+    device moved, has answered.  CniError when IPAM failed or nothing came: the
+    caller brings the device home."""
+    ipam = req.get("ipam")
+    if ipam != "follows":
+        return ipam if isinstance(ipam, dict) else None
+    msg = await follow_up() if follow_up is not None else None
+    if msg is None or not isinstance(msg.get("ipam"), dict):
+        why = (str(msg.get("ipam_failed") or "no IPAM result in the follow-up")
+               if msg is not None else "the plugin sent no IPAM result")
+        raise CniError(IPAM_FAILED, "IPAM gave the pod no addresses; the device is back on "
+                       "the node", why)
+    result: dict[str, Any] = msg["ipam"]
+    return result
 
 
 def _exists(name: str) -> bool:

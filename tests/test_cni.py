@@ -606,3 +606,58 @@ def test_a_del_that_cannot_bring_the_device_home_keeps_its_record_for_the_next_o
     assert "p0" in env.links(env.k8s.ns) and not {"net1", "p0"} & env.links(env.pod)
     [back] = json.loads(run("ip", "-n", env.k8s.ns.name, "-j", "-d", "link", "show", "p0").stdout)
     assert back["linkinfo"]["info_kind"] == "veth"  # ours, not the bridge
+
+
+# -- IPAM alongside the move ---------------------------------------------------------------
+
+_FAILING_IPAM = """#!/bin/sh
+# An IPAM plugin that waits until the device is in the pod (the daemon moves it while
+# IPAM runs), notes that it saw it there, and fails.
+for i in $(seq 100); do
+    if nsenter --net="$CNI_NETNS" ip link show net1 >/dev/null 2>&1; then
+        touch "$(dirname "$0")/saw-the-device-in-the-pod"; break
+    fi
+    sleep 0.05
+done
+echo '{"cniVersion":"1.0.0","code":11,"msg":"no addresses left (stub)"}'; exit 1
+"""
+
+
+def test_ipam_runs_while_the_device_moves_and_its_failure_brings_the_device_home(
+        env: Env, tmp_path: Path) -> None:
+    env.admit(["p0"])
+    stub = tmp_path / "failing-ipam"
+    stub.write_text(_FAILING_IPAM)
+    stub.chmod(0o755)
+    conf = {**env.conf, "ipam": {"type": "failing-ipam"}}
+    res = env.cni("ADD", conf, netns=str(env.pod.path),
+                  env={"CNI_PATH": f"{tmp_path}:/usr/lib/cni"})
+    assert res.code == 1 and res.out["code"] == 11, res.out
+    assert "no addresses left (stub)" in res.out["msg"]
+    assert (tmp_path / "saw-the-device-in-the-pod").exists()  # the two overlapped
+    assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.pod)
+    res = env.add()  # and nothing of the failed ADD is left in the way
+    assert res.code == 0 and "net1" in env.links(env.pod), res.out
+
+
+def test_a_plugin_gone_before_its_ipam_result_leaves_the_device_home(env: Env) -> None:
+    import socket
+    import struct
+    env.admit(["p0"])
+    netns = os.open(env.pod.path, os.O_RDONLY)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(env.conf["daemonSocket"])
+        request = {"op": "add", "deviceID": "p0", "containerID": "c1", "ifname": "net1",
+                   "netns": str(env.pod.path), "network": "afxdp-net", "rename": True,
+                   "pod": {"namespace": "default", "name": "pod-a"}, "ipam": "follows"}
+        sock.sendmsg([json.dumps(request).encode()],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", netns))])
+        env.k8s.wait(lambda: "net1" in env.links(env.pod), what="the device in the pod")
+    finally:
+        sock.close()  # as a plugin killed while its IPAM ran
+        os.close(netns)
+    env.k8s.wait(lambda: "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.pod),
+                 what="the device back on the node")
+    res = env.add()
+    assert res.code == 0 and "net1" in env.links(env.pod), res.out
