@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cni_server.client import fetch_map_fd
-from tests.kernel import Daemon, NsFixture, make_netns
+from tests.kernel import Daemon, NsFixture, build_c, make_netns
 
 
 def cpu_seconds(pid: int) -> float:
@@ -56,16 +56,6 @@ def one(path: Path) -> float:
     t0 = time.perf_counter()
     fetch_map_fd(path, "va").close()
     return time.perf_counter() - t0
-
-
-def build_c_client(work: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise SystemExit("handshake.py: no C compiler (cc/gcc/clang) to build dpdk_client.c")
-    out = work / "dpdk_client"
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(out),
-                    str(Path(__file__).with_name("dpdk_client.c"))], check=True)
-    return out
 
 
 def summary(lat: list[float], wall: float, **extra: float) -> dict[str, float]:
@@ -198,7 +188,7 @@ def main() -> int:
                 r["daemon_cpu_us_per_handshake"] = (cpu_seconds(pid) - c0) * 1e6 / r["handshakes"]
                 results[name] = r
 
-            client = build_c_client(work)
+            client = build_c(Path(__file__).with_name("dpdk_client.c"), work)
             results["reference"] = reference(client, work, a.sequential)
             with ns.entered():
                 measured("c_sequential", lambda: c_sequential(client, path, a.sequential))

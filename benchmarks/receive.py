@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import select
-import shutil
 import socket
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bpf.program import LoadedProgram, XdpMode, attach, default_object, detach
 from cni_server.client import fetch_map_fd
 from cni_server.receiver import XskReceiver
-from tests.kernel import Daemon, NsFixture, make_netns
+from tests.kernel import Daemon, NsFixture, build_c, make_netns
 
 
 def count(rx: XskReceiver, sender: subprocess.Popen[bytes], wanted: int) -> tuple[int, float]:
@@ -79,16 +78,6 @@ def one_run(ns: NsFixture, map_fd: int, frames: int) -> dict[str, float]:
         finally:
             sender.wait(60)
         return {"received": got, "fps": got / seconds if seconds else 0.0}
-
-
-def build_c(work: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise SystemExit("receive.py: no C compiler (cc/gcc/clang) to build xsk_bench.c")
-    out = work / "xsk_bench"
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(out),
-                    str(Path(__file__).with_name("xsk_bench.c"))], check=True)
-    return out
 
 
 def one_run_c(ns: NsFixture, map_fd: int, frames: int) -> dict[str, float]:
@@ -154,7 +143,7 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {"handed_out": [], "privileged": []}
     with make_netns() as ns, tempfile.TemporaryDirectory() as tmp:
         if a.c:
-            C_BENCH = build_c(Path(tmp))
+            C_BENCH = build_c(Path(__file__).with_name("xsk_bench.c"), Path(tmp))
         ns.veth("va", "vb")
         for r in range(a.rounds):
             # Alternate which goes first: the VM's speed drifts within a round too.

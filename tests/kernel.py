@@ -259,3 +259,13 @@ def program_exists(prog_id: int) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def build_c(source: Path, work: Path) -> Path:
+    """Compile a benchmark's C helper with the system C compiler; the executable's path."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise SystemExit(f"no C compiler (cc/gcc/clang) to build {source.name}")
+    out = work / source.stem
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(source)], check=True)
+    return out
