@@ -525,22 +525,24 @@ def has_ipam(conf: dict[str, Any]) -> bool:
 
 
 def cmd_add(conf: dict[str, Any], raw: bytes, env: dict[str, str], log: Log) -> dict[str, Any]:
+    request = {
+        "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
+        "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"], "network": conf["name"],
+        "pod": pod_from_args(env),
+        "rename": bool(conf.get("rename", True)), "mtu": int(conf.get("mtu", 0)),
+        "ipam": "follows" if has_ipam(conf) else None,
+    }
     netns_fd = open_netns(env["CNI_NETNS"])  # before anything is done for the pod
     # IPAM runs while the daemon checks and moves the device (the move is most of
     # an ADD); its result follows the request on the same connection.
-    child = start_delegate("ADD", raw, conf, env) if has_ipam(conf) else None
+    child: Child | None = None
     ipam: dict[str, Any] = {}
     ipam_done = False  # addresses to give back if the ADD fails
     try:
+        child = start_delegate("ADD", raw, conf, env) if has_ipam(conf) else None
         call = DaemonCall(conf.get("daemonSocket", DEFAULT_DAEMON_SOCKET))
         try:
-            call.send({
-                "op": "add", "deviceID": device_id(conf), "containerID": env["CNI_CONTAINERID"],
-                "ifname": env["CNI_IFNAME"], "netns": env["CNI_NETNS"], "network": conf["name"],
-                "pod": pod_from_args(env),
-                "rename": bool(conf.get("rename", True)), "mtu": int(conf.get("mtu", 0)),
-                "ipam": "follows" if child is not None else None,
-            }, netns_fd)
+            call.send(request, netns_fd)
             if child is not None:
                 waiting, child = child, None
                 try:
