@@ -9,7 +9,6 @@ against.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +66,8 @@ class Allocation:
     umem_limit: int = protocol.DEFAULT_UMEM_LIMIT  # bytes per /xsk_bound_socket
     # (netdev, queue) -> inode of the AF_XDP socket last handed out for it by
     # /xsk_socket: /xsk_bind only binds that very socket.
+    # (Read and written on the event loop only, by the broker: no lock.)
     _xsk_handouts: dict[tuple[str, int], int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def host_allowed(self, hostname: str) -> bool:
         return hostname in self.hostnames_allowed
@@ -88,17 +87,14 @@ class Allocation:
         return [d.view() for d in self.netdevs.values()]
 
     def record_xsk(self, netdev: str, queue: int, inode: int) -> None:
-        with self._lock:
-            self._xsk_handouts[(netdev, queue)] = inode
+        self._xsk_handouts[(netdev, queue)] = inode
 
     def handed_out_xsk(self, netdev: str, queue: int) -> int | None:
-        with self._lock:
-            return self._xsk_handouts.get((netdev, queue))
+        return self._xsk_handouts.get((netdev, queue))
 
     def handed_out(self, inode: int) -> bool:
         """Whether the socket with ``inode`` is one this allocation handed out."""
-        with self._lock:
-            return inode in self._xsk_handouts.values()
+        return inode in self._xsk_handouts.values()
 
     def describe(self) -> dict[str, object]:
         return {
