@@ -9,7 +9,7 @@ Layout of one allocation (``socket_base`` and ``pin_base`` come from the spec)::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,15 @@ class AllocationSpec:
         return self.pin_base / netdev / PIN_NAME if self.pin_base else None
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
+        # Field by field, not dataclasses.asdict: that deep-copies every value, and
+        # the state file holds every allocation's spec, saved on every change.
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
         doc["netdevs"] = list(self.netdevs)
         doc["hostnames"] = sorted(self.hostnames)
         doc["socket_base"] = str(self.socket_base)
         doc["pin_base"] = str(self.pin_base) if self.pin_base else None
+        doc["program_map_keys"] = {k: list(v) for k, v in self.program_map_keys.items()}
+        doc["attached"] = {k: dict(v) for k, v in self.attached.items()}
         return doc
 
     @classmethod

@@ -97,7 +97,9 @@ class StateFile:
         return aside
 
     def save(self, records: list[dict[str, Any]]) -> None:
-        data = json.dumps({"version": VERSION, "allocations": records}, indent=1).encode()
+        # No indent: json's C encoder serves only compact output, and this file is
+        # written on every change of every allocation (read it with jq).
+        data = json.dumps({"version": VERSION, "allocations": records}).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
