@@ -136,6 +136,8 @@ class NodeView:
         self.defaults: set[tuple[int, int, int]] = set()
         self._sysfs: dict[tuple[str, int], tuple[str, str, int | None]] = {}
         self._prog_names: dict[int, str] = {}
+        # ifindex -> (the facts a Netdev was built from, that Netdev)
+        self._built: dict[int, tuple[tuple[_Link, bool, bool], Netdev]] = {}
 
     @classmethod
     def dump(cls) -> NodeView:
@@ -202,6 +204,7 @@ class NodeView:
         self._sysfs = {k: v for k, v in older._sysfs.items()
                        if k[1] in self.links and self.links[k[1]].name == k[0]}
         self._prog_names = dict(older._prog_names)
+        self._built = dict(older._built)  # checked against each link's facts on use
 
     def _prog_name(self, prog_id: int) -> str:
         if prog_id not in self._prog_names:
@@ -210,10 +213,20 @@ class NodeView:
         return self._prog_names.get(prog_id, "")
 
     def netdevs(self) -> dict[str, Netdev]:
-        """Every link, by name, with its sysfs facts (cached per name and ifindex)."""
+        """Every link, by name, with its sysfs facts (cached per name and ifindex).
+
+        A link whose facts did not change since the last call keeps its Netdev: an
+        event about one link of 1,000 rebuilds one."""
         default = {d[1] for d in self.defaults}
         out: dict[str, Netdev] = {}
+        built: dict[int, tuple[tuple[_Link, bool, bool], Netdev]] = {}
         for link in self.links.values():
+            facts = (link, bool(self.addrs.get(link.ifindex)), link.ifindex in default)
+            old = self._built.get(link.ifindex)
+            if old is not None and old[0] == facts:
+                out[link.name] = old[1]
+                built[link.ifindex] = old
+                continue
             key = (link.name, link.ifindex)
             if key not in self._sysfs:
                 self._sysfs[key] = _sysfs(link.name, link.ifindex)
@@ -227,6 +240,8 @@ class NodeView:
                 xdp_prog_id=link.xdp_prog_id,
                 xdp_prog_name=self._prog_name(link.xdp_prog_id) if link.xdp_prog_id else "",
             )
+            built[link.ifindex] = (facts, out[link.name])
+        self._built = built
         return out
 
 

@@ -341,3 +341,26 @@ def test_the_cni_executables_codec_falls_back_to_json_without_the_c_module() -> 
     out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out == '{"a": [1, "\\u00e9"]}\n'
+
+
+def test_the_node_view_rebuilds_only_the_netdevs_whose_facts_changed() -> None:
+    from plugin.discovery import NodeView, _Link
+    view = NodeView()
+    a = _Link(name="a0", ifindex=10, mac="02:00:00:00:00:0a", kind="veth", flags=1,
+              operstate="UP", xdp_prog_id=0)
+    b = replace(a, name="b0", ifindex=11, mac="02:00:00:00:00:0b")
+    view.links = {10: a, 11: b}
+    view._sysfs = {("a0", 10): ("", "", None), ("b0", 11): ("", "", None)}  # no sysfs here
+    first = view.netdevs()
+    again = view.netdevs()
+    assert again["a0"] is first["a0"] and again["b0"] is first["b0"]
+    assert first["a0"].up and not first["a0"].addressed
+    view.links[11] = replace(b, flags=0)  # b0 went down
+    view.addrs[10] = {(2, "10.0.0.1", 24)}  # a0 got an address
+    changed = view.netdevs()
+    assert changed["a0"] is not first["a0"] and changed["a0"].addressed
+    assert changed["b0"] is not first["b0"] and not changed["b0"].up
+    view.defaults.add((2, 11, 0))  # b0 carries the default route now
+    assert view.netdevs()["b0"].default_route
+    del view.links[10]
+    assert set(view.netdevs()) == {"b0"}
