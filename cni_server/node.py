@@ -31,8 +31,10 @@ from cni_server.lifecycle import raise_fd_limit, report_ready, run_until_signal
 from cni_server.netns import Netns
 from cni_server.ownership import Claims
 from cni_server.programs import ProgramTable
+from cni_server.provision import NetdevFactory
 from cni_server.registry import Registry
 from cni_server.server import HandoutServer, Limits
+from cni_server.state import StateFile
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
@@ -57,7 +59,7 @@ class FrontEnd(Protocol):
     def claim_facts(self) -> dict[str, str]: ...
     def idle_timeout(self) -> float: ...
     async def prepare(self, node: NodeDaemon) -> None: ...
-    def registry_parts(self) -> tuple[Any, ...]: ...
+    def registry_parts(self) -> tuple[StateFile | None, NetdevFactory | None]: ...
     async def start(self, node: NodeDaemon) -> None: ...
     async def stop(self, node: NodeDaemon) -> None: ...
     async def cleanup(self, node: NodeDaemon) -> None: ...
@@ -139,6 +141,9 @@ class NodeDaemon:
             await self.registry.shutdown(release=self.front.release_on_stop)
         self.server.close()
         await self.front.cleanup(self)
+        if self.claims is not None:  # ours, whether or not a registry got to use them
+            self.claims.close()
+            self.claims = None
         if self.settings.ready_file is not None:
             self.settings.ready_file.unlink(missing_ok=True)
         if self.netns is not None:

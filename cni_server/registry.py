@@ -283,8 +283,6 @@ class Registry:
                 program = self.programs.get(netdev)
                 if program is not None:
                     program.close()
-        if self.programs.claims is not None:
-            self.programs.claims.close()
 
     def save(self) -> None:
         if self.state is not None:

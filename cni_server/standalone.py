@@ -20,8 +20,10 @@ from bpf.errors import BpffsError
 from cni_server.config import StandaloneConfig
 from cni_server.node import DaemonError, NodeDaemon
 from cni_server.ownership import NetdevBusy, OwnershipError
+from cni_server.provision import NetdevFactory
 from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.spec import SOCKET_NAME, AllocationSpec
+from cni_server.state import StateFile
 from cni_server.watch import ProgramWatch
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ class StandaloneFront:
     def idle_timeout(self) -> float:
         return self.cfg.idle_timeout
 
-    def registry_parts(self) -> tuple[Any, ...]:
-        return ()  # no state file: everything is released at stop
+    def registry_parts(self) -> tuple[StateFile | None, NetdevFactory | None]:
+        return None, None  # no state file: everything is released at stop; real netdevs
 
     async def prepare(self, node: NodeDaemon) -> None:
         """Claim every netdev before touching anything: a netdev another daemon serves

@@ -24,6 +24,7 @@ from bpf.errors import BpfError
 from bpf.program import map_keys_from, verify
 from cni_server.config import ConfigError
 from cni_server.node import NodeDaemon
+from cni_server.provision import NetdevFactory
 from cni_server.safedir import ensure_dir
 from cni_server.server import Limits
 from cni_server.state import StateFile
@@ -76,7 +77,7 @@ class KubernetesFront:
         ensure_dir(cfg.socket_root, "socketRoot")
         ensure_dir(cfg.state_dir, "stateDir", mode=0o700)
 
-    def registry_parts(self) -> tuple[Any, ...]:
+    def registry_parts(self) -> tuple[StateFile | None, NetdevFactory | None]:
         return StateFile(self.cfg.state_dir / "state.json"), VirtualDevices()
 
     async def start(self, node: NodeDaemon) -> None:

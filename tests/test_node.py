@@ -42,9 +42,9 @@ class RecordingFront:
         assert node.registry is None and node.netns is not None
         self._call("prepare")
 
-    def registry_parts(self) -> tuple[Any, ...]:
+    def registry_parts(self) -> tuple[None, None]:
         self._call("registry_parts")
-        return ()
+        return None, None
 
     async def start(self, node: NodeDaemon) -> None:
         assert node.registry is not None
@@ -167,3 +167,29 @@ def test_a_daemon_stopped_before_settling_does_not_settle(tmp_path: Path) -> Non
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_claims_taken_before_a_failed_start_are_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni_server.netns import Netns
+    from cni_server.ownership import Claims
+
+    monkeypatch.setenv("AFXDP_RUN_DIR", str(tmp_path / "run"))
+
+    class ClaimingFront(RecordingFront):
+        async def prepare(self, node: NodeDaemon) -> None:
+            assert node.claims is not None
+            node.claims.take("va")  # as the standalone front claims its netdevs
+            raise RuntimeError("prepare failed")
+
+    node = NodeDaemon(_settings(tmp_path), ClaimingFront())
+    with pytest.raises(RuntimeError, match="prepare failed"):
+        asyncio.run(node.start())
+    # In the failed daemon's netns, the claim must be free again.
+    here = Netns.current()
+    try:
+        other = Claims(here.inode, {"pid": 1})
+        other.take("va")  # NetdevBusy if the failed start still held it
+        other.close()
+    finally:
+        here.close()
