@@ -78,12 +78,15 @@ def main() -> int:
                     res["devices_listed"] = len(devs)
                     res["rss_mib_idle"] = rss_mib(daemon.proc.pid)
                     time.sleep(a.after)
+                    ready_at = time.perf_counter()
+                    slow: list[tuple[float, str, float]] = []  # (ms, which, s after the list)
                     names = [f"p{i}" for i in range(a.netdevs)]
                     one = []
                     for i in range(a.one):
                         t = time.perf_counter()
                         kubelet.allocate(RESOURCE, [names[i]])
                         one.append(time.perf_counter() - t)
+                        slow.append((one[-1] * 1e3, f"1-device #{i}", t - ready_at))
                     eight = []
                     base = a.one
                     for i in range(a.eight):
@@ -91,10 +94,13 @@ def main() -> int:
                         t = time.perf_counter()
                         kubelet.allocate(RESOURCE, ids)
                         eight.append(time.perf_counter() - t)
+                        slow.append((eight[-1] * 1e3, f"8-device #{i}", t - ready_at))
                     res["allocate_1_device_ms"] = {"n": len(one), "p50": pct(one, .5) * 1e3,
                                                    "p99": pct(one, .99) * 1e3}
                     res["allocate_8_devices_ms"] = {"n": len(eight), "p50": pct(eight, .5) * 1e3,
                                                     "p99": pct(eight, .99) * 1e3}
+                    res["slowest"] = [{"ms": ms, "call": which, "at_s": at}
+                                      for ms, which, at in sorted(slow, reverse=True)[:3]]
                     res["rss_mib_after"] = rss_mib(daemon.proc.pid)
                     res["allocations"] = a.one + a.eight
                 finally:
@@ -114,6 +120,10 @@ def main() -> int:
         print(f"(first Allocate {a.after:g} s after the full list)")
     print(f"Allocate, 1 device:  p50 {o['p50']:.1f} ms  p99 {o['p99']:.1f} ms  (n={o['n']})")
     print(f"Allocate, 8 devices: p50 {e['p50']:.1f} ms  p99 {e['p99']:.1f} ms  (n={e['n']})")
+    slowest = res["slowest"]
+    assert isinstance(slowest, list)
+    print("slowest calls: " + ", ".join(f"{c['call']} {c['ms']:.0f} ms at +{c['at_s']:.2f} s"
+                                        for c in slowest))
     print(f"RSS after {res['allocations']} allocations: {res['rss_mib_after']:.1f} MiB")
     return 0
 
