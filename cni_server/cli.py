@@ -63,7 +63,7 @@ def _serve_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from cni_server.node import DaemonError
+    from cni_server.node import DaemonError, freeze_imports
     from cni_server.server import ServerError
     from cni_server.standalone import standalone_daemon
 
@@ -81,6 +81,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         log.warning("event=not_root hint=attaching_XDP_needs_CAP_NET_ADMIN_and_CAP_BPF")
     daemon = standalone_daemon(cfg)
     try:
+        freeze_imports()
         asyncio.run(daemon.run())
     except (BpfError, DaemonError, ServerError, ControlError, OSError) as e:
         log.error("event=start_failed error=%r", str(e))
@@ -93,7 +94,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
-    from cni_server.node import DaemonError
+    from cni_server.node import DaemonError, freeze_imports
     from cni_server.ownership import OwnershipError
     from cni_server.programs import RegistryError
     from cni_server.safedir import UnsafeDirectory
@@ -117,7 +118,9 @@ def cmd_daemon(a: argparse.Namespace) -> int:
             return _fail(EXIT_USAGE, f"configuration: {e}")
     logs.setup(cfg.log_level, cfg.log_format)
     try:
-        asyncio.run(kubernetes_daemon(cfg).run())
+        daemon = kubernetes_daemon(cfg)
+        freeze_imports()
+        asyncio.run(daemon.run())
     except (PoolConflict, ConfigError) as e:
         log.error("event=start_failed error=%r", str(e))
         return _fail(EXIT_USAGE, f"configuration: {e}")

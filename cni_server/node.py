@@ -177,6 +177,15 @@ class NodeDaemon:
         return {"status": self.status()}
 
 
+def freeze_imports() -> None:
+    """Move what the imports built (modules, classes, functions: most of the
+    daemon's objects) out of the cyclic collector's sight before start-up begins.
+    Start-up's own garbage is collected later (:func:`_settle_heap`), and that
+    collection then walks only what start-up made, not every object of every
+    imported module.  Call once, from the process's entry point."""
+    gc.freeze()
+
+
 def _settle_heap() -> None:
     """Collect start-up's garbage once, then freeze what is left out of the cyclic
     collector's sight.
