@@ -278,28 +278,64 @@ class Classification:
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # netdev -> pools
 
 
+# What classification decided for one netdev: the pool that selects it and why it
+# is excluded from it ("" when offered), or the pools it is in conflict between,
+# or None when no pool selects it.
+Outcome = tuple[str, str] | list[str] | None
+
+
+class Classifier:
+    """Assigns netdevs to pools (:func:`classify`), remembering each netdev's outcome.
+
+    A netdev's outcome depends only on its :class:`Netdev` and on the pool it is
+    kept in, and :meth:`NodeView.netdevs` returns the same ``Netdev`` object for a
+    link whose facts did not change: so after an event about one link of 1,000,
+    one outcome is worked out again, not 1,000."""
+
+    def __init__(self, pools: list[PoolConfig]) -> None:
+        self.pools = pools
+        self._virtual = {n: p.name for p in pools if p.virtual for n in p.virtual.all_names()}
+        self._memo: dict[str, tuple[Netdev, str | None, Outcome]] = {}
+
+    def __call__(self, netdevs: dict[str, Netdev],
+                 keep: dict[str, str] | None = None) -> Classification:
+        """``keep`` (netdev -> pool) are allocated netdevs: they stay in their pool
+        even when they now carry our program or an address a pod gave them."""
+        keep = keep or {}
+        c = Classification({p.name: {} for p in self.pools}, {p.name: {} for p in self.pools})
+        memo: dict[str, tuple[Netdev, str | None, Outcome]] = {}
+        for name, dev in netdevs.items():
+            kept = keep.get(name)
+            hit = self._memo.get(name)
+            outcome = hit[2] if hit is not None and hit[0] is dev and hit[1] == kept \
+                else self._outcome(dev, kept)
+            memo[name] = (dev, kept, outcome)
+            if isinstance(outcome, list):
+                c.conflicts[name] = outcome
+            elif outcome is not None:
+                pool, why = outcome
+                if why:
+                    c.excluded[pool][name] = why
+                else:
+                    c.members[pool][name] = dev
+        self._memo = memo
+        return c
+
+    def _outcome(self, dev: Netdev, kept: str | None) -> Outcome:
+        if dev.name in self._virtual:  # both ends of a virtual pool's devices are that pool's
+            pool_name = self._virtual[dev.name]
+            return (pool_name, "") if kept == pool_name else None
+        chosen = [p for p in self.pools if p.virtual is None and selects(p, dev)]
+        if len(chosen) > 1:
+            return [p.name for p in chosen]
+        if not chosen:
+            return None
+        pool = chosen[0]
+        return pool.name, "" if kept == pool.name else exclusion(pool, dev)
+
+
 def classify(netdevs: dict[str, Netdev], pools: list[PoolConfig],
              keep: dict[str, str] | None = None) -> Classification:
     """Assign netdevs to pools.  ``keep`` (netdev -> pool) are allocated netdevs: they stay
     in their pool even when they now carry our program or an address a pod gave them."""
-    keep = keep or {}
-    c = Classification({p.name: {} for p in pools}, {p.name: {} for p in pools})
-    virtual = {n: p.name for p in pools if p.virtual for n in p.virtual.all_names()}
-    for dev in netdevs.values():
-        if dev.name in virtual:  # both ends of a virtual pool's devices are that pool's
-            if keep.get(dev.name) == virtual[dev.name]:
-                c.members[virtual[dev.name]][dev.name] = dev
-            continue
-        chosen = [p for p in pools if p.virtual is None and selects(p, dev)]
-        if len(chosen) > 1:
-            c.conflicts[dev.name] = [p.name for p in chosen]
-            continue
-        if not chosen:
-            continue
-        pool = chosen[0]
-        why = "" if keep.get(dev.name) == pool.name else exclusion(pool, dev)
-        if why:
-            c.excluded[pool.name][dev.name] = why
-        else:
-            c.members[pool.name][dev.name] = dev
-    return c
+    return Classifier(pools)(netdevs, keep)

@@ -30,7 +30,7 @@ from bpf.program import query
 from cni_server.ownership import describe_holder
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
-from plugin.discovery import Netdev, NodeView, classify
+from plugin.discovery import Classifier, Netdev, NodeView
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class Inventory:
         self._repairing: set[str] = set()
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
+        self._classify = Classifier(cfg.pools)
+        # netdev -> (what its health was worked out from, that health): see _health
+        self._healths: dict[str, tuple[tuple[Any, ...], DeviceState]] = {}
         registry.on_changed.append(lambda _netdev: self._kick.set())
 
     # -- scanning ----------------------------------------------------------------
@@ -123,7 +126,7 @@ class Inventory:
         async with self._lock:
             netdevs = self.view.netdevs()
             keep = {n: a.pool for a in self.registry.allocations.values() for n in a.netdevs}
-            c = classify(netdevs, self.cfg.pools, keep)
+            c = self._classify(netdevs, keep)
             if c.conflicts and strict:
                 raise PoolConflict("; ".join(f"{n} matches pools {', '.join(p)}"
                                              for n, p in sorted(c.conflicts.items())))
@@ -131,8 +134,9 @@ class Inventory:
             changed: set[str] = set()
             claims = self.registry.programs.claims
             others = claims.others() if claims is not None else {}  # one scan for all
+            healths: dict[str, tuple[tuple[Any, ...], DeviceState]] = {}
             for pool in self.cfg.pools:
-                states = {name: self._health(dev, others)
+                states = {name: self._health(dev, others, healths)
                           for name, dev in c.members[pool.name].items()}
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
@@ -150,6 +154,7 @@ class Inventory:
                     self.pools[pool.name] = states
                 for name in keep.keys() & states.keys():
                     self._follow_allocated(states[name])
+            self._healths = healths
         if changed:
             await self.on_change(changed)
         return changed
@@ -208,19 +213,40 @@ class Inventory:
             return DeviceState(name, None, True, "in its pod's network namespace")
         return DeviceState(name, None, False, GONE)
 
-    def _health(self, dev: Netdev, others: dict[str, dict[str, Any]]) -> DeviceState:
-        """``others``: the netdevs another daemon serves (Claims.others)."""
-        if self.registry.is_moving(dev.name):  # taken down to move it, or back up
+    def _health(self, dev: Netdev, others: dict[str, dict[str, Any]],
+                healths: dict[str, tuple[tuple[Any, ...], DeviceState]]) -> DeviceState:
+        """``others``: the netdevs another daemon serves (Claims.others).
+
+        A netdev whose inputs (its Netdev, whether it is moving, another daemon's
+        claim, our program on it) are those of the last reclassification keeps its
+        DeviceState, so an event about one netdev of 1,000 works out one health and
+        the pools compare equal by identity.  Not kept: a health that needed the
+        kernel's word because the view disagreed with our program (the view lags
+        behind our own attaches; the next event settles it).  ``healths`` collects
+        what is kept for the next reclassification."""
+        program = self.registry.programs.get(dev.name)
+        prog_id = program.program.prog_id if program is not None else 0
+        inputs = (dev, self.registry.is_moving(dev.name), others.get(dev.name), prog_id)
+        hit = self._healths.get(dev.name)
+        if hit is not None and hit[0] == inputs:
+            healths[dev.name] = hit
+            return hit[1]
+        state = self._work_out_health(dev, *inputs[1:])
+        if not prog_id or dev.xdp_prog_id == prog_id:
+            healths[dev.name] = (inputs, state)
+        return state
+
+    @staticmethod
+    def _work_out_health(dev: Netdev, moving: bool, other: dict[str, Any] | None,
+                         prog_id: int) -> DeviceState:
+        if moving:  # taken down to move it, or back up
             return DeviceState(dev.name, dev, True, "being moved by CNI")
         if not dev.up:
             return DeviceState(dev.name, dev, False, "link down")
-        other = others.get(dev.name)
         if other is not None:
             return DeviceState(dev.name, dev, False, "served by another afxdp daemon "
                                                      f"({describe_holder(other)})")
-        program = self.registry.programs.get(dev.name)
-        if program is not None and dev.xdp_prog_id != program.program.prog_id \
-                and _attached_now(dev.ifindex) != program.program.prog_id:
+        if prog_id and dev.xdp_prog_id != prog_id and _attached_now(dev.ifindex) != prog_id:
             return DeviceState(dev.name, dev, False, LOST_PROGRAM)
         return DeviceState(dev.name, dev, True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from bpf.program import ProgramSpec
 from cni_server.config import ConfigError
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PoolConfig, load, validate
-from plugin.discovery import Netdev, classify
+from plugin.discovery import Classifier, Netdev, classify
 from plugin.inventory import DeviceState
 from plugin.owners import pod_hostname
 from plugin.pool import PoolBackend
@@ -183,6 +184,47 @@ def test_netdev_matching_two_pools_is_a_conflict() -> None:
     a, b = pools({"name": "a", "devices": ["eth.*"]}, {"name": "b", "drivers": ["ice"]})
     c = classify({"eth1": dev("eth1")}, [a, b])
     assert c.conflicts == {"eth1": ["a", "b"]} and not c.members["a"] and not c.members["b"]
+
+
+
+def test_the_classifier_works_out_again_only_what_changed_and_agrees_with_a_fresh_one() -> None:
+    """After each change (one netdev's facts, one allocation's keep, a netdev gone or
+    new) the remembering classifier gives what a fresh classification gives, and
+    works out only the netdevs whose Netdev or kept pool changed."""
+    fast, other = pools({"name": "fast", "devices": ["eth.*"], "excludeAddressed": True},
+                        {"name": "other", "drivers": ["mlx5_core"]})
+    netdevs = {f"eth{i}": dev(f"eth{i}", ifindex=10 + i) for i in range(50)}
+    netdevs["eth7"] = dev("eth7", driver="mlx5_core")  # both pools select it: a conflict
+    netdevs["ib0"] = dev("ib0", driver="mlx5_core")
+    keep: dict[str, str] = {}
+    classifier = Classifier([fast, other])
+    worked_out: list[str] = []
+    outcome = classifier._outcome
+
+    def counting(d: Netdev, kept: str | None) -> Any:
+        worked_out.append(d.name)
+        return outcome(d, kept)
+
+    classifier._outcome = counting  # type: ignore[method-assign,assignment]
+    changes: list[Callable[[], object]] = [
+        lambda: None,
+        lambda: netdevs.update(eth3=replace(netdevs["eth3"], addressed=True)),  # excluded
+        lambda: keep.update(eth3="fast"),  # allocated: kept despite its address
+        lambda: netdevs.update(eth4=replace(netdevs["eth4"], xdp_prog_id=9,
+                                            xdp_prog_name="firewall")),
+        lambda: netdevs.pop("eth5"),
+        lambda: netdevs.update(eth99=dev("eth99", ifindex=99)),
+        lambda: keep.pop("eth3"),
+    ]
+    expect_worked_out = [sorted(netdevs), [], ["eth3"], ["eth3"], ["eth4"], [], ["eth99"], ["eth3"]]
+    initial: Callable[[], object] = lambda: None  # noqa: E731
+    for i, change in enumerate([initial, *changes]):
+        worked_out.clear()
+        change()
+        got = classifier(dict(netdevs), dict(keep))
+        assert got == classify(dict(netdevs), [fast, other], dict(keep)), f"after change {i}"
+        assert sorted(worked_out) == expect_worked_out[i], f"after change {i}"
+    assert "eth3" in got.excluded["fast"] and got.conflicts == {"eth7": ["fast", "other"]}
 
 
 # -- preferred allocation ------------------------------------------------------------------------------
