@@ -38,6 +38,8 @@ def rss_mib(pid: int) -> float:
 
 
 def pct(values: list[float], q: float) -> float:
+    if not values:  # e.g. --eight 0
+        return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
 
