@@ -35,7 +35,7 @@ IFF_LOOPBACK = 0x8
 SYSFS_NET = Path("/sys/class/net")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Netdev:
     name: str
     ifindex: int
@@ -87,7 +87,7 @@ def _sysfs(name: str, ifindex: int) -> tuple[str, str, int | None]:
     return driver, pci, numa
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Link:
     name: str
     ifindex: int

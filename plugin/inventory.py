@@ -45,7 +45,7 @@ class PoolConflict(Exception):
     """A netdev matches the selectors of more than one pool."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     name: str
     netdev: Netdev | None  # None: allocated but no longer present
