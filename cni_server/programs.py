@@ -4,6 +4,12 @@ A netdev gets the program once, whoever asks first (attached, or adopted when it
 is ours already), and loses it when the last allocation using it lets go (unless
 the caller keeps it).  Each netdev is claimed for this daemon before it is
 touched (``cni_server.ownership``).
+
+A program can also be attached ahead of any allocation (:meth:`ProgramTable.attach_ahead`,
+a pool's ``attachAhead``): a fresh program and map that no one has been given,
+which the next :meth:`ProgramTable.acquire` of that netdev takes instead of
+attaching then.  The kernel's attach is slow while the node has few XDP programs
+(docs/benchmarks.md): done ahead, it is off kubelet's Allocate.
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ class ProgramChoice:
 
 
 @dataclass
+class _Ahead:
+    """A program attached ahead of any allocation: fresh, and never handed out."""
+
+    program: NetdevProgram
+    choice: ProgramChoice
+    mode: XdpMode  # as asked for (auto, native, skb)
+
+
+@dataclass
 class _Shared:
     program: NetdevProgram
     choice: ProgramChoice
@@ -67,6 +82,7 @@ class ProgramTable:
     # (a table in a test that is not a daemon).
     claims: Claims | None = None
     _table: dict[str, _Shared] = field(default_factory=dict)
+    _ahead: dict[str, _Ahead] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def acquire(self, netdev: str, mode: XdpMode, netns: Netns | None = None,
@@ -78,6 +94,11 @@ class ProgramTable:
             if shared is not None and shared.choice != choice:
                 raise RegistryError(f"{netdev} already carries program {shared.choice.name!r} "
                                     f"for another allocation, not {choice.name!r}")
+            if shared is None and netdev in self._ahead:
+                program = await self._take_ahead(netdev, mode, choice)
+                if program is not None:
+                    self._count("attach", "ahead")
+                    shared = self._table[netdev] = _Shared(program, choice, netns)
             if shared is None:
                 name = ifname or netdev
 
@@ -100,6 +121,91 @@ class ProgramTable:
                 shared = self._table[netdev] = _Shared(program, choice, netns)
             shared.users += 1
             return shared.program
+
+    async def attach_ahead(self, netdev: str, mode: XdpMode, choice: ProgramChoice) -> bool:
+        """Attach a fresh program to ``netdev`` (in the daemon's netns) for its next
+        acquire().  Only on a netdev with nothing attached and no allocation: a
+        program found there may have had its map handed out, so it is left to
+        acquire()'s own rules.  Returns whether one was attached; NetdevBusy if
+        another daemon holds the netdev."""
+        async with self._lock:
+            if netdev in self._table or netdev in self._ahead:
+                return False
+            claimed_here = self.claims is not None and not self.claims.holds(netdev)
+            if self.claims is not None:
+                self.claims.take(netdev)
+
+            def attach_fresh() -> NetdevProgram | None:
+                info = link_info(netdev)
+                if query(info.ifindex).attached:
+                    return None
+                return self._ensure(netdev, info.ifindex, info.queue_slots, mode, choice)
+
+            try:
+                program = await asyncio.to_thread(attach_fresh)
+            except Exception:
+                self._count("attach_ahead", "error")
+                if claimed_here and self.claims is not None:
+                    self.claims.drop(netdev)
+                raise
+            if program is None:
+                if claimed_here and self.claims is not None:
+                    self.claims.drop(netdev)
+                return False
+            self._ahead[netdev] = _Ahead(program, choice, mode)
+            self._count("attach_ahead", "ok")
+            return True
+
+    async def _take_ahead(self, netdev: str, mode: XdpMode, choice: ProgramChoice
+                          ) -> NetdevProgram | None:
+        """The program attached ahead on ``netdev``, if it suits this acquire and the
+        kernel still has it there; else it is withdrawn, and None.  (Lock held.)"""
+        ahead = self._ahead.pop(netdev)
+        program = ahead.program
+
+        def still_there() -> bool:
+            return link_info(netdev).ifindex == program.ifindex \
+                and query(program.ifindex).prog_id == program.program.prog_id
+
+        try:
+            if ahead.choice == choice and ahead.mode is mode \
+                    and await asyncio.to_thread(still_there):
+                log.info("event=xdp_attached_ahead_taken netdev=%s prog_id=%d", netdev,
+                         program.program.prog_id)
+                return program
+            await asyncio.to_thread(program.detach)  # only if it is still the one there
+            log.info("event=xdp_attached_ahead_dropped netdev=%s", netdev)
+        except Exception as e:  # the netdev is gone, say: acquire's own path tells
+            log.info("event=xdp_attached_ahead_dropped netdev=%s error=%r", netdev, str(e))
+        program.close()
+        if self.claims is not None:  # acquire's own path takes it again
+            self.claims.drop(netdev)
+        return None
+
+    async def withdraw_ahead(self, netdev: str | None = None) -> None:
+        """Detach the program(s) attached ahead (``None``: all), e.g. at stop or when
+        a netdev leaves its pool, and give up the netdev's claim."""
+        async with self._lock:
+            for name in [netdev] if netdev is not None else list(self._ahead):
+                ahead = self._ahead.pop(name, None)
+                if ahead is None:
+                    continue
+                try:
+                    ok = await asyncio.to_thread(ahead.program.detach)  # closes our fds
+                    self._count("detach", "ok" if ok else "skipped")
+                    log.info("event=xdp_attached_ahead_withdrawn netdev=%s ok=%s", name, ok)
+                except Exception as e:
+                    self._count("detach", "error")
+                    log.warning("event=xdp_attached_ahead_withdraw_failed netdev=%s error=%r",
+                                name, str(e))
+                finally:
+                    ahead.program.close()
+                    if self.claims is not None:
+                        self.claims.drop(name)
+
+    def ahead(self) -> set[str]:
+        """The netdevs carrying a program attached ahead."""
+        return set(self._ahead)
 
     def relocate(self, netdev: str, netns: Netns | None, ifname: str, ifindex: int) -> None:
         """The netdev moved (CNI ADD/DEL): detach there later, bind by its new ifindex."""

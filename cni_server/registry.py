@@ -92,6 +92,10 @@ class Registry:
         """A CNI ADD/DEL is moving ``netdev`` between namespaces right now."""
         return netdev in self._moving
 
+    def any_moving(self) -> bool:
+        """Whether a CNI operation is moving any netdev right now."""
+        return bool(self._moving)
+
     # -- changes -------------------------------------------------------------------
 
     def set_unavailable(self, netdev: str, why: str) -> bool:

@@ -21,6 +21,16 @@ SOCKET_NAME = "afxdp.sock"
 PIN_NAME = "xsks_map"
 
 
+def program_choice(name: str = "", obj: str = "", source: str = "", headers: str = "",
+                   map_keys: dict[str, list[int]] | None = None) -> ProgramChoice:
+    """The program a spec's (or a pool's) program fields name; "" fields: ours."""
+    def path(text: str) -> Path | None:
+        return Path(text) if text else None
+
+    spec = ProgramSpec(name or PROGRAM_NAME, path(obj), path(source), path(headers))
+    return ProgramChoice(spec, map_keys_from(map_keys or {}))
+
+
 @dataclass(frozen=True)
 class AllocationSpec:
     """Everything needed to (re-)create an allocation; persisted as JSON."""
@@ -70,12 +80,8 @@ class AllocationSpec:
         return tuple(self.socket_dir(n) / SOCKET_NAME for n in self.netdevs)
 
     def program_choice(self) -> ProgramChoice:
-        def path(text: str) -> Path | None:
-            return Path(text) if text else None
-
-        spec = ProgramSpec(self.program_name or PROGRAM_NAME, path(self.program_object),
-                           path(self.program_source), path(self.program_kernel_headers))
-        return ProgramChoice(spec, map_keys_from(self.program_map_keys))
+        return program_choice(self.program_name, self.program_object, self.program_source,
+                              self.program_kernel_headers, self.program_map_keys)
 
     def pin_path(self, netdev: str) -> Path | None:
         return self.pin_base / netdev / PIN_NAME if self.pin_base else None

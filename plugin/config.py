@@ -68,6 +68,9 @@ class PoolConfig:
     # Pods get the pool's netdevs through the CNI plugin: hand out nothing of an
     # allocation until CNI ADD has moved its netdev into the pod.
     move_with_cni: bool = False
+    # Keep a fresh program attached to every free, healthy netdev of the pool, for
+    # the next Allocate to take (the kernel's attach is off kubelet's call).
+    attach_ahead: bool = False
 
     @property
     def program_name(self) -> str:
@@ -110,7 +113,7 @@ _PROG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _POOL = {
     "name", "devices", "drivers", "pciAddresses", "macs", "exclude", "excludeAddressed",
     "xdpMode", "pinMap", "udsIdleTimeout", "uid", "gid", "socketMode", "queues", "nodes",
-    "program", "virtual", "allowUnboundXsk", "maxUmemBytes", "moveWithCni",
+    "program", "virtual", "allowUnboundXsk", "maxUmemBytes", "moveWithCni", "attachAhead",
 }
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 VIRTUAL_KINDS = ("auto", "veth", "netkit")
@@ -222,6 +225,8 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
             pool.allow_unbound_xsk = _bool(value, at)
         elif key == "moveWithCni":
             pool.move_with_cni = _bool(value, at)
+        elif key == "attachAhead":
+            pool.attach_ahead = _bool(value, at)
         elif key == "maxUmemBytes":
             pool.max_umem_bytes = umem_limit(value, at)
     selectors = pool.devices or pool.drivers or pool.pci_addresses or pool.macs
@@ -231,6 +236,9 @@ def _pool(raw: object, where: str, node: str) -> PoolConfig:
     if pool.virtual is None and not selectors:
         raise ConfigError(f"{where}: selects nothing: give devices, drivers, pciAddresses or macs "
                           "(or virtual)")
+    if pool.virtual is not None and pool.attach_ahead:
+        raise ConfigError(f"{where}.attachAhead: a virtual pool's devices are created at "
+                          "Allocate: there is nothing to attach to ahead")
     return pool
 
 

@@ -75,10 +75,15 @@ def _attached_now(ifindex: int) -> int:
 
 class Inventory:
     def __init__(self, cfg: PluginConfig, registry: Registry,
-                 on_change: Callable[[set[str]], Awaitable[None]]) -> None:
+                 on_change: Callable[[set[str]], Awaitable[None]],
+                 on_reclassified: Callable[[dict[str, dict[str, DeviceState]]], None] | None
+                 = None) -> None:
+        """``on_change``: the pools whose device list or health changed.
+        ``on_reclassified``: every pool's states after each reclassification."""
         self.cfg = cfg
         self.registry = registry
         self.on_change = on_change
+        self.on_reclassified = on_reclassified
         self.pools: dict[str, dict[str, DeviceState]] = {p.name: {} for p in cfg.pools}
         self.view: NodeView | None = None
         self._dumping = False
@@ -155,6 +160,8 @@ class Inventory:
                 for name in keep.keys() & states.keys():
                     self._follow_allocated(states[name])
             self._healths = healths
+            if self.on_reclassified is not None:
+                self.on_reclassified(self.pools)
         if changed:
             await self.on_change(changed)
         return changed

@@ -28,6 +28,7 @@ from cni_server.provision import NetdevFactory
 from cni_server.safedir import ensure_dir
 from cni_server.server import Limits
 from cni_server.state import StateFile
+from plugin.ahead import AttachAhead
 from plugin.cniendpoint import CniEndpoint
 from plugin.config import PluginConfig
 from plugin.deviceplugin import PluginServer
@@ -60,6 +61,7 @@ class KubernetesFront:
         self.owners: Owners | None = None
         self.plugins: dict[str, PluginServer] = {}
         self.cni: CniEndpoint | None = None
+        self.ahead: AttachAhead | None = None
 
     def claim_facts(self) -> dict[str, str]:
         return {"sockets": str(self.cfg.socket_root)}
@@ -91,7 +93,9 @@ class KubernetesFront:
         self.cni = CniEndpoint(cfg.cni_socket, registry, self.owners.check_pod)
         await self.cni.start()
         node.server.resolve_owner = self.owners.resolve
-        self.inventory = Inventory(cfg, registry, self._devices_changed)
+        self.ahead = AttachAhead(cfg, registry)
+        self.inventory = Inventory(cfg, registry, self._devices_changed, self.ahead.update)
+        self.ahead.start()
         await self.inventory.rescan(strict=True)
         for pool in cfg.pools:
             backend = PoolBackend(cfg, pool, registry, self.inventory, self.owners)
@@ -109,6 +113,9 @@ class KubernetesFront:
         self.plugins.clear()
         if self.inventory is not None:
             await self.inventory.stop()
+        if self.ahead is not None:  # its programs were for Allocates to come
+            await self.ahead.stop()
+            self.ahead = None
         if self.owners is not None:
             await self.owners.stop()
         if self.cni is not None:

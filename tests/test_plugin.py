@@ -450,3 +450,50 @@ def test_no_health_flip_while_the_daemon_attaches_programs_for_a_multi_device_al
     assert ("p0", "Unhealthy") not in seen and ("p1", "Unhealthy") not in seen \
         and ("p2", "Unhealthy") not in seen, [s for s in seen if s[1] == "Unhealthy"]
     assert "lost its XDP program" not in k8s.daemons[-1].log()
+
+
+# -- attachAhead ----------------------------------------------------------------------------------
+
+
+def map_id(fd: int) -> int:
+    from bpf.libbpf import map_info
+    return int(map_info(fd).id)
+
+
+def test_attach_ahead_an_allocate_takes_the_program_attached_before_and_release_brings_a_fresh_one(
+        k8s: K8s) -> None:
+    """With attachAhead every free device already carries a fresh program when
+    Allocate comes: Allocate takes that one (same program, same map, no attach),
+    a released device gets a new program and map (the pod's map is never the next
+    pod's), and at stop the daemon detaches what it attached ahead."""
+    write_config(k8s.work, attachAhead=True)
+    d = k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0", "p1", "p2"))
+    k8s.wait(lambda: all(k8s.ns.xdp_prog_id(f"p{i}") for i in range(3)),
+             what="programs attached ahead")
+    ahead = k8s.ns.xdp_prog_id("p0")
+    mount = k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    assert k8s.ns.xdp_prog_id("p0") == ahead  # taken, not attached again
+    assert "event=xdp_attached_ahead_taken netdev=p0" in d.log()
+    k.add_pod("ns1", "pod-a", RESOURCE, ["p0"])
+    k8s.wait(lambda: [a["owner"] for a in k8s.allocations()] == ["ns1/pod-a/app"],
+             what="owner mapped")
+    with k8s.ns.entered():
+        fd = fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "p0", hostname="pod-a")
+    first_map = map_id(fd.fileno())
+    fd.close()
+    k.remove_pod("ns1", "pod-a")
+    k8s.wait(lambda: k8s.allocations() == [], what="allocation released")
+    k8s.wait(lambda: k8s.ns.xdp_prog_id("p0") not in (0, ahead), what="a fresh program ahead")
+    mount = k.allocate(RESOURCE, ["p0"]).container_responses[0].mounts[0]
+    k.add_pod("ns1", "pod-b", RESOURCE, ["p0"])
+    k8s.wait(lambda: [a["owner"] for a in k8s.allocations()] == ["ns1/pod-b/app"],
+             what="owner mapped")
+    with k8s.ns.entered():
+        fd = fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "p0", hostname="pod-b")
+    assert map_id(fd.fileno()) != first_map
+    fd.close()
+    assert d.stop() == 0
+    assert k8s.ns.xdp_prog_id("p1") == 0 and k8s.ns.xdp_prog_id("p2") == 0  # withdrawn
+    assert k8s.ns.xdp_prog_id("p0")  # the running pod's stays

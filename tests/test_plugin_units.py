@@ -12,12 +12,13 @@ import pytest
 
 from bpf.program import ProgramSpec
 from cni_server.config import ConfigError
+from cni_server.spec import AllocationSpec
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PoolConfig, load, validate
 from plugin.discovery import Classifier, Netdev, classify
 from plugin.inventory import DeviceState
 from plugin.owners import pod_hostname
-from plugin.pool import PoolBackend
+from plugin.pool import PoolBackend, program_fields
 
 BASE = Netdev(name="eth1", ifindex=3, mac="02:00:00:00:00:01", kind="", driver="ice",
               pci_address="0000:3b:00.0", numa_node=0, up=True, addressed=False,
@@ -98,6 +99,9 @@ def test_per_node_override_applies_only_on_that_node() -> None:
     ({"pools": [{"name": "a", "drivers": ["x"], "program": {
         "object": "/p.o", "name": "f", "kernelHeaders": "/usr/src"}}]},
      "pools[0].program.kernelHeaders: only programs from source"),
+    ({"pools": [{"name": "a", "drivers": ["x"], "attachAhead": "yes"}]}, "pools[0].attachAhead"),
+    ({"pools": [{"name": "a", "virtual": {"count": 2}, "attachAhead": True}]},
+     "pools[0].attachAhead: a virtual pool"),
 ])
 def test_bad_configuration_names_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -109,6 +113,20 @@ def test_handshake_spin_defaults_to_50_us_and_can_be_turned_off() -> None:
     pools = [{"name": "a", "drivers": ["x"]}]
     assert validate({"pools": pools}, node_name="n").handshake_spin_us == 50
     assert validate({"pools": pools, "handshakeSpinUs": 0}, node_name="n").handshake_spin_us == 0
+
+
+def test_attach_ahead_is_off_unless_a_pool_asks_and_takes_the_pools_program() -> None:
+    from plugin.ahead import pool_program
+    plain, custom = pools({"name": "a", "drivers": ["x"]},
+                          {"name": "b", "drivers": ["y"], "attachAhead": True,
+                           "program": {"object": "/p.o", "name": "f", "mapKeys": {"m": [7]}}})
+    assert (plain.attach_ahead, custom.attach_ahead) == (False, True)
+    spec = AllocationSpec(id="x", netdevs=("eth1",), hostnames=frozenset(),
+                          socket_base=Path("/s"), **program_fields(custom))
+    assert pool_program(custom) == spec.program_choice()  # what Allocate will ask acquire for
+    assert pool_program(plain) == AllocationSpec(id="y", netdevs=("eth1",),
+                                                 hostnames=frozenset(),
+                                                 socket_base=Path("/s")).program_choice()
 
 
 def test_a_pool_program_is_read_with_its_map_keys() -> None:
