@@ -53,7 +53,8 @@ class AttachAhead:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy_at = 0.0  # monotonic time of the registry's last change
-        registry.on_changed.append(self._busy)
+        if self.pools:
+            registry.on_changed.append(self._busy)
 
     def _busy(self, _netdev: str) -> None:
         self._busy_at = time.monotonic()
@@ -64,6 +65,8 @@ class AttachAhead:
 
     def update(self, pools: dict[str, dict[str, DeviceState]]) -> None:
         """What to attach ahead and what to withdraw, from the pools' new states."""
+        if not self.pools:
+            return
         ahead = self.registry.programs.ahead()
         members: set[str] = set()
         for pool in self.pools:
@@ -93,7 +96,8 @@ class AttachAhead:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.registry.programs.withdraw_ahead()
+        if self.pools:
+            await self.registry.programs.withdraw_ahead()
 
     async def _run(self) -> None:
         programs = self.registry.programs
