@@ -159,23 +159,30 @@ class ProgramTable:
     async def _take_ahead(self, netdev: str, mode: XdpMode, choice: ProgramChoice
                           ) -> NetdevProgram | None:
         """The program attached ahead on ``netdev``, if it suits this acquire and the
-        kernel still has it there; else it is withdrawn, and None.  (Lock held.)"""
-        ahead = self._ahead.pop(netdev)
+        kernel still has it there; else it is withdrawn, and None.  (Lock held.  It
+        leaves the ahead table only once decided: a cancelled acquire leaves it
+        there, recorded.)"""
+        ahead = self._ahead[netdev]
         program = ahead.program
 
         def still_there() -> bool:
             return link_info(netdev).ifindex == program.ifindex \
                 and query(program.ifindex).prog_id == program.program.prog_id
 
+        suits = ahead.choice == choice and ahead.mode is mode
         try:
-            if ahead.choice == choice and ahead.mode is mode \
-                    and await asyncio.to_thread(still_there):
-                log.info("event=xdp_attached_ahead_taken netdev=%s prog_id=%d", netdev,
-                         program.program.prog_id)
-                return program
-            await asyncio.to_thread(program.detach)  # only if it is still the one there
+            there = suits and await asyncio.to_thread(still_there)
+        except Exception:  # the netdev is gone, say: acquire's own path tells
+            there = False
+        del self._ahead[netdev]
+        if there:
+            log.info("event=xdp_attached_ahead_taken netdev=%s prog_id=%d", netdev,
+                     program.program.prog_id)
+            return program
+        try:  # detached only if it is still the one there
+            await asyncio.shield(asyncio.to_thread(program.detach))
             log.info("event=xdp_attached_ahead_dropped netdev=%s", netdev)
-        except Exception as e:  # the netdev is gone, say: acquire's own path tells
+        except Exception as e:
             log.info("event=xdp_attached_ahead_dropped netdev=%s error=%r", netdev, str(e))
         program.close()
         if self.claims is not None:  # acquire's own path takes it again

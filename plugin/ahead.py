@@ -114,7 +114,10 @@ class AttachAhead:
                 if not self._free(name):
                     continue
                 try:
-                    if await programs.attach_ahead(name, pool.xdp_mode, self._choices[pool.name]):
+                    # Shielded: an attach under way when stop() cancels this task
+                    # finishes and is recorded, so that stop() withdraws it too.
+                    if await asyncio.shield(programs.attach_ahead(name, pool.xdp_mode,
+                                                                  self._choices[pool.name])):
                         log.info("event=xdp_attached_ahead pool=%s netdev=%s", pool.name, name)
                 except Exception as e:
                     self._failed[name] = ifindex
