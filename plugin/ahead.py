@@ -28,7 +28,7 @@ from cni_server.programs import ProgramChoice
 from cni_server.registry import Registry
 from cni_server.spec import program_choice
 from plugin.config import PluginConfig, PoolConfig
-from plugin.inventory import DeviceState
+from plugin.devhealth import DeviceState
 from plugin.pool import program_fields
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
 """The node's pool devices and their health, kept current from netlink events and rescans.
 
-Health: a device is Healthy when its link is up (administratively up,
-operationally UP/UNKNOWN) and, if it is allocated, it still carries the
-program we attached.  An allocated device that vanished stays listed as
-Unhealthy (its pod still holds it); an unallocated one that vanished is
-removed from the list.
+Health (``plugin.devhealth``): a device is Healthy when its link is up
+(administratively up, operationally UP/UNKNOWN) and, if it is allocated, it
+still carries the program we attached.  An allocated device that vanished
+stays listed as Unhealthy (its pod still holds it); an unallocated one that
+vanished is removed from the list.
 
 The node view comes from one dump at start-up, then from the netlink events
 themselves (each a small message); a full dump repeats every
@@ -20,57 +20,24 @@ import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute
 
-from bpf.errors import BpfError
-from bpf.program import query
-from cni_server.ownership import describe_holder
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
-from plugin.discovery import Classifier, Netdev, NodeView
+from plugin.devhealth import GONE, LOST_PROGRAM, DeviceHealth, DeviceState
+from plugin.discovery import Classifier, NodeView
 
 log = logging.getLogger(__name__)
 
 # rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
 _GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 DEBOUNCE = 0.02
-GONE = "is gone"
-LOST_PROGRAM = "lost its XDP program"
 
 
 class PoolConflict(Exception):
     """A netdev matches the selectors of more than one pool."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceState:
-    name: str
-    netdev: Netdev | None  # None: allocated but no longer present
-    healthy: bool
-    reason: str = ""  # why it is unhealthy
-
-    @property
-    def numa_node(self) -> int | None:
-        return self.netdev.numa_node if self.netdev else None
-
-    @property
-    def nic(self) -> str:
-        return self.netdev.nic if self.netdev else ""
-
-
-def _attached_now(ifindex: int) -> int:
-    """The program the kernel has on ``ifindex`` right now.  The netlink view lags
-    behind our own attaches (the event comes after the attach returns): asked only
-    when the view disagrees with the program we hold, so that a device we are
-    attaching or replacing is never reported Unhealthy for the few milliseconds
-    the view is stale."""
-    try:
-        return query(ifindex).prog_id
-    except BpfError:
-        return 0
 
 
 class Inventory:
@@ -99,8 +66,7 @@ class Inventory:
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
         self._classify = Classifier(cfg.pools)
-        # netdev -> (what its health was worked out from, that health): see _health
-        self._healths: dict[str, tuple[tuple[Any, ...], DeviceState]] = {}
+        self.health = DeviceHealth(registry)
         registry.on_changed.append(lambda _netdev: self._kick.set())
 
     # -- scanning ----------------------------------------------------------------
@@ -139,13 +105,12 @@ class Inventory:
             changed: set[str] = set()
             claims = self.registry.programs.claims
             others = claims.others() if claims is not None else {}  # one scan for all
-            healths: dict[str, tuple[tuple[Any, ...], DeviceState]] = {}
+            judged = self.health.judge(c.members, others)
             for pool in self.cfg.pools:
-                states = {name: self._health(dev, others, healths)
-                          for name, dev in c.members[pool.name].items()}
+                states = judged[pool.name]
                 for name, pool_name in keep.items():
                     if pool_name == pool.name and name not in states:
-                        states[name] = self._away(name)
+                        states[name] = self.health.away(name)
                 if pool.virtual is not None:  # created at Allocate: always available
                     for name in pool.virtual.names():
                         states.setdefault(name, DeviceState(name, None, True))
@@ -159,7 +124,6 @@ class Inventory:
                     self.pools[pool.name] = states
                 for name in keep.keys() & states.keys():
                     self._follow_allocated(states[name])
-            self._healths = healths
             if self.on_reclassified is not None:
                 self.on_reclassified(self.pools)
         if changed:
@@ -210,52 +174,6 @@ class Inventory:
             self._pending.append(msg)
         if self.view is not None and self.view.apply(msg):
             self._kick.set()
-
-    def _away(self, name: str) -> DeviceState:
-        """An allocated netdev not in our netns: in its pod (CNI ADD moved it), or gone."""
-        allocation = self.registry.by_netdev(name)
-        if self.registry.is_moving(name):
-            return DeviceState(name, None, True, "being moved by CNI")
-        if allocation is not None and allocation.netdevs[name].netns is not self.registry.netns:
-            return DeviceState(name, None, True, "in its pod's network namespace")
-        return DeviceState(name, None, False, GONE)
-
-    def _health(self, dev: Netdev, others: dict[str, dict[str, Any]],
-                healths: dict[str, tuple[tuple[Any, ...], DeviceState]]) -> DeviceState:
-        """``others``: the netdevs another daemon serves (Claims.others).
-
-        A netdev whose inputs (its Netdev, whether it is moving, another daemon's
-        claim, our program on it) are those of the last reclassification keeps its
-        DeviceState, so an event about one netdev of 1,000 works out one health and
-        the pools compare equal by identity.  Not kept: a health that needed the
-        kernel's word because the view disagreed with our program (the view lags
-        behind our own attaches; the next event settles it).  ``healths`` collects
-        what is kept for the next reclassification."""
-        program = self.registry.programs.get(dev.name)
-        prog_id = program.program.prog_id if program is not None else 0
-        inputs = (dev, self.registry.is_moving(dev.name), others.get(dev.name), prog_id)
-        hit = self._healths.get(dev.name)
-        if hit is not None and hit[0] == inputs:
-            healths[dev.name] = hit
-            return hit[1]
-        state = self._work_out_health(dev, *inputs[1:])
-        if not prog_id or dev.xdp_prog_id == prog_id:
-            healths[dev.name] = (inputs, state)
-        return state
-
-    @staticmethod
-    def _work_out_health(dev: Netdev, moving: bool, other: dict[str, Any] | None,
-                         prog_id: int) -> DeviceState:
-        if moving:  # taken down to move it, or back up
-            return DeviceState(dev.name, dev, True, "being moved by CNI")
-        if not dev.up:
-            return DeviceState(dev.name, dev, False, "link down")
-        if other is not None:
-            return DeviceState(dev.name, dev, False, "served by another afxdp daemon "
-                                                     f"({describe_holder(other)})")
-        if prog_id and dev.xdp_prog_id != prog_id and _attached_now(dev.ifindex) != prog_id:
-            return DeviceState(dev.name, dev, False, LOST_PROGRAM)
-        return DeviceState(dev.name, dev, True)
 
     def _log_exclusions(self, excluded: dict[str, dict[str, str]],
                         conflicts: dict[str, list[str]]) -> None:

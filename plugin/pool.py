@@ -34,8 +34,9 @@ from cni_server.registry import Registry
 from cni_server.spec import AllocationSpec
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PluginConfig, PoolConfig
+from plugin.devhealth import DeviceState
 from plugin.deviceplugin import HEALTHY, UNHEALTHY, AllocateError
-from plugin.inventory import DeviceState, Inventory
+from plugin.inventory import Inventory
 from plugin.owners import Owners
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from cni_server.config import ConfigError
 from cni_server.spec import AllocationSpec
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PoolConfig, load, validate
+from plugin.devhealth import DeviceState
 from plugin.discovery import Classifier, Netdev, classify
-from plugin.inventory import DeviceState
 from plugin.owners import pod_hostname
 from plugin.pool import PoolBackend, program_fields
 

@@ -250,9 +250,9 @@ def test_the_inventory_does_not_call_a_device_we_just_attached_unhealthy_on_a_st
         ifindex = socket.if_nametoindex("va")
         stale = Netdev("va", ifindex, "", "veth", "veth", "", None, True, False, False, False,
                        0, "")  # the event of our attach not seen yet
-        healthy_now = inv._health(stale, {}, {}).healthy
+        healthy_now = inv.health.of(stale, {}, {}).healthy
         run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
-        really_lost = inv._health(stale, {}, {}).healthy
+        really_lost = inv.health.of(stale, {}, {}).healthy
         return healthy_now, really_lost
 
     healthy_now, really_lost = run_in(netns, body)
