@@ -1,5 +1,5 @@
 """What both daemons (standalone and Kubernetes) do around their work: run until a
-signal, report readiness, raise the fd limit."""
+signal, report readiness, raise the fd limit, stop their background tasks."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ async def run_until_signal(start: Callable[[], Awaitable[None]],
         log.info("event=stopping reason=signal")
     finally:
         await stop()
+
+
+async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel ``tasks`` (None: skipped) and wait until each has ended."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    for t in live:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
 
 
 def report_ready(ready_file: Path | None, status: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ no client puts a socket in a map that receives nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
@@ -25,6 +24,7 @@ import struct
 
 from bpf.errors import BpfError
 from bpf.program import query
+from cni_server.lifecycle import cancel_tasks
 from cni_server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,8 @@ class ProgramWatch:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -20,10 +20,10 @@ its ifindex changes.  At stop every program attached ahead is detached.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
+from cni_server.lifecycle import cancel_tasks
 from cni_server.programs import ProgramChoice
 from cni_server.registry import Registry
 from cni_server.spec import program_choice
@@ -91,11 +91,8 @@ class AttachAhead:
 
     async def stop(self) -> None:
         """Stop attaching, and detach every program attached ahead."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
         if self.pools:
             await self.registry.programs.withdraw_ahead()
 

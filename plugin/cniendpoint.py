@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_server.fds import OwnedFd, close_all, fds_from_ancillary
+from cni_server.lifecycle import cancel_tasks
 from cni_server.netns import NetnsError
 from cni_server.registry import Registry
 from plugin.cniops import (
@@ -75,10 +76,7 @@ class CniEndpoint:
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        for t in list(self._tasks):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_tasks(*self._tasks)
 
     def _accept(self) -> None:
         assert self._sock is not None

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from cni_server.lifecycle import cancel_tasks
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.api import deviceplugin_v1beta1_pb2_grpc as pb_grpc
 from plugin.dirwatch import CREATED, REMOVED, DirWatch
@@ -144,11 +145,8 @@ class PluginServer:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"dp-{self.endpoint}")
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        await cancel_tasks(self._supervisor)
+        self._supervisor = None
         self._stop_watch()
         await self._unserve()
 

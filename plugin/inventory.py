@@ -16,7 +16,6 @@ reported to ``on_change``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from cni_server.lifecycle import cancel_tasks
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
 from plugin.devhealth import GONE, LOST_PROGRAM, DeviceHealth, DeviceState
@@ -234,12 +234,7 @@ class Inventory:
                        asyncio.create_task(self._periodic(), name="inventory-periodic")]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._repair_tasks]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_tasks(*self._tasks, *self._repair_tasks)
         self._tasks = []
         if self._ipr is not None:
             self._ipr.close()

@@ -18,7 +18,6 @@ Calls are coalesced: concurrent requests for a refresh share one ``List``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from cni_server.allocation import Allocation
+from cni_server.lifecycle import cancel_tasks
 from cni_server.registry import Registry
 from plugin.api import podresources_v1_pb2 as pr
 from plugin.api import podresources_v1_pb2_grpc as pr_grpc
@@ -193,10 +193,7 @@ class Owners:
         self._loop_task = asyncio.create_task(self._run(), name="owners-gc")
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_tasks(*self._tasks, self._loop_task)
         self._tasks.clear()
         self._loop_task = None
 
