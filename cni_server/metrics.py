@@ -2,6 +2,11 @@
 
 Label values are bounded: reasons are cut at their first parenthesis (the
 detail goes to the logs), so a client cannot grow the label set.
+
+The text format is written here (:func:`render`), as prometheus-client's
+``generate_latest`` writes it (a test compares the two byte for byte): its
+exposition module imports http.server, urllib.request, wsgiref and email
+(~4 MiB of RSS), and the daemon serves ``/metrics`` itself (``cni_server.health``).
 """
 
 from __future__ import annotations
@@ -9,8 +14,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics import Counter, Gauge
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import escape_label_name, escape_metric_name
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
 
@@ -126,4 +135,43 @@ class Metrics:
         }
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return render(self.registry)
+
+
+# Prometheus' text format has no such types: prometheus-client writes them as these.
+_TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram",
+               "unknown": "untyped"}
+_SUFFIXED = {"counter": "_total", "info": "_info"}
+_OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")  # written after, as gauges
+_float_text: Callable[[float], str] = floatToGoString  # (the library's is not annotated)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """``registry`` in Prometheus' text format 0.0.4, as ``generate_latest`` writes it."""
+    out: list[str] = []
+    for metric in registry.collect():
+        name = escape_metric_name(metric.name + _SUFFIXED.get(metric.type, ""))
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        kind = _TEXT_TYPES.get(metric.type, metric.type)
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        later: dict[str, list[str]] = {}
+        for sample in metric.samples:
+            suffix = next((x for x in _OPENMETRICS_ONLY if sample.name == metric.name + x), "")
+            (later.setdefault(suffix, []) if suffix else out).append(_sample_line(sample))
+        for suffix, lines in sorted(later.items()):
+            name = escape_metric_name(metric.name + suffix)
+            out.append(f"# HELP {name} {doc}\n# TYPE {name} gauge\n")
+            out.extend(lines)
+    return "".join(out).encode("utf-8")
+
+
+def _sample_line(sample: Sample) -> str:
+    labels = ",".join(f'{escape_label_name(k)}="{_label_value(v)}"'
+                      for k, v in sorted(sample.labels.items()))
+    stamp = "" if sample.timestamp is None else f" {int(float(sample.timestamp) * 1000):d}"
+    return (f"{escape_metric_name(sample.name)}{{{labels}}}" if labels
+            else escape_metric_name(sample.name)) + f" {_float_text(sample.value)}{stamp}\n"
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')

@@ -46,3 +46,44 @@ def test_durations_use_inclusive_upper_bounds_and_keep_the_sum() -> None:
     assert got[("afxdp_handshake_duration_seconds_count", ())] == 5
     assert abs(got[("afxdp_handshake_duration_seconds_sum", ())] - 102.0022) < 1e-9
     assert m.handshake_seconds.count == 5
+
+
+def test_the_text_is_what_prometheus_clients_own_writer_writes_byte_for_byte() -> None:
+    """render() stands in for generate_latest (whose module pulls in an HTTP stack
+    the daemon does not use): every metric of the daemon, label values that need
+    escaping, and the metric types the daemon does not use yet."""
+    from prometheus_client import Enum, Info, Summary, generate_latest
+    from prometheus_client.core import GaugeMetricFamily, UnknownMetricFamily
+
+    from cni_server.metrics import render
+
+    m = Metrics()
+    m.replies.inc("/connect", "/host_ok", "ok")
+    m.replies.inc("/xsk_map_fd", "/fd_nak", 'odd "reason" \\ with\nnewline')
+    m.handshakes.inc("granted")
+    m.fds.inc("xsk_map")
+    m.dropped.inc("idle")
+    for seconds in (0.0004, 0.003, 2.0):
+        m.handshake_seconds.observe(seconds)
+    m.connections.set(3)
+    m.allocations.set(2)
+    m.devices.labels("pool1", "healthy").set(1000)
+    m.program_ops.labels("attach", "ok").inc()
+    m.cni_ops.labels("ADD", "ok").inc(2)
+    m.track(m.connections, lambda: 7.5)
+    Info("afxdp_build", "Build facts\\ with a backslash", registry=m.registry).info(
+        {"version": "1.2"})
+    Enum("afxdp_mode", "Mode", states=["a", "b"], registry=m.registry).state("b")
+    Summary("afxdp_sizes", "Sizes", registry=m.registry).observe(4)
+
+    class Odd:
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield UnknownMetricFamily("afxdp_unknown", "Unknown", value=1)
+            g = GaugeMetricFamily("afxdp_stamped", "Stamped", labels=["x"])
+            g.add_metric(["y"], float("inf"), timestamp=1234.5)
+            yield g
+
+    m.registry.register(Odd())
+    ours = render(m.registry)
+    assert ours == generate_latest(m.registry)
+    assert b'reason="odd \\"reason\\" \\\\ with\\nnewline"' in ours
