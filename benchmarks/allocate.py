@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, write_config
-from tests.kernel import Daemon, make_netns, veth_pairs
+from tests.kernel import Daemon, make_netns, run, veth_pairs
 
 
 def rss_mib(pid: int) -> float:
@@ -54,6 +54,10 @@ def main() -> int:
                     help="wait S seconds after the full list before the first Allocate "
                          "(0: at once, as pods pending at a restart do; 2: steady state, "
                          "after the daemon's post-start heap settling)")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="IPv6 on in the netns, as on a node (the tests' namespaces turn it "
+                         "off): every link then has its link-local address and routes, which "
+                         "the start-up dump reads too; waits 8 s for them to settle")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -68,7 +72,14 @@ def main() -> int:
                               "netdevs": a.netdevs}
     try:
         with make_netns() as ns:
+            if a.ipv6:
+                run("ip", "netns", "exec", ns.name, "sysctl", "-q", "-w",
+                    "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0")
             res["create_veths_s"] = veth_pairs(ns, a.netdevs)
+            if a.ipv6:
+                time.sleep(8)
+                res["ipv6_routes"] = run("ip", "-n", ns.name, "-6", "route", "show", "table",
+                                         "all").stdout.count("\n")
             with running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
                 cfg = write_config(work)
                 t0 = time.perf_counter()
@@ -115,7 +126,8 @@ def main() -> int:
     o, e = res["allocate_1_device_ms"], res["allocate_8_devices_ms"]
     assert isinstance(o, dict) and isinstance(e, dict)
     print(f"machine: {res['machine']}")
-    print(f"{a.netdevs} veth pairs created in {res['create_veths_s']:.1f} s")
+    print(f"{a.netdevs} veth pairs created in {res['create_veths_s']:.1f} s"
+          + (f"; IPv6 on, {res['ipv6_routes']} IPv6 routes" if a.ipv6 else ""))
     print(f"daemon start to the full list of {res['devices_listed']} devices at kubelet: "
           f"{res['startup_to_full_list_s']:.2f} s; RSS {res['rss_mib_idle']:.1f} MiB")
     if a.after:

@@ -16,6 +16,7 @@ reported to ``on_change``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,14 @@ class Inventory:
             view = await asyncio.to_thread(NodeView.dump)
         finally:
             self._dumping = False
+        if strict:
+            # Start-up: the dump's parsed messages are cyclic garbage (pyroute2's
+            # messages refer to themselves).  Collected now, before anything
+            # long-lived is allocated among them, the memory they took is freed
+            # whole: with IPv6 on every link (2,000 link-local routes and
+            # addresses to parse) the daemon keeps ~2 MiB less.  Later rescans
+            # leave theirs to the collector's own pace.
+            gc.collect()
         for msg in self._pending:  # events that raced with the dump
             view.apply(msg)
         self._pending = []
