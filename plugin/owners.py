@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -89,6 +91,7 @@ class Owners:
         self._list_started: float | None = None  # when the in-flight run's List began
         self._last = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._releasing: set[str] = set()  # found gone; being released (_release_all)
         self._loop_task: asyncio.Task[None] | None = None
 
     # -- refresh -------------------------------------------------------------------
@@ -126,7 +129,10 @@ class Owners:
             return False
         by_devices = {(h.resource, h.device_ids): h for h in holders}
         now = time.monotonic()
+        gone: list[str] = []
         for alloc_id, alloc in list(self.registry.allocations.items()):
+            if alloc_id in self._releasing:
+                continue
             self.created.setdefault(alloc_id, now)
             key = (self.resource_of_pool.get(alloc.pool, ""), frozenset(alloc.netdevs))
             holder = by_devices.get(key)
@@ -142,16 +148,29 @@ class Owners:
             if alloc.owner:
                 log.info("event=allocation_gc id=%s owner=%s reason=pod_gone", alloc_id,
                          alloc.owner)
-                await self._release(alloc_id)
+                gone.append(alloc_id)
             elif now - self.created[alloc_id] > self.gc_grace:
                 log.info("event=allocation_gc id=%s reason=unclaimed_for_%ds", alloc_id,
                          int(self.gc_grace))
-                await self._release(alloc_id)
+                gone.append(alloc_id)
+        if gone:
+            self._releasing.update(gone)
+            self._spawn(self._release_all(gone))
         return True
 
-    async def _release(self, alloc_id: str) -> None:
-        self.created.pop(alloc_id, None)
-        await self.registry.release(alloc_id)
+    async def _release_all(self, alloc_ids: list[str]) -> None:
+        """Release what a refresh found gone, after the refresh: a CNI ADD or a /connect
+        waiting for a fresh List waits for the List only, not for these releases
+        (each detach waits for an RCU grace period, and GC collects in batches)."""
+        for alloc_id in alloc_ids:
+            try:
+                self.created.pop(alloc_id, None)
+                if alloc_id in self.registry.allocations:
+                    await self.registry.release(alloc_id)
+            except Exception:
+                log.exception("event=gc_release_failed id=%s", alloc_id)
+            finally:
+                self._releasing.discard(alloc_id)
 
     async def resolve(self, allocation: Allocation) -> None:
         """For the handout server: a /connect arrived before we knew the pod; ask kubelet
@@ -183,7 +202,10 @@ class Owners:
                     return
                 await self.refresh()
 
-        task = asyncio.create_task(kicks())
+        self._spawn(kicks())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -424,3 +424,63 @@ def test_the_node_view_rebuilds_only_the_netdevs_whose_facts_changed() -> None:
     assert view.netdevs()["b0"].default_route
     del view.links[10]
     assert set(view.netdevs()) == {"b0"}
+
+
+# -- pod owners ----------------------------------------------------------------------------------------
+
+
+def test_a_cni_owner_check_during_garbage_collection_waits_for_the_list_not_the_releases(
+        tmp_path: Path) -> None:
+    """GC releases in batches, and each release detaches a program (an RCU grace
+    period under the rtnl lock).  A CNI ADD arriving meanwhile needs a fresh List;
+    it must not also wait for the releases of the List before."""
+    import asyncio
+
+    from cni_server.allocation import Allocation
+    from plugin.owners import Owners
+    from tests.fake_kubelet import running
+
+    release_started, release_may_end = asyncio.Event(), asyncio.Event()
+    released: list[str] = []
+
+    class Registry:
+        def __init__(self) -> None:
+            self.allocations = {
+                "gone": Allocation("gone", {}, frozenset(), pool="pool1", owner="ns/old/app"),
+                "new": Allocation("new", {}, frozenset(), pool="pool1"),
+            }
+            self.allocations["gone"].netdevs = {"p0": None}  # type: ignore[dict-item]
+            self.allocations["new"].netdevs = {"p1": None}  # type: ignore[dict-item]
+
+        def set_owner(self, alloc_id: str, owner: str, hostnames: frozenset[str]) -> None:
+            self.allocations[alloc_id].owner = owner
+
+        async def release(self, alloc_id: str) -> None:
+            release_started.set()
+            await release_may_end.wait()
+            released.append(alloc_id)
+            del self.allocations[alloc_id]
+
+    async def body(sock: Path) -> tuple[str, list[str], list[str]]:
+        registry = Registry()
+        owners = Owners(registry, sock, {"pool1": "afxdp/pool1"},  # type: ignore[arg-type]
+                        gc_interval=60, gc_grace=300)
+        gc = asyncio.create_task(owners.refresh(collect=True))
+        await asyncio.wait_for(release_started.wait(), 5)
+        why = await asyncio.wait_for(
+            owners.check_pod(registry.allocations["new"], "ns", "pod-b"), 5)
+        during = list(released)  # the owner check came back with the release under way
+        release_may_end.set()
+        await gc
+        for _ in range(500):
+            if released:
+                break
+            await asyncio.sleep(0.01)
+        await owners.stop()
+        return why, during, released
+
+    with running(tmp_path / "dp", tmp_path / "podres.sock") as kubelet:
+        kubelet.add_pod("ns", "pod-b", "afxdp/pool1", ["p1"])
+        why, during, released_in_the_end = asyncio.run(body(tmp_path / "podres.sock"))
+    assert why == ""  # pod-b holds p1, per the fresh List
+    assert during == [] and released_in_the_end == ["gone"]
