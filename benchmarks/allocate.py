@@ -58,6 +58,9 @@ def main() -> int:
                     help="IPv6 on in the netns, as on a node (the tests' namespaces turn it "
                          "off): every link then has its link-local address and routes, which "
                          "the start-up dump reads too; waits 8 s for them to settle")
+    ap.add_argument("--attach-ahead", action="store_true",
+                    help="the pool's attachAhead (docs/kubernetes.md); give --after enough "
+                         "seconds for the daemon to attach to every device first")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -81,7 +84,7 @@ def main() -> int:
                 res["ipv6_routes"] = run("ip", "-n", ns.name, "-6", "route", "show", "table",
                                          "all").stdout.count("\n")
             with running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-                cfg = write_config(work)
+                cfg = write_config(work, **({"attachAhead": True} if a.attach_ahead else {}))
                 t0 = time.perf_counter()
                 daemon = Daemon(ns, work, "--config", str(cfg), mode="daemon",
                                 control=work / "control.sock")

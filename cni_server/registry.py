@@ -141,6 +141,10 @@ class Registry:
         log.info("event=allocation_created id=%s pool=%s netdevs=%s sockets=%s", spec.id,
                  spec.pool or "-", ",".join(spec.netdevs),
                  ",".join(str(p) for p in spec.socket_paths()) or "-")
+        # Its netdevs are allocated now: judged again (an allocation that took a
+        # program attached ahead changes nothing the kernel would report).
+        for netdev in spec.netdevs:
+            self._changed(netdev)
         return allocation
 
     async def release(self, allocation_id: str, *, detach: bool = True,

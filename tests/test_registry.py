@@ -83,6 +83,7 @@ def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
         moved: list[str] = []
         reg.on_changed.append(moved.append)
         a = await reg.create(spec(base, "va"))
+        moved.clear()  # (creating it has health judged too)
         a.netdevs["va"].unavailable = "netdev is gone"
         with pytest.raises(HandshakeError, match="/fd_nak"):
             await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")

@@ -62,10 +62,11 @@ def test_create_serves_records_and_saves_and_release_undoes_it_all(tmp_path: Pat
         a = await reg.create(spec(base, "va", "vb"))
         assert (base / "va" / "afxdp.sock").is_socket() and (base / "vb" / "afxdp.sock").exists()
         assert [r["id"] for r in saved(tmp_path)] == ["a1"] and reg.by_netdev("vb") is a
+        assert changed == ["va", "vb"]  # judged again once allocated
         await reg.release("a1")
         assert list(base.iterdir()) == [] and reg.allocations == {} and saved(tmp_path) == []
         assert ("release", "va", True) in table.calls and table.programs == {}
-        assert changed == ["va", "vb"]  # health is judged again after a release
+        assert changed == ["va", "vb"] * 2  # and again after the release
 
     run(tmp_path, body)
 
