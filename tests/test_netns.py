@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from cni_server import xsk
 from cni_server.netdev import NetdevMissing, link_info
 from cni_server.netns import Netns, NetnsError, thread_netns_inode
 from cni_server.receiver import XskReceiver
-from tests.kernel import NsFixture
+from tests.kernel import NsFixture, run
 
 pytestmark = pytest.mark.kernel
 
@@ -92,3 +93,30 @@ def test_run_async_does_not_block_the_loop_and_returns_the_value(netns: NsFixtur
 
     with Netns.open(netns.path) as target:
         assert asyncio.run(main(target)) == [target.inode] * 50
+
+
+def test_the_start_up_dump_reads_ipv6_addresses_and_default_routes_only_when_there_are_some(
+        netns: NsFixture) -> None:
+    """With IPv6 on, every link has link-local addresses and routes the view does not
+    keep; the dump skips them when procfs shows nothing it would keep, and still
+    finds a configured address and a default route when there are."""
+    from plugin.discovery import NodeView, _ipv6_worth_dumping
+
+    run("ip", "netns", "exec", netns.name, "sysctl", "-q", "-w",
+        "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0")
+    netns.veth("va", "vb")
+    ifindex = int(run("ip", "-n", netns.name, "-o", "link", "show", "va").stdout.split(":")[0])
+    with netns.entered():
+        for _ in range(100):  # the link-local address comes when the link is up
+            if run("ip", "-6", "addr", "show", "dev", "va", "scope", "link").stdout:
+                break
+            time.sleep(0.05)
+        assert _ipv6_worth_dumping() == (False, False)
+        plain = NodeView.dump()
+        run("ip", "-6", "addr", "add", "fd00:99::5/64", "dev", "va", "nodad")
+        run("ip", "-6", "route", "add", "default", "via", "fd00:99::1", "dev", "va")
+        assert _ipv6_worth_dumping() == (True, True)
+        full = NodeView.dump()
+    assert plain.addrs.get(ifindex, set()) == set() and plain.defaults == set()
+    assert (10, "fd00:99::5", 64) in full.addrs[ifindex]
+    assert any(d[:2] == (10, ifindex) for d in full.defaults)

@@ -484,3 +484,37 @@ def test_a_cni_owner_check_during_garbage_collection_waits_for_the_list_not_the_
         why, during, released_in_the_end = asyncio.run(body(tmp_path / "podres.sock"))
     assert why == ""  # pod-b holds p1, per the fresh List
     assert during == [] and released_in_the_end == ["gone"]
+
+
+# -- the start-up dump and IPv6 ---------------------------------------------------------------------
+
+LINK_LOCAL_ONLY = (
+    "00000000000000000000000000000001 01 80 10 80       lo\n"
+    "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n")
+LINK_ROUTES = (
+    "fe800000000000000000000000000000 40 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 00000100 00000002 00000000 00000001     eth0\n"
+    # each table's own unreachable entry, which procfs shows as ::/0
+    "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n")
+DEFAULT_ROUTE = (
+    "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+    "fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0\n")
+
+
+@pytest.mark.parametrize("addresses,routes,expect", [
+    (LINK_LOCAL_ONLY, LINK_ROUTES, (False, False)),
+    (LINK_LOCAL_ONLY + "fd000000000000000000000000000002 04 40 00 82     eth0\n", LINK_ROUTES,
+     (True, False)),
+    (LINK_LOCAL_ONLY, LINK_ROUTES + DEFAULT_ROUTE, (False, True)),
+    (None, None, (True, True)),  # procfs cannot tell: dump as before
+])
+def test_the_dump_skips_ipv6_only_when_procfs_shows_nothing_it_would_keep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, addresses: str | None,
+        routes: str | None, expect: tuple[bool, bool]) -> None:
+    from plugin import discovery
+    if addresses is not None and routes is not None:
+        (tmp_path / "if_inet6").write_text(addresses)
+        (tmp_path / "ipv6_route").write_text(routes)
+    monkeypatch.setattr(discovery, "PROC_NET", tmp_path)
+    assert discovery._ipv6_worth_dumping() == expect
