@@ -9,7 +9,9 @@ pod's hostname is what ``/connect`` must name.
 Garbage collection: an owned allocation whose container no longer holds its
 devices is released; an allocation no pod claims within ``gcGrace`` seconds
 (a pod that failed admission after Allocate) is released too.  When kubelet
-cannot be reached nothing is released.
+cannot be reached nothing is released.  The releases run after the refresh
+that found them, in a task of their own: a caller waiting for a fresh ``List``
+(a CNI ADD checking its pod) does not wait for them.
 
 Calls are coalesced: concurrent requests for a refresh share one ``List``
 (kubelet rate-limits PodResources at about 100 qps, burst 10).
