@@ -184,9 +184,10 @@ class ProgramTable:
             log.info("event=xdp_attached_ahead_dropped netdev=%s", netdev)
         except Exception as e:
             log.info("event=xdp_attached_ahead_dropped netdev=%s error=%r", netdev, str(e))
-        program.close()
-        if self.claims is not None:  # acquire's own path takes it again
-            self.claims.drop(netdev)
+        finally:  # (also when this acquire is cancelled meanwhile)
+            program.close()
+            if self.claims is not None:  # acquire's own path takes it again
+                self.claims.drop(netdev)
         return None
 
     async def withdraw_ahead(self, netdev: str | None = None) -> None:
