@@ -27,6 +27,7 @@ from pyroute2 import AsyncIPRoute
 
 from bpf.errors import BpfError
 from bpf.program import PROGRAM_NAME, kernel_name, prog_name
+from plugin import rtdump
 from plugin.config import PoolConfig
 
 log = logging.getLogger(__name__)
@@ -186,15 +187,14 @@ class NodeView:
         # procfs first; if there is, or procfs cannot tell, the dump is as before.
         v6_addresses, v6_defaults = _ipv6_worth_dumping()
         async with AsyncIPRoute() as ipr:
-            async for msg in await ipr.get_links():
-                link = _link(msg)
-                view.links[link.ifindex] = link
-            async for msg in await ipr.get_addr(**({} if v6_addresses else {"family": 2})):
+            async for facts in rtdump.links(ipr):
+                view.links[facts[1]] = _Link(*facts)
+            async for msg in rtdump.kept_addresses(ipr, 0 if v6_addresses else 2):
                 key = _addr_key(msg)
                 if key is not None:
                     view.addrs.setdefault(int(msg["index"]), set()).add(key)
             for family in (2, 10) if v6_defaults else (2,):
-                async for msg in await ipr.get_routes(family=family, table=254):
+                async for msg in rtdump.default_routes_of(ipr, family):
                     dkey = _default_key(msg)
                     if dkey is not None:
                         view.defaults.add(dkey)

@@ -12,7 +12,7 @@ from cni_server import xsk
 from cni_server.netdev import NetdevMissing, link_info
 from cni_server.netns import Netns, NetnsError, thread_netns_inode
 from cni_server.receiver import XskReceiver
-from tests.kernel import NsFixture, run
+from tests.kernel import NsFixture, compile_test_program, run
 
 pytestmark = pytest.mark.kernel
 
@@ -120,3 +120,66 @@ def test_the_start_up_dump_reads_ipv6_addresses_and_default_routes_only_when_the
     assert plain.addrs.get(ifindex, set()) == set() and plain.defaults == set()
     assert (10, "fd00:99::5", 64) in full.addrs[ifindex]
     assert any(d[:2] == (10, ifindex) for d in full.defaults)
+
+
+def _view_as_pyroute2_decodes_it() -> tuple[dict[int, object], dict[int, set[object]],
+                                             set[object]]:
+    """Links, kept addresses and main-table defaults of the calling thread's netns,
+    each message decoded by pyroute2 in full, as events are."""
+    from pyroute2 import IPRoute
+
+    from plugin.discovery import _addr_key, _default_key, _link
+
+    with IPRoute() as ipr:
+        links: dict[int, object] = {}
+        for msg in ipr.get_links():
+            link = _link(msg)
+            links[link.ifindex] = link
+        addrs: dict[int, set[object]] = {}
+        for msg in ipr.get_addr():
+            key = _addr_key(msg)
+            if key is not None:
+                addrs.setdefault(int(msg["index"]), set()).add(key)
+        defaults: set[object] = {
+            dkey for family in (2, 10) for msg in ipr.get_routes(family=family)
+            if (dkey := _default_key(msg)) is not None}
+    return links, addrs, defaults
+
+
+def test_the_start_up_dump_reads_the_same_facts_pyroute2_decodes(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """The start-up dump reads only the attributes the view keeps, from the bytes; on
+    links of every kind it sees (down, up, with an XDP program, a bridge, a veth
+    with a MAC given, addresses and default routes of both families, a default route of
+    another table) it must find what pyroute2's full decoding finds."""
+    from plugin.discovery import NodeView
+
+    run("ip", "netns", "exec", netns.name, "sysctl", "-q", "-w",
+        "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0")
+    netns.veth("va", "vb")
+    run("ip", "-n", netns.name, "link", "set", "vb", "down")
+    obj = compile_test_program("foreign_pass", tmp_path / "f.o")
+    run("ip", "-n", netns.name, "link", "set", "va", "xdpgeneric", "obj", str(obj), "sec", "xdp")
+    for cmd in (("link", "add", "br9", "type", "bridge"),
+                ("link", "add", "dm9", "address", "02:AB:00:00:00:09", "type", "veth",
+                 "peer", "dn9"),
+                ("link", "set", "dm9", "up"), ("link", "set", "dn9", "up"),
+                ("addr", "add", "192.0.2.9/24", "dev", "dm9"),
+                ("-6", "addr", "add", "fd00:9::9/64", "dev", "dm9", "nodad"),
+                ("route", "add", "default", "via", "192.0.2.1", "dev", "dm9", "metric", "7"),
+                ("-6", "route", "add", "default", "via", "fd00:9::1", "dev", "dm9"),
+                ("route", "add", "default", "via", "192.0.2.2", "dev", "dm9", "table", "9")):
+        run("ip", "-n", netns.name, *cmd)
+    with netns.entered():
+        view = NodeView.dump()
+        links, addrs, defaults = _view_as_pyroute2_decodes_it()
+    assert view.links == links
+    by_name = {link.name: link for link in view.links.values()}
+    assert by_name["va"].xdp_prog_id == netns.xdp_prog_id("va") != 0
+    assert (by_name["vb"].kind, by_name["br9"].kind, by_name["dm9"].mac) == (
+        "veth", "bridge", "02:ab:00:00:00:09")
+    assert by_name["vb"].operstate == "DOWN" and by_name["lo"].operstate == "UNKNOWN"
+    assert view.addrs == addrs and view.defaults == defaults
+    dm9 = by_name["dm9"].ifindex
+    assert view.addrs[dm9] == {(2, "192.0.2.9", 24), (10, "fd00:9::9", 64)}
+    assert {(2, dm9, 7), (10, dm9, 1024)} == view.defaults

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from plugin.devhealth import DeviceState
 from plugin.discovery import Classifier, Netdev, classify
 from plugin.owners import pod_hostname
 from plugin.pool import PoolBackend, program_fields
+from plugin.rtdump import link_facts
 
 BASE = Netdev(name="eth1", ifindex=3, mac="02:00:00:00:00:01", kind="", driver="ice",
               pci_address="0000:3b:00.0", numa_node=0, up=True, addressed=False,
@@ -518,3 +520,29 @@ def test_the_dump_skips_ipv6_only_when_procfs_shows_nothing_it_would_keep(
         (tmp_path / "ipv6_route").write_text(routes)
     monkeypatch.setattr(discovery, "PROC_NET", tmp_path)
     assert discovery._ipv6_worth_dumping() == expect
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _newlink(attrs: bytes, ifindex: int = 7, flags: int = 0x1043) -> bytes:
+    body = struct.pack("=BxHiII", 0, 1, ifindex, flags, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), 16, 2, 1, 0) + body
+
+
+def test_link_facts_reads_name_mac_kind_operstate_and_xdp_program_from_the_bytes() -> None:
+    msg = _newlink(_nla(3, b"eth7\0") + _nla(1, bytes([2, 0xAB, 0, 0, 0, 7]))
+                   + _nla(13, b"\0" * 4) + _nla(16, b"\x06")
+                   + _nla(18, _nla(1, b"veth\0") + _nla(2, b"\0" * 8))
+                   + _nla(43, _nla(2, b"\x01") + _nla(4, struct.pack("=I", 42))))
+    assert link_facts(b"junk" + msg, 4, len(msg)) == (
+        "eth7", 7, "02:ab:00:00:00:07", "veth", 0x1043, "UP", 42)
+
+
+def test_link_facts_stops_at_an_attribute_that_cannot_be_one() -> None:
+    msg = _newlink(_nla(3, b"eth7\0") + struct.pack("=HH", 2, 1) + _nla(16, b"\x06"))
+    assert link_facts(msg, 0, len(msg)) == ("eth7", 7, "", "", 0x1043, "", 0)
+    cut = _newlink(_nla(3, b"eth7\0") + _nla(43, _nla(4, struct.pack("=I", 42))))
+    assert link_facts(cut, 0, len(cut) - 2)[6] == 0  # the program id runs past the end
