@@ -84,7 +84,7 @@ def main() -> int:
                        control=work / "control.sock")
             bindir = install_plugin(work / "bin")
             cni_path = f"{bindir}:{CNI_PATH}"
-            plugin = node.cmd(str(bindir / "afxdp"))
+            plugin = [str(bindir / "afxdp")]  # executed from the node's netns, as a runtime does
             try:
                 kubelet.wait_devices(RESOURCE, lambda devs: len(devs) == a.runs, 30)
                 if a.attach_ahead:
@@ -93,25 +93,26 @@ def main() -> int:
                         if time.monotonic() > deadline:
                             raise SystemExit("podstart.py: programs not attached ahead in 60 s")
                         time.sleep(0.1)
-                for i in range(a.runs):
-                    dev, name = f"p{i}", f"pod-{i}"
-                    conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
-                            "deviceID": dev, "daemonSocket": str(work / "cni.sock")}
-                    t0 = time.perf_counter()
-                    mount = kubelet.allocate(RESOURCE, [dev]).container_responses[0].mounts[0]
-                    kubelet.add_pod("default", name, RESOURCE, [dev])  # admitted
-                    t1 = time.perf_counter()
-                    cni(plugin, "ADD", conf, pod.path, name, cni_path)
-                    t2 = time.perf_counter()
-                    with pod.entered():
-                        fetch_map_fd(f"{mount.host_path}/afxdp.sock", dev, hostname=name,
-                                     timeout=10).close()
-                    t3 = time.perf_counter()
-                    for key, v in (("allocate", t1 - t0), ("cni_add", t2 - t1),
-                                   ("first_handshake", t3 - t2), ("total", t3 - t0)):
-                        phases[key].append(v)
-                    cni(plugin, "DEL", conf, pod.path, name, cni_path)
-                    kubelet.remove_pod("default", name)
+                with node.entered():  # this thread: the node's kubelet and runtime
+                    for i in range(a.runs):
+                        dev, name = f"p{i}", f"pod-{i}"
+                        conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
+                                "deviceID": dev, "daemonSocket": str(work / "cni.sock")}
+                        t0 = time.perf_counter()
+                        mount = kubelet.allocate(RESOURCE, [dev]).container_responses[0].mounts[0]
+                        kubelet.add_pod("default", name, RESOURCE, [dev])  # admitted
+                        t1 = time.perf_counter()
+                        cni(plugin, "ADD", conf, pod.path, name, cni_path)
+                        t2 = time.perf_counter()
+                        with pod.entered():
+                            fetch_map_fd(f"{mount.host_path}/afxdp.sock", dev, hostname=name,
+                                         timeout=10).close()
+                        t3 = time.perf_counter()
+                        for key, v in (("allocate", t1 - t0), ("cni_add", t2 - t1),
+                                       ("first_handshake", t3 - t2), ("total", t3 - t0)):
+                            phases[key].append(v)
+                        cni(plugin, "DEL", conf, pod.path, name, cni_path)
+                        kubelet.remove_pod("default", name)
             except BaseException:
                 print(d.log()[-3000:], file=sys.stderr)
                 raise
