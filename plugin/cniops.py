@@ -128,21 +128,18 @@ class CniOperations:
         namespace, pod_name = str(pod.get("namespace") or ""), str(pod.get("name") or "")
         async with self._lock(netdev):
             alloc_id, _device = self._allocated(netdev)
-            if self.check_owner is not None:
-                if not namespace or not pod_name:
-                    raise CniError(NOT_OWNER, "CNI_ARGS names no pod (K8S_POD_NAMESPACE, "
-                                   "K8S_POD_NAME): cannot check who may have the device")
-                why = await self.check_owner(self.registry.allocations[alloc_id], namespace,
-                                             pod_name)
-                if why:
-                    raise CniError(NOT_OWNER, f"device {netdev!r} is not allocated to pod "
-                                   f"{namespace}/{pod_name}", why)
-            with self.registry.moving(netdev):
-                alloc_id, device = self._allocated(netdev)
-                home = self.registry.netns
-                target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
-                handed_over = False  # once recorded, the registry owns ``target``
-                try:
+            target = Netns(OwnedFd(os.dup(fds[0].fileno())), str(req.get("netns") or ""))
+            handed_over = False  # once recorded, the registry owns ``target``
+            # Whether the name is free in the pod is asked while kubelet is asked
+            # who owns the device: both only read, and the answer counts only once
+            # the pod may have it.  (Also the first entry into the pod's netns: one
+            # we cannot enter fails there, before anything moves.)
+            taken = asyncio.ensure_future(target.run_async(lambda: _exists(target_name)))
+            try:
+                await self._check_owner(alloc_id, netdev, namespace, pod_name)
+                with self.registry.moving(netdev):
+                    alloc_id, device = self._allocated(netdev)
+                    home = self.registry.netns
                     if device.netns is not home:
                         record = self.registry.attachment(netdev) or {}
                         if device.netns.inode == target.inode and record.get("container_id") == cid:
@@ -157,9 +154,7 @@ class CniOperations:
                         except (VirtualError, NetlinkError) as e:
                             raise CniError(MOVE_FAILED, f"cannot connect virtual device "
                                            f"{netdev!r} on the node", str(e)) from e
-                    # (also the first entry into the pod's netns: one we cannot enter
-                    # fails here, before anything moves)
-                    if await target.run_async(lambda: _exists(target_name)):
+                    if await taken:
                         raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
                                        "the pod's network namespace")
                     try:
@@ -195,12 +190,27 @@ class CniOperations:
                               "cni_ifname": cni_ifname, "container_id": cid,
                               "network": str(req.get("network") or ""), **before}
                     self.registry.attach(alloc_id, netdev, record, target, target_name,
-                                                    int(state["ifindex"]))
+                                         int(state["ifindex"]))
                     handed_over = True
+            finally:
+                try:
+                    await _settled(taken)
                 finally:
                     if not handed_over:
                         target.close()
         return self._result(target_name, state, req)
+
+    async def _check_owner(self, alloc_id: str, netdev: str, namespace: str, pod_name: str
+                           ) -> None:
+        if self.check_owner is None:
+            return
+        if not namespace or not pod_name:
+            raise CniError(NOT_OWNER, "CNI_ARGS names no pod (K8S_POD_NAMESPACE, "
+                           "K8S_POD_NAME): cannot check who may have the device")
+        why = await self.check_owner(self.registry.allocations[alloc_id], namespace, pod_name)
+        if why:
+            raise CniError(NOT_OWNER, f"device {netdev!r} is not allocated to pod "
+                           f"{namespace}/{pod_name}", why)
 
     @staticmethod
     def _result(name: str, state: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
@@ -313,6 +323,13 @@ async def _ipam_result(req: dict[str, Any], follow_up: FollowUp | None
                        "the node", why)
     result: dict[str, Any] = msg["ipam"]
     return result
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait until ``task`` has ended, whatever its outcome (which is not wanted)."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: an error nobody needed is not logged as lost
 
 
 def _exists(name: str) -> bool:

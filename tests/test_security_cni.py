@@ -36,6 +36,23 @@ def test_a_nad_naming_another_pods_device_cannot_move_it(env: Env) -> None:  # n
     assert ipam_leases(env.k8s.work) == []  # the address went back
 
 
+def test_a_pod_that_may_not_have_the_device_learns_nothing_about_its_netns(
+        env: Env) -> None:  # noqa: F811
+    """Who owns the device is asked while the pod's netns is looked into: whatever
+    the look found, a pod that may not have the device is told only that."""
+    env.admit(["p0"], "pod-a")
+    env.admit(["p1"], "pod-b")
+    env.pod.veth("net1", "peer1")  # the name ADD would give is taken in pod-a's netns
+    res = env.cni("ADD", dict(env.conf, deviceID="p1"), netns=str(env.pod.path),
+                  pod=("default", "pod-a"))
+    assert res.code == 1 and res.out["code"] == 109, res.out
+    assert "p1" in env.links(env.k8s.ns)
+    res = env.cni("ADD", dict(env.conf, deviceID="p0"), netns=str(env.pod.path),
+                  pod=("default", "pod-a"))
+    assert res.code == 1 and res.out["code"] == 103, res.out  # its own device: the name
+    assert "p0" in env.links(env.k8s.ns)
+
+
 def test_a_config_device_id_may_not_contradict_the_runtimes(env: Env) -> None:  # noqa: F811
     """The runtime passes the device plugin's choice as a capability arg (Multus'
     ``deviceID``), which reaches a plugin that declares it as runtimeConfig."""
