@@ -546,3 +546,47 @@ def test_link_facts_stops_at_an_attribute_that_cannot_be_one() -> None:
     assert link_facts(msg, 0, len(msg)) == ("eth7", 7, "", "", 0x1043, "", 0)
     cut = _newlink(_nla(3, b"eth7\0") + _nla(43, _nla(4, struct.pack("=I", 42))))
     assert link_facts(cut, 0, len(cut) - 2)[6] == 0  # the program id runs past the end
+
+
+def test_podresources_keeps_one_channel_and_lists_again_as_soon_as_kubelet_is_back(
+        tmp_path: Path) -> None:
+    """One channel serves every List.  A List while kubelet is down fails; the first
+    one after kubelet is back answers (a new channel, not the old one's reconnect
+    backoff of about a second)."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from plugin.owners import PodResources
+    from tests.fake_kubelet import running
+
+    async def body(kubelet: Any) -> tuple[list[Any], bool, str, list[Any]]:
+        client = PodResources(tmp_path / "podres.sock")
+        try:
+            before = await client.holders()
+            channel = client._channel
+            await client.holders()
+            kept = client._channel is channel
+            restart = threading.Thread(target=kubelet.restart, args=(0.5,))
+            restart.start()
+            await asyncio.sleep(0.1)
+            try:
+                await client.holders(timeout=5)
+                down = "answered"
+            except grpc.aio.AioRpcError as e:
+                down = e.code().name
+            await asyncio.to_thread(restart.join)
+            kubelet.add_pod("ns", "pod-c", "afxdp/pool1", ["p2"])
+            after = await client.holders(timeout=5)
+        finally:
+            await client.close()
+        return before, kept, down, after
+
+    with running(tmp_path / "dp", tmp_path / "podres.sock") as kubelet:
+        kubelet.add_pod("ns", "pod-b", "afxdp/pool1", ["p1"])
+        before, kept, down, after = asyncio.run(body(kubelet))
+    assert [(h.pod, h.device_ids) for h in before] == [("pod-b", frozenset({"p1"}))]
+    assert kept and down == "UNAVAILABLE"
+    assert sorted((h.pod, h.device_ids) for h in after) == [
+        ("pod-b", frozenset({"p1"})), ("pod-c", frozenset({"p2"}))]
