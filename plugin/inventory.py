@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 
 # rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
 _GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
+# A burst of events, one reclassification: it runs once DEBOUNCE seconds pass with no
+# event, and at the latest MAX_DELAY seconds after the burst's first.  An 8-device
+# Allocate's attaches send events ~10 ms apart for ~100 ms: reclassifying after each
+# 20 ms (5-6 ms each with 1,000 netdevs, on the loop the Allocate's steps run on)
+# made it ~30% slower.
 DEBOUNCE = 0.02
+MAX_DELAY = 0.25
 
 
 class PoolConflict(Exception):
@@ -253,9 +259,16 @@ class Inventory:
             self._watcher = None
 
     async def _on_events(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._kick.wait()
-            await asyncio.sleep(DEBOUNCE)  # a burst of events, one reclassification
+            deadline = loop.time() + MAX_DELAY
+            while (wait := min(DEBOUNCE, deadline - loop.time())) > 0:
+                self._kick.clear()
+                try:
+                    await asyncio.wait_for(self._kick.wait(), wait)
+                except TimeoutError:
+                    break  # quiet
             self._kick.clear()
             try:
                 await self.reclassify()

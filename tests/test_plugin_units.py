@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Callable
@@ -590,3 +591,53 @@ def test_podresources_keeps_one_channel_and_lists_again_as_soon_as_kubelet_is_ba
     assert kept and down == "UNAVAILABLE"
     assert sorted((h.pod, h.device_ids) for h in after) == [
         ("pod-b", frozenset({"p1"})), ("pod-c", frozenset({"p2"}))]
+
+
+def test_a_burst_of_events_is_one_reclassification_and_a_steady_stream_is_not_starved(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inventory reclassifies once events pause (DEBOUNCE), and at the latest
+    MAX_DELAY after a burst's first event.  (Scaled up here, so that a slow machine's
+    pauses between the test's own events do not split a burst.)"""
+    import asyncio
+
+    from plugin import inventory
+    from plugin.config import PluginConfig, PoolConfig
+
+    monkeypatch.setattr(inventory, "DEBOUNCE", 0.2)
+    monkeypatch.setattr(inventory, "MAX_DELAY", 1.0)
+
+    class Registry:
+        on_changed: list[Callable[[str], None]] = []
+
+    async def body() -> tuple[int, int, int]:
+        inv = inventory.Inventory(PluginConfig(pools=[PoolConfig("pool1")]),
+                                  Registry(), lambda _pools: asyncio.sleep(0))  # type: ignore[arg-type]
+        runs: list[float] = []
+
+        async def reclassify(*, strict: bool = False) -> set[str]:
+            runs.append(asyncio.get_running_loop().time())
+            return set()
+
+        inv.reclassify = reclassify  # type: ignore[method-assign]
+        task = asyncio.create_task(inv._on_events())
+
+        async def events(seconds: float) -> None:
+            end = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < end:
+                inv._kick.set()
+                await asyncio.sleep(0.02)
+
+        await events(0.3)  # a burst shorter than MAX_DELAY
+        during_burst = len(runs)
+        await asyncio.sleep(0.5)
+        after_burst = len(runs)
+        await events(2.5)  # a stream that never pauses
+        during_stream = len(runs) - after_burst
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return during_burst, after_burst, during_stream
+
+    during_burst, after_burst, during_stream = asyncio.run(body())
+    assert (during_burst, after_burst) == (0, 1)
+    assert during_stream >= 2
