@@ -27,7 +27,7 @@ from pyroute2 import AsyncIPRoute
 
 from bpf.errors import BpfError
 from bpf.program import PROGRAM_NAME, kernel_name, prog_name
-from plugin import rtdump
+from plugin import rtread
 from plugin.config import PoolConfig
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ class _Link:
 
 
 def _link(msg: Any) -> _Link:
+    if isinstance(msg, rtread.LinkEvent):
+        return _Link(*msg["facts"])
     xdp = msg.get("xdp")
     return _Link(
         name=str(msg.get("ifname")), ifindex=int(msg["index"]),
@@ -187,14 +189,14 @@ class NodeView:
         # procfs first; if there is, or procfs cannot tell, the dump is as before.
         v6_addresses, v6_defaults = _ipv6_worth_dumping()
         async with AsyncIPRoute() as ipr:
-            async for facts in rtdump.links(ipr):
+            async for facts in rtread.links(ipr):
                 view.links[facts[1]] = _Link(*facts)
-            async for msg in rtdump.kept_addresses(ipr, 0 if v6_addresses else 2):
+            async for msg in rtread.kept_addresses(ipr, 0 if v6_addresses else 2):
                 key = _addr_key(msg)
                 if key is not None:
                     view.addrs.setdefault(int(msg["index"]), set()).add(key)
             for family in (2, 10) if v6_defaults else (2,):
-                async for msg in rtdump.default_routes_of(ipr, family):
+                async for msg in rtread.default_routes_of(ipr, family):
                     dkey = _default_key(msg)
                     if dkey is not None:
                         view.defaults.add(dkey)

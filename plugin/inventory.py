@@ -29,6 +29,7 @@ from cni_server.registry import Registry
 from plugin.config import PluginConfig
 from plugin.devhealth import GONE, LOST_PROGRAM, DeviceHealth, DeviceState
 from plugin.discovery import Classifier, NodeView
+from plugin.rtread import read_events_lean
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class Inventory:
         def listen() -> None:
             try:
                 ipr = IPRoute()
+                read_events_lean(ipr)
                 ipr.bind(groups=_GROUPS)
             except Exception:
                 log.exception("event=netlink_watch_failed")

@@ -183,3 +183,66 @@ def test_the_start_up_dump_reads_the_same_facts_pyroute2_decodes(
     dm9 = by_name["dm9"].ifindex
     assert view.addrs[dm9] == {(2, "192.0.2.9", 24), (10, "fd00:9::9", 64)}
     assert {(2, dm9, 7), (10, dm9, 1024)} == view.defaults
+
+
+def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """The inventory's event socket reads link events for the view's facts only, and
+    addresses and routes the view never keeps unparsed; applied to the same start,
+    its events and pyroute2's fully decoded ones must give the same view, which must
+    be a fresh dump's."""
+    from pyroute2 import IPRoute
+
+    from plugin.discovery import NodeView
+    from plugin.inventory import _GROUPS
+    from plugin.rtread import AddrEvent, LinkEvent, RouteEvent, read_events_lean
+
+    run("ip", "netns", "exec", netns.name, "sysctl", "-q", "-w",
+        "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+        "net.ipv6.conf.default.accept_dad=0")
+    netns.veth("va", "vb")
+    obj = compile_test_program("foreign_pass", tmp_path / "f.o")
+    with netns.entered():
+        lean, full = IPRoute(), IPRoute()
+        try:
+            read_events_lean(lean)
+            for ipr in (lean, full):
+                ipr.bind(groups=_GROUPS)
+            views = {"lean": NodeView.dump(), "full": NodeView.dump()}
+            for cmd in (("link", "add", "c0", "type", "veth", "peer", "c1"),
+                        ("link", "set", "c0", "address", "02:00:00:00:0c:00"),
+                        ("link", "set", "c0", "up"), ("link", "set", "c1", "up"),
+                        ("link", "set", "va", "xdpgeneric", "obj", str(obj), "sec", "xdp"),
+                        ("addr", "add", "192.0.2.7/24", "dev", "c0"),
+                        ("-6", "addr", "add", "fd00:7::7/64", "dev", "c0"),
+                        ("route", "add", "198.51.100.0/24", "via", "192.0.2.1", "dev", "c0"),
+                        ("route", "add", "default", "via", "192.0.2.1", "dev", "c0"),
+                        ("-6", "route", "add", "default", "via", "fd00:7::1", "dev", "c0"),
+                        ("route", "del", "default", "via", "192.0.2.1", "dev", "c0"),
+                        ("link", "set", "vb", "down"),
+                        ("addr", "del", "192.0.2.7/24", "dev", "c0"),
+                        ("link", "add", "d0", "type", "veth", "peer", "d1"),
+                        ("link", "del", "d0"),
+                        ("link", "add", "end0", "type", "veth", "peer", "end1")):  # the last
+                run("ip", *cmd)
+            kinds: set[type] = set()
+            for name, ipr in (("lean", lean), ("full", full)):
+                last = False
+                while not last:
+                    for msg in ipr.get():
+                        kinds.add(type(msg))
+                        views[name].apply(msg)
+                        last = {"end0", "end1"} <= {link.name for link in
+                                                    views[name].links.values()}
+            fresh = NodeView.dump()
+        finally:
+            lean.close()
+            full.close()
+    assert {LinkEvent, AddrEvent, RouteEvent} <= kinds  # the lean ones did come
+
+    def seen(view: NodeView) -> tuple[object, ...]:
+        return view.links, {k: v for k, v in view.addrs.items() if v}, view.defaults
+
+    assert seen(views["lean"]) == seen(views["full"]) == seen(fresh)
+    c0 = next(link.ifindex for link in fresh.links.values() if link.name == "c0")
+    assert fresh.addrs[c0] == {(10, "fd00:7::7", 64)} and fresh.defaults == {(10, c0, 1024)}

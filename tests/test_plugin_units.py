@@ -21,7 +21,7 @@ from plugin.devhealth import DeviceState
 from plugin.discovery import Classifier, Netdev, classify
 from plugin.owners import pod_hostname
 from plugin.pool import PoolBackend, program_fields
-from plugin.rtdump import link_facts
+from plugin.rtread import link_facts
 
 BASE = Netdev(name="eth1", ifindex=3, mac="02:00:00:00:00:01", kind="", driver="ice",
               pci_address="0000:3b:00.0", numa_node=0, up=True, addressed=False,

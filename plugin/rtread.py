@@ -1,16 +1,24 @@
-"""The start-up dumps of links and addresses, read for what the node view keeps.
+"""rtnetlink messages read for what the node view keeps: start-up dumps and events.
 
 pyroute2 decodes every attribute of every message into objects of its own: a
 link carries about forty (statistics, each family's settings, queues...), and
 with 1,000 veth pairs parsing the link dump took ~0.7 s, most of the daemon's
-start-up.  pyroute2 lets a request bring its own parser (``NetlinkRequest``'s
-``parser``, as its ``get_default_routes`` does); the ones here read only the
-attributes the view keeps, straight from the message's bytes.  The socket, the
-request, multi-part replies, the end of the dump and errors stay pyroute2's:
-every message that is not the one these expect goes to its standard parser.
+start-up; every event on the node (each pod's veth, address and route, whoever
+made it) was parsed the same way.  pyroute2 lets a request bring its own parser
+(``NetlinkRequest``'s ``parser``, as its ``get_default_routes`` does), and a
+message class its own ``decode`` (as its docs for ``nlmsg.decode`` suggest).
+Here both read only what the view keeps, straight from the message's bytes:
 
-Events are still decoded by pyroute2 (one message at a time); a kernel test checks
-that both ways give the same facts for the same links.
+- the start-up dumps (:func:`links`, :func:`kept_addresses`,
+  :func:`default_routes_of`): the socket, the request, multi-part replies, the
+  dump's end and errors stay pyroute2's;
+- the events (:func:`read_events_lean`, for the event socket's own marshal):
+  a link event carries its facts; an address of link or host scope and a route
+  that is not a default route carry only what says so; the others are decoded
+  by pyroute2 in full.
+
+Kernel tests check that both ways give the same view as pyroute2's full
+decoding of the same links, addresses and routes.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from pyroute2.iproute.parsers import default_routes, get_header
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 from pyroute2.netlink.nlsocket import NetlinkRequest
 from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELROUTE,
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETROUTE,
@@ -40,6 +51,9 @@ LinkFacts = tuple[str, int, str, str, int, str, int]
 _NLMSGHDR = struct.Struct("=IHHI")  # length, type, flags, sequence number (then the pid)
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope,
+#                                       type, flags
+_FULL_HEADER = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _HEADER = 16  # struct nlmsghdr
@@ -171,3 +185,59 @@ async def default_routes_of(ipr: Any, family: int) -> AsyncIterator[Any]:
     async for msg in _dump(ipr, request, RTM_GETROUTE,
                            _parser(ipr, RTM_NEWROUTE, default_routes)):
         yield msg
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def _header(msg: nlmsg) -> None:
+    length, kind, flags, seq, pid = _FULL_HEADER.unpack_from(msg.data, msg.offset)
+    msg["header"] = {"length": length, "type": kind, "flags": flags, "sequence_number": seq,
+                     "pid": pid, "error": None}
+    msg.length = length
+
+
+class LinkEvent(nlmsg):  # type: ignore[misc]
+    """RTM_NEWLINK and RTM_DELLINK events: the header, ``index`` and ``facts``."""
+
+    def decode(self) -> None:
+        _header(self)
+        facts = link_facts(self.data, self.offset, self.length)
+        self["index"] = facts[1]
+        self["facts"] = facts
+
+
+class AddrEvent(ifaddrmsg):  # type: ignore[misc]
+    """An address event: of link or host scope (the view keeps none), only ``scope``;
+    any other, decoded by pyroute2 in full."""
+
+    def decode(self) -> None:
+        family, _plen, _flags, scope, index = _IFADDRMSG.unpack_from(self.data,
+                                                                     self.offset + _HEADER)
+        if scope < SCOPE_LINK:
+            super().decode()
+            return
+        _header(self)
+        self["family"], self["scope"], self["index"] = family, scope, index
+
+
+class RouteEvent(rtmsg):  # type: ignore[misc]
+    """A route event: not a default route (the view keeps no other), only ``dst_len``;
+    a default route, decoded by pyroute2 in full."""
+
+    def decode(self) -> None:
+        family, dst_len, *_rest = _RTMSG.unpack_from(self.data, self.offset + _HEADER)
+        if dst_len == 0:
+            super().decode()
+            return
+        _header(self)
+        self["family"], self["dst_len"] = family, dst_len
+
+
+def read_events_lean(ipr: Any) -> None:
+    """Have ``ipr`` (an IPRoute that only receives events for the view) parse link,
+    address and route messages as the view needs them."""
+    for kind, cls in ((RTM_NEWLINK, LinkEvent), (RTM_DELLINK, LinkEvent),
+                      (RTM_NEWADDR, AddrEvent), (RTM_DELADDR, AddrEvent),
+                      (RTM_NEWROUTE, RouteEvent), (RTM_DELROUTE, RouteEvent)):
+        ipr.marshal.msg_map[kind] = cls
