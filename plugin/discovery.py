@@ -155,7 +155,9 @@ class NodeView:
 
     Built from one dump (:meth:`dump`, three rtnetlink requests whatever the
     number of links), then kept current by :meth:`apply` with each event, so a
-    change costs one small message, not a dump of every link.
+    change costs one small message, not a dump of every link.  Changes go through
+    :meth:`apply` only: it notes which links they touch, and :meth:`netdevs` works
+    out those again, not every link.
     """
 
     def __init__(self) -> None:
@@ -166,6 +168,13 @@ class NodeView:
         self._prog_names: dict[int, str] = {}
         # ifindex -> (the facts a Netdev was built from, that Netdev)
         self._built: dict[int, tuple[tuple[_Link, bool, bool], Netdev]] = {}
+        self._netdevs: dict[str, Netdev] = {}  # what netdevs() returned last, kept current
+        self._dirty: set[int] | None = None  # links to work out again; None: every link
+        # The names whose Netdev changed, came or went between the last two calls of
+        # netdevs() (None: not known, e.g. at the first call), and how many calls
+        # there were (for a caller to tell whether another one came in between).
+        self.changed: set[str] | None = None
+        self.calls = 0
 
     @classmethod
     def dump(cls) -> NodeView:
@@ -209,27 +218,33 @@ class NodeView:
             link = _link(msg)
             changed = self.links.get(link.ifindex) != link
             self.links[link.ifindex] = link
-            return changed
+            return self._touched(link.ifindex, changed)
         if event == "RTM_DELLINK":
             ifindex = int(msg["index"])
             self.addrs.pop(ifindex, None)
             self.defaults = {d for d in self.defaults if d[1] != ifindex}
-            return self.links.pop(ifindex, None) is not None
+            return self._touched(ifindex, self.links.pop(ifindex, None) is not None)
         if event in ("RTM_NEWADDR", "RTM_DELADDR"):
             key = _addr_key(msg)
             if key is None:
                 return False
-            addrs = self.addrs.setdefault(int(msg["index"]), set())
+            ifindex = int(msg["index"])
+            addrs = self.addrs.setdefault(ifindex, set())
             before = bool(addrs)
             (addrs.add if event == "RTM_NEWADDR" else addrs.discard)(key)
-            return before != bool(addrs)
+            return self._touched(ifindex, before != bool(addrs))
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
             dkey = _default_key(msg)
             if dkey is None:
                 return False
             (self.defaults.add if event == "RTM_NEWROUTE" else self.defaults.discard)(dkey)
-            return True
+            return self._touched(dkey[1], True)
         return False
+
+    def _touched(self, ifindex: int, changed: bool) -> bool:
+        if changed and self._dirty is not None:
+            self._dirty.add(ifindex)
+        return changed
 
     def inherit_caches(self, older: NodeView) -> None:
         """Keep what never changes for a given link or program across dumps."""
@@ -247,34 +262,59 @@ class NodeView:
     def netdevs(self) -> dict[str, Netdev]:
         """Every link, by name, with its sysfs facts (cached per name and ifindex).
 
-        A link whose facts did not change since the last call keeps its Netdev: an
-        event about one link of 1,000 rebuilds one."""
+        Only the links :meth:`apply` touched since the last call are worked out
+        again (every link at the first call), and one whose facts did not change
+        keeps its Netdev: an event about one link of 1,000 rebuilds one.
+        :attr:`changed` then names what changed since the last call."""
         default = {d[1] for d in self.defaults}
-        out: dict[str, Netdev] = {}
-        built: dict[int, tuple[tuple[_Link, bool, bool], Netdev]] = {}
-        for link in self.links.values():
-            facts = (link, bool(self.addrs.get(link.ifindex)), link.ifindex in default)
-            old = self._built.get(link.ifindex)
-            if old is not None and old[0] == facts:
-                out[link.name] = old[1]
-                built[link.ifindex] = old
-                continue
-            key = (link.name, link.ifindex)
-            if key not in self._sysfs:
-                self._sysfs[key] = _sysfs(link.name, link.ifindex)
-            driver, pci, numa = self._sysfs[key]
-            out[link.name] = Netdev(
-                name=link.name, ifindex=link.ifindex, mac=link.mac, kind=link.kind,
-                driver=driver or link.kind, pci_address=pci, numa_node=numa,
-                up=bool(link.flags & IFF_UP) and link.operstate in ("UP", "UNKNOWN"),
-                addressed=bool(self.addrs.get(link.ifindex)),
-                loopback=bool(link.flags & IFF_LOOPBACK), default_route=link.ifindex in default,
-                xdp_prog_id=link.xdp_prog_id,
-                xdp_prog_name=self._prog_name(link.xdp_prog_id) if link.xdp_prog_id else "",
-            )
-            built[link.ifindex] = (facts, out[link.name])
-        self._built = built
-        return out
+        if self._dirty is None:
+            built: dict[int, tuple[tuple[_Link, bool, bool], Netdev]] = {}
+            out: dict[str, Netdev] = {}
+            for link in self.links.values():
+                built[link.ifindex] = self._build(link, default)
+                out[link.name] = built[link.ifindex][1]
+            self._built, self._netdevs, self.changed = built, out, None
+        else:
+            changed: set[str] = set()
+            for ifindex in self._dirty:
+                old = self._built.pop(ifindex, None)
+                if old is not None and self._netdevs.get(old[1].name) is old[1]:
+                    del self._netdevs[old[1].name]  # (unless a renamed link took the name)
+                    changed.add(old[1].name)
+                now = self.links.get(ifindex)
+                if now is not None:
+                    entry = self._built[ifindex] = self._build(now, default, old)
+                    self._netdevs[now.name] = entry[1]
+                    if old is None or entry[1] is not old[1]:
+                        changed.add(now.name)
+                    else:
+                        changed.discard(now.name)  # put back as it was
+            self.changed = changed
+        self._dirty = set()
+        self.calls += 1
+        return dict(self._netdevs)
+
+    def _build(self, link: _Link, default: set[int],
+               old: tuple[tuple[_Link, bool, bool], Netdev] | None = None
+               ) -> tuple[tuple[_Link, bool, bool], Netdev]:
+        """(facts, Netdev) of ``link``: the one built before (``old``, else the last
+        full call's) when its facts are the same."""
+        facts = (link, bool(self.addrs.get(link.ifindex)), link.ifindex in default)
+        old = old or self._built.get(link.ifindex)
+        if old is not None and old[0] == facts:
+            return old
+        key = (link.name, link.ifindex)
+        if key not in self._sysfs:
+            self._sysfs[key] = _sysfs(link.name, link.ifindex)
+        driver, pci, numa = self._sysfs[key]
+        return facts, Netdev(
+            name=link.name, ifindex=link.ifindex, mac=link.mac, kind=link.kind,
+            driver=driver or link.kind, pci_address=pci, numa_node=numa,
+            up=bool(link.flags & IFF_UP) and link.operstate in ("UP", "UNKNOWN"),
+            addressed=facts[1], loopback=bool(link.flags & IFF_LOOPBACK),
+            default_route=facts[2], xdp_prog_id=link.xdp_prog_id,
+            xdp_prog_name=self._prog_name(link.xdp_prog_id) if link.xdp_prog_id else "",
+        )
 
 
 def selects(pool: PoolConfig, dev: Netdev) -> bool:
@@ -322,18 +362,31 @@ class Classifier:
     A netdev's outcome depends only on its :class:`Netdev` and on the pool it is
     kept in, and :meth:`NodeView.netdevs` returns the same ``Netdev`` object for a
     link whose facts did not change: so after an event about one link of 1,000,
-    one outcome is worked out again, not 1,000."""
+    one outcome is worked out again, not 1,000.  Told which netdevs changed
+    (``NodeView.changed``), it does not even look at the others."""
 
     def __init__(self, pools: list[PoolConfig]) -> None:
         self.pools = pools
         self._virtual = {n: p.name for p in pools if p.virtual for n in p.virtual.all_names()}
         self._memo: dict[str, tuple[Netdev, str | None, Outcome]] = {}
+        self._last: tuple[Classification, dict[str, str]] | None = None  # (result, its keep)
 
-    def __call__(self, netdevs: dict[str, Netdev],
-                 keep: dict[str, str] | None = None) -> Classification:
+    def __call__(self, netdevs: dict[str, Netdev], keep: dict[str, str] | None = None,
+                 changed: set[str] | None = None) -> Classification:
         """``keep`` (netdev -> pool) are allocated netdevs: they stay in their pool
-        even when they now carry our program or an address a pod gave them."""
+        even when they now carry our program or an address a pod gave them.
+        ``changed``: the names whose Netdev changed, came or went since the last
+        call (None: not known; every netdev is looked at)."""
         keep = keep or {}
+        if changed is None or self._last is None:
+            c = self._classify_all(netdevs, keep)
+        else:
+            c = self._classify_changes(netdevs, keep, changed, *self._last)
+        self._last = (c, dict(keep))
+        return c
+
+    def _classify_all(self, netdevs: dict[str, Netdev], keep: dict[str, str]
+                      ) -> Classification:
         c = Classification({p.name: {} for p in self.pools}, {p.name: {} for p in self.pools})
         memo: dict[str, tuple[Netdev, str | None, Outcome]] = {}
         for name, dev in netdevs.items():
@@ -342,15 +395,32 @@ class Classifier:
             outcome = hit[2] if hit is not None and hit[0] is dev and hit[1] == kept \
                 else self._outcome(dev, kept)
             memo[name] = (dev, kept, outcome)
-            if isinstance(outcome, list):
-                c.conflicts[name] = outcome
-            elif outcome is not None:
-                pool, why = outcome
-                if why:
-                    c.excluded[pool][name] = why
-                else:
-                    c.members[pool][name] = dev
+            _place(c, name, dev, outcome)
         self._memo = memo
+        return c
+
+    def _classify_changes(self, netdevs: dict[str, Netdev], keep: dict[str, str],
+                          changed: set[str], last: Classification, last_keep: dict[str, str]
+                          ) -> Classification:
+        """The last classification with ``changed`` and the netdevs whose kept pool
+        changed worked out again (the result is a new object: the last is not altered)."""
+        dirty = set(changed)
+        if keep != last_keep:
+            dirty.update(name for name, _pool in keep.items() ^ last_keep.items())
+        c = Classification({p: dict(m) for p, m in last.members.items()},
+                           {p: dict(e) for p, e in last.excluded.items()}, dict(last.conflicts))
+        for name in dirty:
+            hit = self._memo.pop(name, None)
+            if hit is not None:
+                _unplace(c, name, hit[2])
+            dev = netdevs.get(name)
+            if dev is None:
+                continue
+            kept = keep.get(name)
+            outcome = hit[2] if hit is not None and hit[0] is dev and hit[1] == kept \
+                else self._outcome(dev, kept)
+            self._memo[name] = (dev, kept, outcome)
+            _place(c, name, dev, outcome)
         return c
 
     def _outcome(self, dev: Netdev, kept: str | None) -> Outcome:
@@ -364,6 +434,25 @@ class Classifier:
             return None
         pool = chosen[0]
         return pool.name, "" if kept == pool.name else exclusion(pool, dev)
+
+
+def _place(c: Classification, name: str, dev: Netdev, outcome: Outcome) -> None:
+    if isinstance(outcome, list):
+        c.conflicts[name] = outcome
+    elif outcome is not None:
+        pool, why = outcome
+        if why:
+            c.excluded[pool][name] = why
+        else:
+            c.members[pool][name] = dev
+
+
+def _unplace(c: Classification, name: str, outcome: Outcome) -> None:
+    if isinstance(outcome, list):
+        c.conflicts.pop(name, None)
+    elif outcome is not None:
+        c.excluded[outcome[0]].pop(name, None)
+        c.members[outcome[0]].pop(name, None)
 
 
 def classify(netdevs: dict[str, Netdev], pools: list[PoolConfig],

@@ -74,6 +74,7 @@ class Inventory:
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
         self._classify = Classifier(cfg.pools)
+        self._classified: tuple[NodeView, int] | None = None  # the view and call classified
         self.health = DeviceHealth(registry)
         registry.on_changed.append(lambda _netdev: self._kick.set())
 
@@ -113,7 +114,10 @@ class Inventory:
         async with self._lock:
             netdevs = self.view.netdevs()
             keep = {n: a.pool for a in self.registry.allocations.values() for n in a.netdevs}
-            c = self._classify(netdevs, keep)
+            # What changed since the last classification, if the view's last call was it.
+            follows = self._classified == (self.view, self.view.calls - 1)
+            c = self._classify(netdevs, keep, self.view.changed if follows else None)
+            self._classified = (self.view, self.view.calls)
             if c.conflicts and strict:
                 raise PoolConflict("; ".join(f"{n} matches pools {', '.join(p)}"
                                              for n, p in sorted(c.conflicts.items())))

@@ -208,10 +208,13 @@ def test_netdev_matching_two_pools_is_a_conflict() -> None:
 
 
 
-def test_the_classifier_works_out_again_only_what_changed_and_agrees_with_a_fresh_one() -> None:
+@pytest.mark.parametrize("told", [False, True], ids=["looks-at-all", "told-what-changed"])
+def test_the_classifier_works_out_again_only_what_changed_and_agrees_with_a_fresh_one(
+        told: bool) -> None:
     """After each change (one netdev's facts, one allocation's keep, a netdev gone or
     new) the remembering classifier gives what a fresh classification gives, and
-    works out only the netdevs whose Netdev or kept pool changed."""
+    works out only the netdevs whose Netdev or kept pool changed; whether it looks
+    at every netdev or is told which changed (as NodeView.changed tells it)."""
     fast, other = pools({"name": "fast", "devices": ["eth.*"], "excludeAddressed": True},
                         {"name": "other", "drivers": ["mlx5_core"]})
     netdevs = {f"eth{i}": dev(f"eth{i}", ifindex=10 + i) for i in range(50)}
@@ -239,10 +242,14 @@ def test_the_classifier_works_out_again_only_what_changed_and_agrees_with_a_fres
     ]
     expect_worked_out = [sorted(netdevs), [], ["eth3"], ["eth3"], ["eth4"], [], ["eth99"], ["eth3"]]
     initial: Callable[[], object] = lambda: None  # noqa: E731
+    previous: dict[str, Netdev] = {}
     for i, change in enumerate([initial, *changes]):
         worked_out.clear()
         change()
-        got = classifier(dict(netdevs), dict(keep))
+        changed = {n for n in netdevs.keys() | previous.keys()
+                   if netdevs.get(n) is not previous.get(n)}
+        previous = dict(netdevs)
+        got = classifier(dict(netdevs), dict(keep), changed if told and i else None)
         assert got == classify(dict(netdevs), [fast, other], dict(keep)), f"after change {i}"
         assert sorted(worked_out) == expect_worked_out[i], f"after change {i}"
     assert "eth3" in got.excluded["fast"] and got.conflicts == {"eth7": ["fast", "other"]}
@@ -406,6 +413,13 @@ def test_the_cni_executables_codec_falls_back_to_json_without_the_c_module() -> 
     assert out == '{"a": [1, "\\u00e9"]}\n'
 
 
+def _link_event(link: Any) -> dict[Any, Any]:
+    """An RTM_NEWLINK as NodeView.apply reads pyroute2's messages."""
+    return {"event": "RTM_NEWLINK", "ifname": link.name, "index": link.ifindex,
+            "address": link.mac, ("linkinfo", "kind"): link.kind, "flags": link.flags,
+            "operstate": link.operstate}
+
+
 def test_the_node_view_rebuilds_only_the_netdevs_whose_facts_changed() -> None:
     from plugin.discovery import NodeView, _Link
     view = NodeView()
@@ -416,17 +430,63 @@ def test_the_node_view_rebuilds_only_the_netdevs_whose_facts_changed() -> None:
     view._sysfs = {("a0", 10): ("", "", None), ("b0", 11): ("", "", None)}  # no sysfs here
     first = view.netdevs()
     again = view.netdevs()
-    assert again["a0"] is first["a0"] and again["b0"] is first["b0"]
+    assert again["a0"] is first["a0"] and again["b0"] is first["b0"] and view.changed == set()
     assert first["a0"].up and not first["a0"].addressed
-    view.links[11] = replace(b, flags=0)  # b0 went down
-    view.addrs[10] = {(2, "10.0.0.1", 24)}  # a0 got an address
+    view.apply(_link_event(replace(b, flags=0)))  # b0 went down
+    view.apply({"event": "RTM_NEWADDR", "family": 2, "address": "10.0.0.1", "prefixlen": 24,
+                "scope": 0, "index": 10})  # a0 got an address
     changed = view.netdevs()
     assert changed["a0"] is not first["a0"] and changed["a0"].addressed
     assert changed["b0"] is not first["b0"] and not changed["b0"].up
-    view.defaults.add((2, 11, 0))  # b0 carries the default route now
-    assert view.netdevs()["b0"].default_route
-    del view.links[10]
-    assert set(view.netdevs()) == {"b0"}
+    assert view.changed == {"a0", "b0"}
+    view.apply({"event": "RTM_NEWROUTE", "family": 2, "dst_len": 0, "table": 254, "oif": 11,
+                "priority": 0})  # b0 carries the default route now
+    assert view.netdevs()["b0"].default_route and view.changed == {"b0"}
+    view.apply({"event": "RTM_DELLINK", "index": 10})
+    assert set(view.netdevs()) == {"b0"} and view.changed == {"a0"}
+
+
+def test_the_node_view_after_any_events_equals_one_worked_out_from_scratch() -> None:
+    """Renames (two links swapping names), a link gone and one new under its name,
+    addresses, default routes, and an event that changes nothing: what netdevs()
+    gives after each batch equals a fresh view's, and ``changed`` names exactly the
+    netdevs that differ from the call before."""
+    from plugin.discovery import NodeView, _Link
+
+    def link(name: str, ifindex: int, **kw: Any) -> Any:
+        return replace(_Link(name=name, ifindex=ifindex, mac=f"02:00:00:00:00:{ifindex:02x}",
+                             kind="veth", flags=1, operstate="UP", xdp_prog_id=0), **kw)
+
+    view = NodeView()
+    view.links = {i: link(f"e{i}", i) for i in range(1, 9)}
+    batches: list[list[dict[str, Any]]] = [
+        [],
+        [_link_event(link("e1", 1))],  # nothing changes
+        [_link_event(link("e3", 2)), _link_event(link("e2", 3))],  # e2 and e3 swap names
+        [{"event": "RTM_DELLINK", "index": 4}, _link_event(link("e4", 40))],  # e4 anew
+        [_link_event(link("e5", 5, xdp_prog_id=7)), _link_event(link("e6", 6, flags=0))],
+        [{"event": "RTM_NEWADDR", "family": 10, "address": "fd00::7", "prefixlen": 64,
+          "scope": 0, "index": 7},
+         {"event": "RTM_NEWROUTE", "family": 2, "dst_len": 0, "table": 254, "oif": 8,
+          "priority": 5}],
+        [{"event": "RTM_DELADDR", "family": 10, "address": "fd00::7", "prefixlen": 64,
+          "scope": 0, "index": 7},
+         {"event": "RTM_DELLINK", "index": 8}],
+    ]
+    view._prog_names = {7: "afxdp_redirect"}
+    before = view.netdevs()
+    for i, batch in enumerate(batches):
+        for msg in batch:
+            view.apply(msg)
+        got = view.netdevs()
+        fresh = NodeView()
+        fresh.links, fresh.addrs, fresh.defaults = dict(view.links), view.addrs, view.defaults
+        fresh._sysfs, fresh._prog_names = view._sysfs, view._prog_names
+        assert got == fresh.netdevs(), f"after batch {i}"
+        differ = {n for n in got.keys() | before.keys() if got.get(n) != before.get(n)}
+        assert view.changed == differ, f"after batch {i}"
+        before = got
+    assert got["e3"].ifindex == 2 and got["e4"].ifindex == 40 and "e8" not in got
 
 
 # -- pod owners ----------------------------------------------------------------------------------------
