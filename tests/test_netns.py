@@ -224,7 +224,9 @@ def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
                         ("link", "add", "d0", "type", "veth", "peer", "d1"),
                         ("link", "del", "d0"),
                         ("link", "add", "end0", "type", "veth", "peer", "end1")):  # the last
-                run("ip", *cmd)
+                # -n: ip's own mount namespace, so its BPF loader's bpffs
+                # directories are not made in the host's
+                run("ip", "-n", netns.name, *cmd)
             kinds: set[type] = set()
             for name, ipr in (("lean", lean), ("full", full)):
                 last = False
