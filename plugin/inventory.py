@@ -18,23 +18,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-from pyroute2 import IPRoute
 
 from cni_server.lifecycle import cancel_tasks
 from cni_server.registry import Registry
 from plugin.config import PluginConfig
 from plugin.devhealth import GONE, LOST_PROGRAM, DeviceHealth, DeviceState
 from plugin.discovery import Classifier, NodeView
-from plugin.rtread import read_events_lean
+from plugin.linkwatch import LinkWatch
 
 log = logging.getLogger(__name__)
 
-# rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes.
-_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 # A burst of events, one reclassification: it runs once DEBOUNCE seconds pass with no
 # event, and at the latest MAX_DELAY seconds after the burst's first.  An 8-device
 # Allocate's attaches send events ~10 ms apart for ~100 ms: reclassifying after each
@@ -68,8 +63,8 @@ class Inventory:
         self._lock = asyncio.Lock()
         self._kick: asyncio.Event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._watcher: threading.Thread | None = None
-        self._ipr: IPRoute | None = None
+        self._watch: LinkWatch | None = None
+        self._rescan_task: asyncio.Task[None] | None = None
         self._repairing: set[str] = set()
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
@@ -224,45 +219,28 @@ class Inventory:
     # -- watching ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen to rtnetlink events in a thread (pyroute2's sync API cannot be used
-        inside a running event loop) and rescan on them and periodically."""
-        loop = asyncio.get_running_loop()
-        ready = threading.Event()
-
-        def listen() -> None:
-            try:
-                ipr = IPRoute()
-                read_events_lean(ipr)
-                ipr.bind(groups=_GROUPS)
-            except Exception:
-                log.exception("event=netlink_watch_failed")
-                ready.set()
-                return
-            self._ipr = ipr
-            ready.set()
-            while True:
-                try:
-                    messages = ipr.get()
-                except Exception:  # closed by stop()
-                    return
-                for msg in messages:
-                    loop.call_soon_threadsafe(self._on_message, msg)
-
-        self._watcher = threading.Thread(target=listen, name="netlink-events", daemon=True)
-        self._watcher.start()
-        await asyncio.to_thread(ready.wait, 10)
+        """Follow rtnetlink events (``plugin.linkwatch``) and rescan periodically, and
+        at once when the kernel had to drop events."""
+        self._watch = LinkWatch(asyncio.get_running_loop(), self._on_message,
+                                self._events_lost)
+        await self._watch.start()
         self._tasks = [asyncio.create_task(self._on_events(), name="inventory-events"),
                        asyncio.create_task(self._periodic(), name="inventory-periodic")]
 
     async def stop(self) -> None:
-        await cancel_tasks(*self._tasks, *self._repair_tasks)
+        await cancel_tasks(*self._tasks, *self._repair_tasks, self._rescan_task)
         self._tasks = []
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-        if self._watcher is not None:
-            self._watcher.join(5)
-            self._watcher = None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _events_lost(self) -> None:
+        """Events came faster than they were read and the kernel dropped some: the
+        view is stale until it is dumped afresh (one rescan for a burst of these)."""
+        log.warning("event=netlink_events_lost action=rescan")
+        self.registry.server.metrics.netlink_events_lost.inc()
+        if self._rescan_task is None or self._rescan_task.done():
+            self._rescan_task = asyncio.get_running_loop().create_task(self._safe_rescan())
 
     async def _on_events(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
 from pathlib import Path
 
@@ -194,7 +196,7 @@ def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
     from pyroute2 import IPRoute
 
     from plugin.discovery import NodeView
-    from plugin.inventory import _GROUPS
+    from plugin.linkwatch import GROUPS
     from plugin.rtread import AddrEvent, LinkEvent, RouteEvent, read_events_lean
 
     run("ip", "netns", "exec", netns.name, "sysctl", "-q", "-w",
@@ -207,7 +209,7 @@ def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
         try:
             read_events_lean(lean)
             for ipr in (lean, full):
-                ipr.bind(groups=_GROUPS)
+                ipr.bind(groups=GROUPS)
             views = {"lean": NodeView.dump(), "full": NodeView.dump()}
             for cmd in (("link", "add", "c0", "type", "veth", "peer", "c1"),
                         ("link", "set", "c0", "address", "02:00:00:00:0c:00"),
@@ -248,3 +250,56 @@ def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
     assert seen(views["lean"]) == seen(views["full"]) == seen(fresh)
     c0 = next(link.ifindex for link in fresh.links.values() if link.name == "c0")
     assert fresh.addrs[c0] == {(10, "fd00:7::7", 64)} and fresh.defaults == {(10, c0, 1024)}
+
+
+def test_the_event_watch_goes_on_after_the_kernel_dropped_events(
+        netns: NsFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst larger than the socket's buffer makes the kernel drop events and say so
+    (ENOBUFS): the watch reports it once and goes on receiving.  (Here the burst
+    comes while the watch does not read yet, so it overflows on any machine.)"""
+    import threading
+
+    from plugin import linkwatch
+    from plugin.rtread import LinkEvent
+
+    monkeypatch.setattr(linkwatch, "RCVBUF", 4096)
+    gate = threading.Event()
+    receive = linkwatch.LinkWatch._receive
+
+    def after_the_gate(watch: linkwatch.LinkWatch) -> None:
+        gate.wait(10)
+        receive(watch)
+
+    monkeypatch.setattr(linkwatch.LinkWatch, "_receive", after_the_gate)
+
+    async def body() -> tuple[int, bool]:
+        losses = 0
+        marked = asyncio.Event()
+
+        def on_lost() -> None:
+            nonlocal losses
+            losses += 1
+
+        def on_message(msg: object) -> None:
+            if isinstance(msg, LinkEvent) and msg["facts"][0] == "mark0":
+                marked.set()
+
+        watch = linkwatch.LinkWatch(asyncio.get_running_loop(), on_message, on_lost)
+        assert await watch.start()
+        try:
+            batch = "".join(f"link add f{i} type veth peer name g{i}\n" for i in range(100))
+            await asyncio.to_thread(subprocess.run, ["ip", "-n", netns.name, "-batch", "-"],
+                                    input=batch, text=True, check=True)
+            gate.set()
+            await asyncio.to_thread(run, "ip", "-n", netns.name, "link", "add", "mark0",
+                                    "type", "veth", "peer", "mark1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(marked.wait(), 10)
+        finally:
+            watch.stop()
+        return losses, marked.is_set()
+
+    with netns.entered():
+        losses, still_receiving = asyncio.run(body())
+    assert losses == 1
+    assert still_receiving

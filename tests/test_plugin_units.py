@@ -701,3 +701,40 @@ def test_a_burst_of_events_is_one_reclassification_and_a_steady_stream_is_not_st
     during_burst, after_burst, during_stream = asyncio.run(body())
     assert (during_burst, after_burst) == (0, 1)
     assert during_stream >= 2
+
+
+def test_events_dropped_by_the_kernel_are_counted_and_bring_one_rescan() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from cni_server.metrics import Metrics
+    from plugin import inventory
+    from plugin.config import PluginConfig, PoolConfig
+
+    metrics = Metrics()
+    registry = SimpleNamespace(on_changed=[], server=SimpleNamespace(metrics=metrics))
+
+    async def body() -> int:
+        inv = inventory.Inventory(PluginConfig(pools=[PoolConfig("pool1")]),
+                                  registry, lambda _pools: asyncio.sleep(0))  # type: ignore[arg-type]
+        rescans = 0
+        may_end = asyncio.Event()
+
+        async def rescan() -> None:
+            nonlocal rescans
+            rescans += 1
+            await may_end.wait()
+
+        inv._safe_rescan = rescan  # type: ignore[method-assign]
+        for _ in range(3):  # a burst of losses while the rescan runs: one rescan
+            inv._events_lost()
+            await asyncio.sleep(0)
+        may_end.set()
+        await asyncio.sleep(0)
+        inv._events_lost()  # a later loss: another
+        await asyncio.sleep(0)
+        await inv.stop()
+        return rescans
+
+    assert asyncio.run(body()) == 2
+    assert metrics.netlink_events_lost._value.get() == 4
