@@ -65,6 +65,7 @@ class Inventory:
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: LinkWatch | None = None
         self._rescan_task: asyncio.Task[None] | None = None
+        self._lost = False  # events were dropped since the last rescan began
         self._repairing: set[str] = set()
         self._repair_failed: dict[str, tuple[int, int]] = {}
         self._repair_tasks: set[asyncio.Task[None]] = set()
@@ -236,11 +237,18 @@ class Inventory:
 
     def _events_lost(self) -> None:
         """Events came faster than they were read and the kernel dropped some: the
-        view is stale until it is dumped afresh (one rescan for a burst of these)."""
+        view is stale until it is dumped afresh.  Losses during a rescan (whose dump
+        may have read those links before they changed) bring one more after it."""
         log.warning("event=netlink_events_lost action=rescan")
         self.registry.server.metrics.netlink_events_lost.inc()
+        self._lost = True
         if self._rescan_task is None or self._rescan_task.done():
-            self._rescan_task = asyncio.get_running_loop().create_task(self._safe_rescan())
+            self._rescan_task = asyncio.get_running_loop().create_task(self._rescan_lost())
+
+    async def _rescan_lost(self) -> None:
+        while self._lost:
+            self._lost = False
+            await self._safe_rescan()
 
     async def _on_events(self) -> None:
         loop = asyncio.get_running_loop()
