@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,31 @@ from plugin.api import podresources_v1_pb2 as pr
 from plugin.api import podresources_v1_pb2_grpc as pr_grpc
 
 log = logging.getLogger(__name__)
-# Between two List calls: at most 20 a second, a fifth of what kubelet allows all
-# its PodResources clients together (about 100 qps, burst 10).  A CNI ADD right
-# after admission needs a fresh List to check the pod; at 0.2 s pod starts in quick
-# succession waited ~100 ms each for their turn.
-MIN_INTERVAL = 0.05
+# List calls: at most 20 a second sustained, in bursts of up to 5: a fifth and a
+# half of what kubelet allows all its PodResources clients together (about 100
+# qps, burst 10).  A CNI ADD right after admission needs a fresh List to check the
+# pod: pods starting together each need one, and with a fixed 50 ms between Lists
+# the later ones of a burst waited 50 ms more each.
+LIST_RATE = 20.0
+LIST_BURST = 5
+
+
+class ListBudget:
+    """A token bucket: how long the next List must wait (0: it may go now)."""
+
+    def __init__(self, rate: float = LIST_RATE, burst: int = LIST_BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> float:
+        """Spend one List; the seconds to wait before making it."""
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 @dataclass(frozen=True)
@@ -113,7 +133,7 @@ class Owners:
         self._inflight: asyncio.Task[bool] | None = None
         self._inflight_collects = False
         self._list_started: float | None = None  # when the in-flight run's List began
-        self._last = 0.0
+        self._budget = ListBudget()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releasing: set[str] = set()  # found gone; being released (_release_all)
         self._loop_task: asyncio.Task[None] | None = None
@@ -141,10 +161,10 @@ class Owners:
             await asyncio.shield(task)  # wait it out, then run one of our own
 
     async def _refresh(self, collect: bool) -> bool:
-        wait = self._last + MIN_INTERVAL - time.monotonic()
+        wait = self._budget.take()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._last = self._list_started = time.monotonic()
+        self._list_started = time.monotonic()
         try:
             holders = await self.kubelet.holders()
         except grpc.aio.AioRpcError as e:

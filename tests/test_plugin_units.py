@@ -743,3 +743,16 @@ def test_events_dropped_by_the_kernel_are_counted_and_bring_a_rescan_after_them(
 
     assert asyncio.run(body()) == (2, 3)
     assert metrics.netlink_events_lost._value.get() == 4
+
+
+def test_podresources_lists_go_at_once_in_a_burst_of_five_then_twenty_a_second() -> None:
+    from plugin.owners import ListBudget
+
+    now = [100.0]
+    budget = ListBudget(rate=20.0, burst=5, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0.0] * 5  # pods starting together
+    assert [round(budget.take(), 3) for _ in range(2)] == [0.05, 0.1]  # then in turn
+    now[0] += 0.15  # the two have had their turn; one more List's worth came since
+    assert [round(budget.take(), 3) for _ in range(2)] == [0.0, 0.05]
+    now[0] += 10.0  # a quiet while refills the burst, not more
+    assert [budget.take() for _ in range(5)] == [0.0] * 5 and budget.take() > 0
