@@ -34,6 +34,7 @@ from cni_server.metrics import Metrics
 from cni_server.netdev import link_info
 from cni_server.netns import Netns
 from cni_server.ownership import Claims
+from cni_server.rtread import facts_of
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,10 @@ class ProgramTable:
         ahead = self._ahead[netdev]
         program = ahead.program
 
-        def still_there() -> bool:
-            return link_info(netdev).ifindex == program.ifindex \
-                and query(program.ifindex).prog_id == program.program.prog_id
+        def still_there() -> bool:  # one RTM_GETLINK: the name, its ifindex, its program
+            facts = facts_of(netdev)
+            return facts is not None and facts[1] == program.ifindex \
+                and facts[6] == program.program.prog_id
 
         suits = ahead.choice == choice and ahead.mode is mode
         try:

@@ -27,7 +27,7 @@ from pyroute2 import AsyncIPRoute
 
 from bpf.errors import BpfError
 from bpf.program import PROGRAM_NAME, kernel_name, prog_name
-from plugin import rtread
+from cni_server import rtread
 from plugin.config import PoolConfig
 
 log = logging.getLogger(__name__)

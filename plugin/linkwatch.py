@@ -1,7 +1,7 @@
 """rtnetlink events for the node view, received in a thread of their own.
 
 pyroute2's synchronous API cannot run inside an event loop, so a thread receives
-the events (read as ``plugin.rtread`` reads them) and hands each to the loop.
+the events (read as ``cni_server.rtread`` reads them) and hands each to the loop.
 
 When events come faster than the thread reads them, the kernel drops what does
 not fit in the socket's buffer and says so (ENOBUFS).  pyroute2's socket then
@@ -26,7 +26,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from plugin.rtread import read_events_lean
+from cni_server.rtread import read_events_lean
 
 log = logging.getLogger(__name__)
 

@@ -195,9 +195,9 @@ def test_events_read_lean_keep_the_view_pyroute2s_full_decoding_keeps(
     be a fresh dump's."""
     from pyroute2 import IPRoute
 
+    from cni_server.rtread import AddrEvent, LinkEvent, RouteEvent, read_events_lean
     from plugin.discovery import NodeView
     from plugin.linkwatch import GROUPS
-    from plugin.rtread import AddrEvent, LinkEvent, RouteEvent, read_events_lean
 
     run("ip", "netns", "exec", netns.name, "sysctl", "-q", "-w",
         "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
@@ -259,8 +259,8 @@ def test_the_event_watch_goes_on_after_the_kernel_dropped_events(
     comes while the watch does not read yet, so it overflows on any machine.)"""
     import threading
 
+    from cni_server.rtread import LinkEvent
     from plugin import linkwatch
-    from plugin.rtread import LinkEvent
 
     monkeypatch.setattr(linkwatch, "RCVBUF", 4096)
     gate = threading.Event()

@@ -14,6 +14,7 @@ import pytest
 
 from bpf.program import ProgramSpec
 from cni_server.config import ConfigError
+from cni_server.rtread import link_facts
 from cni_server.spec import AllocationSpec
 from plugin.api import deviceplugin_v1beta1_pb2 as pb
 from plugin.config import PoolConfig, load, validate
@@ -21,7 +22,6 @@ from plugin.devhealth import DeviceState
 from plugin.discovery import Classifier, Netdev, classify
 from plugin.owners import pod_hostname
 from plugin.pool import PoolBackend, program_fields
-from plugin.rtread import link_facts
 
 BASE = Netdev(name="eth1", ifindex=3, mac="02:00:00:00:00:01", kind="", driver="ice",
               pci_address="0000:3b:00.0", numa_node=0, up=True, addressed=False,

@@ -263,3 +263,35 @@ def test_the_inventory_does_not_call_a_device_we_just_attached_unhealthy_on_a_st
 
 async def _no_change(pools: set[str]) -> None:
     return None
+
+
+def test_a_program_attached_ahead_is_taken_only_while_the_kernel_still_has_it_there(
+        netns: NsFixture) -> None:
+    """attachAhead's program is taken by the next acquire only when the kernel shows
+    it still attached to that very netdev; one detached behind the daemon's back is
+    let go, and the acquire attaches a fresh program."""
+    from bpf.program import XdpMode
+    from cni_server.programs import ProgramChoice
+
+    netns.veth("va", "vb")
+    netns.veth("vc", "vd")
+
+    async def main() -> tuple[int, int, int, int]:
+        table = ProgramTable()
+        try:
+            for name in ("va", "vc"):
+                assert await table.attach_ahead(name, XdpMode.NATIVE, ProgramChoice())
+            ahead_a, ahead_c = netns.xdp_prog_id("va"), netns.xdp_prog_id("vc")
+            run("ip", "-n", netns.name, "link", "set", "vc", "xdp", "off")  # behind our back
+            taken = await table.acquire("va", XdpMode.NATIVE, choice=ProgramChoice())
+            fresh = await table.acquire("vc", XdpMode.NATIVE, choice=ProgramChoice())
+            return (ahead_a, taken.program.prog_id, ahead_c, fresh.program.prog_id)
+        finally:
+            for name in ("va", "vc"):
+                await table.release(name)
+            await table.withdraw_ahead()
+
+    with netns.entered():
+        ahead_a, taken, ahead_c, fresh = asyncio.run(main())
+    assert taken == ahead_a != 0
+    assert fresh not in (0, ahead_c) and netns.xdp_prog_id("vc") == 0  # released: detached

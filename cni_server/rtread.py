@@ -23,12 +23,15 @@ decoding of the same links, addresses and routes.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from pyroute2 import IPRoute
 from pyroute2.iproute.parsers import default_routes, get_header
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nlmsg
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nlsocket import NetlinkRequest
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
@@ -185,6 +188,21 @@ async def default_routes_of(ipr: Any, family: int) -> AsyncIterator[Any]:
     async for msg in _dump(ipr, request, RTM_GETROUTE,
                            _parser(ipr, RTM_NEWROUTE, default_routes)):
         yield msg
+
+
+def facts_of(name: str) -> LinkFacts | None:
+    """The facts of the link called ``name`` in the calling thread's netns (from a
+    worker thread: pyroute2's synchronous API), from one RTM_GETLINK read as an
+    event is; None when there is no such link."""
+    with IPRoute() as ipr:
+        ipr.marshal.msg_map[RTM_NEWLINK] = LinkEvent
+        try:
+            facts: LinkFacts = ipr.link("get", ifname=name)[0]["facts"]
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return None
+            raise
+    return facts
 
 
 # -- events ----------------------------------------------------------------------------
