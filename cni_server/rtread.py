@@ -1,4 +1,4 @@
-"""rtnetlink messages read for what the node view keeps: start-up dumps and events.
+"""rtnetlink messages read for the facts wanted: the node view's dumps and events, lookups.
 
 pyroute2 decodes every attribute of every message into objects of its own: a
 link carries about forty (statistics, each family's settings, queues...), and
@@ -15,7 +15,8 @@ Here both read only what the view keeps, straight from the message's bytes:
 - the events (:func:`read_events_lean`, for the event socket's own marshal):
   a link event carries its facts; an address of link or host scope and a route
   that is not a default route carry only what says so; the others are decoded
-  by pyroute2 in full.
+  by pyroute2 in full;
+- one link's facts by name (:func:`facts_of`), read as an event is.
 
 Kernel tests check that both ways give the same view as pyroute2's full
 decoding of the same links, addresses and routes.
