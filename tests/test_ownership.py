@@ -143,8 +143,10 @@ def test_a_standalone_daemon_puts_back_a_program_taken_off_its_netdev(
         before = libbpf.map_info(fd.fileno()).id
     run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
     assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
+    # (the line is written once the attach has returned: a moment after the kernel shows it)
+    assert wait_until(lambda: "event=xdp_repaired netdev=va allocation=va result=reattached"
+                      in d.log()), d.log()
     assert "event=xdp_lost netdev=va" in d.log()
-    assert "event=xdp_repaired netdev=va allocation=va result=reattached" in d.log()
     with netns.entered(), fetch_map_fd(sock, "va") as fd:
         assert libbpf.map_info(fd.fileno()).id == before
     report = receive_unprivileged(netns, client_runtime, workdir, MAP_CAPS, "--socket", str(sock))
@@ -172,6 +174,8 @@ def test_a_standalone_daemon_leaves_a_foreign_program_and_refuses_handouts_until
             c.xsk_map_fd("va")
     run("ip", "-n", netns.name, "link", "set", "va", "xdp", "off")
     assert wait_until(lambda: netns.xdp_prog_id("va") == prog), d.log()
+    # handed out again once the repair has returned, a moment after the kernel shows it
+    assert wait_until(lambda: "event=xdp_repaired netdev=va" in d.log()), d.log()
     with netns.entered():
         fetch_map_fd(sock, "va").close()
 
