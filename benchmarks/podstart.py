@@ -15,6 +15,7 @@ runtime do it, against ``afxdp daemon`` and the in-process fake kubelet:
 
 Each run uses a fresh netdev (so Allocate attaches a program each time);
 between runs, CNI DEL and the pod's removal (not timed) clean up.
+``--together K``: K pods admitted, then their K CNI ADDs started at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,33 @@ from tests.kernel import Daemon, make_netns, veth_pairs
 from tests.load import pct
 
 
+def cni_env(command: str, pod_ns: Path, cid: str, cni_path: str, ifname: str = "net1"
+            ) -> dict[str, str]:
+    return {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": str(pod_ns),
+            "CNI_IFNAME": ifname, "CNI_PATH": cni_path, "PATH": "/usr/sbin:/usr/bin",
+            # the pod, as the runtime names it (here the container id is the pod's name)
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}
+
+
 def cni(node_cmd: list[str], command: str, conf: dict[str, Any], pod_ns: Path, cid: str,
-        cni_path: str) -> None:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": str(pod_ns),
-           "CNI_IFNAME": "net1", "CNI_PATH": cni_path, "PATH": "/usr/sbin:/usr/bin",
-           # the pod, as the runtime names it (here the container id is the pod's name)
-           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}
-    proc = subprocess.run(node_cmd, input=json.dumps(conf).encode(), env=env,
-                          capture_output=True)
+        cni_path: str, ifname: str = "net1") -> None:
+    proc = subprocess.run(node_cmd, input=json.dumps(conf).encode(),
+                          env=cni_env(command, pod_ns, cid, cni_path, ifname), capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"CNI {command} failed: {proc.stdout.decode()}{proc.stderr.decode()}")
+
+
+def adds_together(node_cmd: list[str], confs: list[dict[str, Any]], pod_ns: Path,
+                  names: list[str], cni_path: str) -> list[float]:
+    """The CNI ADDs of pods admitted together, started at once (as a runtime does for
+    pods scheduled together): each one's seconds, start to exit."""
+    def add(j: int) -> float:
+        t0 = time.perf_counter()
+        cni(node_cmd, "ADD", confs[j], pod_ns, names[j], cni_path, f"net{j}")
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(add, range(len(names))))
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -62,6 +81,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--together", type=int, default=1, metavar="K",
+                    help="K pods admitted, then their K CNI ADDs at once (pods scheduled "
+                         "together); reports Allocate and CNI ADD only")
     ap.add_argument("--attach-ahead", action="store_true",
                     help="the pool's attachAhead: every free device already carries a fresh "
                          "program when its pod comes (the runs start once all do)")
@@ -94,7 +116,23 @@ def main() -> int:
                             raise SystemExit("podstart.py: programs not attached ahead in 60 s")
                         time.sleep(0.1)
                 with node.entered():  # this thread: the node's kubelet and runtime
-                    for i in range(a.runs):
+                    for first in range(0, a.runs if a.together > 1 else 0, a.together):
+                        group = range(first, min(first + a.together, a.runs))
+                        confs = [{"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
+                                  "deviceID": f"p{i}", "daemonSocket": str(work / "cni.sock")}
+                                 for i in group]
+                        for i in group:
+                            t0 = time.perf_counter()
+                            kubelet.allocate(RESOURCE, [f"p{i}"])
+                            kubelet.add_pod("default", f"pod-{i}", RESOURCE, [f"p{i}"])
+                            phases["allocate"].append(time.perf_counter() - t0)
+                        phases["cni_add"] += adds_together(plugin, confs, pod.path,
+                                                           [f"pod-{i}" for i in group], cni_path)
+                        for j, i in enumerate(group):
+                            cni(plugin, "DEL", confs[j], pod.path, f"pod-{i}", cni_path,
+                                f"net{j}")
+                            kubelet.remove_pod("default", f"pod-{i}")
+                    for i in range(a.runs if a.together <= 1 else 0):
                         dev, name = f"p{i}", f"pod-{i}"
                         conf = {"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
                                 "deviceID": dev, "daemonSocket": str(work / "cni.sock")}
@@ -121,8 +159,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-                      "runs": a.runs, "attach_ahead": a.attach_ahead,
-                      **{k: summary(v) for k, v in phases.items()}}, indent=2))
+                      "runs": a.runs, "attach_ahead": a.attach_ahead, "together": a.together,
+                      **{k: summary(v) for k, v in phases.items() if v}}, indent=2))
     return 0
 
 
