@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.iproute.parsers import default_routes, get_header
+from pyroute2.iproute.parsers import default_routes
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nlsocket import NetlinkRequest
@@ -134,9 +134,8 @@ def _parser(ipr: Any, expected: int, read: Callable[[bytes, int, int], Any]) -> 
 
 
 def _link_message(data: bytes, offset: int, length: int) -> nlmsg:
-    msg = nlmsg()
-    msg["header"] = get_header(data, offset)
-    msg["facts"] = link_facts(data, offset, length)
+    msg = LinkEvent(data, offset=offset)  # a dump's link, read as an event's is
+    msg.decode()
     return msg
 
 

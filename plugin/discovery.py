@@ -391,9 +391,7 @@ class Classifier:
         memo: dict[str, tuple[Netdev, str | None, Outcome]] = {}
         for name, dev in netdevs.items():
             kept = keep.get(name)
-            hit = self._memo.get(name)
-            outcome = hit[2] if hit is not None and hit[0] is dev and hit[1] == kept \
-                else self._outcome(dev, kept)
+            outcome = self._remembered(self._memo.get(name), dev, kept)
             memo[name] = (dev, kept, outcome)
             _place(c, name, dev, outcome)
         self._memo = memo
@@ -417,11 +415,17 @@ class Classifier:
             if dev is None:
                 continue
             kept = keep.get(name)
-            outcome = hit[2] if hit is not None and hit[0] is dev and hit[1] == kept \
-                else self._outcome(dev, kept)
+            outcome = self._remembered(hit, dev, kept)
             self._memo[name] = (dev, kept, outcome)
             _place(c, name, dev, outcome)
         return c
+
+    def _remembered(self, hit: tuple[Netdev, str | None, Outcome] | None, dev: Netdev,
+                    kept: str | None) -> Outcome:
+        """``hit``'s outcome if it was worked out for this very Netdev and kept pool."""
+        if hit is not None and hit[0] is dev and hit[1] == kept:
+            return hit[2]
+        return self._outcome(dev, kept)
 
     def _outcome(self, dev: Netdev, kept: str | None) -> Outcome:
         if dev.name in self._virtual:  # both ends of a virtual pool's devices are that pool's
