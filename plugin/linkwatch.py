@@ -110,6 +110,7 @@ class LinkWatch:
                 self.loop.call_soon_threadsafe(self.on_message, msg)
 
     def _stopped(self) -> bool:
+        """Read anew: stop() sets it from the loop's thread while this one works."""
         return self._stopping
 
     def stop(self) -> None:
