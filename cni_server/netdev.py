@@ -1,4 +1,5 @@
-"""Facts about a netdev, read over rtnetlink (pyroute2) in the calling thread's netns.
+"""Netdevs over rtnetlink (pyroute2) in the calling thread's netns: facts, and moves
+between network namespaces.
 
 pyroute2's synchronous API refuses to run inside a running event loop; call
 these from a worker thread (``asyncio.to_thread`` or ``Netns.run_async``).
@@ -6,11 +7,14 @@ these from a worker thread (``asyncio.to_thread`` or ``Netns.run_async``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import errno
+from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_server.rtread import lookup
 
 
 class NetdevMissing(LookupError):
@@ -69,61 +73,97 @@ def get_link(ipr: IPRoute, name: str) -> Any:
         raise
 
 
+class MoveRefused(Exception):
+    """The kernel refused (part of) a move into a pod; ``settings`` are the device's
+    from before, for bring_home."""
+
+    def __init__(self, settings: dict[str, str], why: str) -> None:
+        super().__init__(why)
+        self.settings = settings
+
+
 def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, str]:
     """Move ``name`` into the netns ``target_fd`` refers to, named ``new_name`` there,
-    with ``mtu`` (0: as it is), in one netlink request.  The kernel applies the move
-    first: a refused name or MTU leaves the device moved (the caller checks the name
-    before and brings it home after a failure).  Returns its settings from before
-    (admin state, MTU, MAC), for DEL to give back."""
+    with ``mtu`` (0: as it is), and up, in one netlink request.  The kernel applies
+    the move first: a refused name or MTU leaves the device moved (the caller checks
+    the name before and brings it home after a failure: MoveRefused).  Returns its
+    settings from before (admin state, MTU, MAC), for DEL to give back."""
     with IPRoute() as ipr:
         link = get_link(ipr, name)
-        kw: dict[str, Any] = {"net_ns_fd": target_fd}
+        settings = _settings(link)
+        kw: dict[str, Any] = {"net_ns_fd": target_fd, "state": "up"}
         if new_name != name:
             kw["ifname"] = new_name
         if mtu:
             kw["mtu"] = mtu
-        ipr.link("set", index=int(link["index"]), **kw)
-        return _settings(link)
+        try:
+            ipr.link("set", index=int(link["index"]), **kw)
+        except NetlinkError as e:
+            raise MoveRefused(settings, str(e)) from e
+        return settings
+
+
+class HomeNameTaken(Exception):
+    """The device went home but its own name is taken there: it is on the node under
+    the name it had in the pod (``pod_name``)."""
+
+    def __init__(self, pod_name: str, why: str) -> None:
+        super().__init__(why)
+        self.pod_name = pod_name
 
 
 def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
                ) -> None:
-    """In a pod's netns: take ``ifname`` down, give it back its original name, MTU and
-    MAC (``settings``, from move_into at ADD) and move it to the netns ``home_fd``
-    refers to (the move drops its addresses).  Renamed before the move, so a name
-    taken on the node makes the move fail and leaves it in the pod, not half-moved
-    under the pod's name.  A device found under ``orig`` already (an earlier attempt
-    renamed it) is moved as it is.  Its admin state is given back at home (set_up)."""
+    """In a pod's netns: send ``ifname`` to the netns ``home_fd`` refers to as it was
+    before ADD, in one request: its original name, MTU, MAC and admin state
+    (``settings``, from move_into at ADD).  The kernel moves it first, which takes it
+    down and drops its addresses; renames, sizes and re-addresses it at home; and
+    sets it up last.  A device found under ``orig`` already (an earlier attempt
+    renamed it) is moved as it is.
+
+    A name taken on the node: when both names are taken there the kernel refuses the
+    move and it stays here (NetlinkError); when only ``orig`` is, it is moved and then
+    refused the name, and HomeNameTaken says so (see ``send_back``)."""
     settings = settings or {}
     with IPRoute() as ipr:
-        try:
-            idx = int(get_link(ipr, ifname)["index"])
-        except NetdevMissing:
-            if ifname == orig:
-                raise
-            idx = int(get_link(ipr, orig)["index"])
-        ipr.link("set", index=idx, state="down")  # (a device that is up cannot be renamed)
-        kw: dict[str, Any] = {}
+        idx = _index(ipr, ifname, orig)
+        kw: dict[str, Any] = {"net_ns_fd": home_fd}
         if ifname != orig:
             kw["ifname"] = orig
         if int(settings.get("orig_mtu") or 0):
             kw["mtu"] = int(settings["orig_mtu"])
         if settings.get("orig_mac"):
             kw["address"] = settings["orig_mac"]
-        if kw:
+        if settings.get("orig_up") == "1":
+            kw["state"] = "up"
+        try:
             ipr.link("set", index=idx, **kw)
-        ipr.link("set", index=idx, net_ns_fd=home_fd)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST and ifname != orig and _gone(ipr, idx):
+                raise HomeNameTaken(ifname, f"{orig!r} is taken on the node") from e
+            raise
 
 
-def set_up_info(name: str) -> LinkInfo:
-    """``name`` administratively up, and what it is then: one call, for one hop from
-    the event loop to a worker thread."""
+def _index(ipr: IPRoute, ifname: str, orig: str) -> int:
+    facts = lookup(ipr, ifname)
+    if facts is None and ifname != orig:
+        facts = lookup(ipr, orig)
+    if facts is None:
+        raise NetdevMissing(f"no netdev named {ifname!r} in this network namespace")
+    return facts[1]
+
+
+def _gone(ipr: IPRoute, index: int) -> bool:
+    try:
+        ipr.link("get", index=index)
+    except NetlinkError as e:
+        return bool(e.code == errno.ENODEV)
+    return False
+
+
+def send_back(pod_name: str, pod_fd: int) -> None:
+    """On the node: a device HomeNameTaken left here under its pod's name goes back
+    into the pod (the netns ``pod_fd`` refers to), where its record says it is, so a
+    later DEL finds it.  Down and without addresses: the pod is being deleted."""
     with IPRoute() as ipr:
-        link = get_link(ipr, name)
-        ipr.link("set", index=int(link["index"]), state="up")
-    return replace(_info(link), up=True)
-
-
-def set_up(name: str) -> None:
-    """Administratively up (in the calling thread's netns)."""
-    set_up_info(name)
+        ipr.link("set", index=_index(ipr, pod_name, pod_name), net_ns_fd=pod_fd)

@@ -23,9 +23,10 @@ from bpf import bpffs
 from bpf.errors import BpffsError
 from bpf.program import XdpMode
 from cni_server.allocation import AllocatedDevice, Allocation
-from cni_server.netdev import bring_home, link_info, set_up_info
+from cni_server.netdev import HomeNameTaken, bring_home, link_info, send_back
 from cni_server.netns import Netns, NetnsError
 from cni_server.programs import ProgramTable, RegistryError
+from cni_server.rtread import facts_of
 from cni_server.safedir import UnsafeDirectory, ensure_dir
 from cni_server.server import HandoutServer
 from cni_server.spec import PIN_NAME, AllocationSpec
@@ -164,9 +165,15 @@ class Provisioner:
         name taken on the node, say)."""
         netdev = device.name
         ifname = record.get("ifname") or netdev
+        # Records from before the admin state was recorded: it was up.
+        settings = {**record, "orig_up": record.get("orig_up", "1")}
         try:
             await device.netns.run_async(
-                lambda: bring_home(ifname, netdev, self.netns.fileno(), record))
+                lambda: bring_home(ifname, netdev, self.netns.fileno(), settings))
+        except HomeNameTaken as e:
+            await self._send_back(device, e)
+            raise NotBroughtHome(f"{netdev} is still in the pod's network namespace: "
+                                 f"{e}") from None
         except (NetlinkError, LookupError) as e:
             if await _still_there(device, ifname, netdev):
                 log.warning("event=netdev_not_brought_home netdev=%s in=%s reason=%r", netdev,
@@ -177,10 +184,25 @@ class Provisioner:
             return None
         log.info("event=netdev_brought_home netdev=%s from=%s", netdev, record.get("netns"))
         try:
-            up = record.get("orig_up", "1") == "1"
-            return (await asyncio.to_thread(set_up_info if up else link_info, netdev)).ifindex
-        except (NetlinkError, LookupError):
+            facts = await asyncio.to_thread(facts_of, netdev)
+        except NetlinkError:
             return 0
+        return facts[1] if facts else 0
+
+    @staticmethod
+    async def _send_back(device: AllocatedDevice, taken: HomeNameTaken) -> None:
+        """The device came home but its name is taken here: back into its pod, where
+        its record says it is, for the next DEL."""
+        try:
+            await asyncio.to_thread(send_back, taken.pod_name, device.netns.fileno())
+        except (NetlinkError, LookupError) as e:
+            # Left on the node under its pod's name; the next DEL finds it gone from
+            # the pod and records it home.
+            log.error("event=netdev_not_sent_back netdev=%s name=%s reason=%r", device.name,
+                      taken.pod_name, str(e))
+        else:
+            log.warning("event=netdev_not_brought_home netdev=%s reason=%r", device.name,
+                        str(taken))
 
     @staticmethod
     def pin_for_pod(spec: AllocationSpec, device: AllocatedDevice, *, in_pod: bool) -> None:

@@ -195,13 +195,19 @@ def facts_of(name: str) -> LinkFacts | None:
     worker thread: pyroute2's synchronous API), from one RTM_GETLINK read as an
     event is; None when there is no such link."""
     with IPRoute() as ipr:
-        ipr.marshal.msg_map[RTM_NEWLINK] = LinkEvent
-        try:
-            facts: LinkFacts = ipr.link("get", ifname=name)[0]["facts"]
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return None
-            raise
+        return lookup(ipr, name)
+
+
+def lookup(ipr: IPRoute, name: str) -> LinkFacts | None:
+    """:func:`facts_of` over ``ipr`` (which then reads every RTM_NEWLINK so: for a
+    socket that goes on to change the link, whose replies are acknowledgements)."""
+    ipr.marshal.msg_map[RTM_NEWLINK] = LinkEvent
+    try:
+        facts: LinkFacts = ipr.link("get", ifname=name)[0]["facts"]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
     return facts
 
 

@@ -22,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd
-from cni_server.netdev import bring_home, get_link, link_info, move_into, set_up
+from cni_server.netdev import MoveRefused, bring_home, get_link, link_info, move_into
 from cni_server.netns import Netns
 from cni_server.registry import NotBroughtHome, Registry
 from cni_server.spec import AllocationSpec
@@ -71,12 +71,11 @@ def _link_state(name: str) -> dict[str, Any]:
 
 
 def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
-    """In the pod's netns: up, addresses and routes from the IPAM result; its ifindex
+    """In the pod's netns: addresses and routes from the IPAM result; its ifindex
     and MAC.  One netlink socket for all of it: this is on every pod's start."""
     with IPRoute() as ipr:
-        link = get_link(ipr, name)
+        link = get_link(ipr, name)  # (up already: moved so)
         idx = int(link["index"])
-        ipr.link("set", index=idx, state="up")
         for ip in (ipam or {}).get("ips", []):
             addr, _, plen = str(ip["address"]).partition("/")
             ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
@@ -161,13 +160,14 @@ class CniOperations:
                         # Moved, named and sized in one request.
                         before = await asyncio.to_thread(move_into, netdev, target.fileno(),
                                                          target_name, int(req.get("mtu") or 0))
-                    except (NetlinkError, LookupError) as e:
+                    except (MoveRefused, LookupError) as e:
                         # The kernel may have moved it and then refused the rest.
+                        settings = e.settings if isinstance(e, MoveRefused) else {}
                         with contextlib.suppress(Exception):
                             if not await asyncio.to_thread(_exists, netdev):
                                 await target.run_async(lambda: bring_home(
                                     target_name if _exists(target_name) else netdev, netdev,
-                                    home.fileno()))
+                                    home.fileno(), settings))
                         await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
                                        ) from e
@@ -179,8 +179,6 @@ class CniOperations:
                             await target.run_async(lambda: bring_home(
                                 target_name if _exists(target_name) else netdev, netdev,
                                 home.fileno(), before))
-                            if before.get("orig_up") == "1":
-                                await asyncio.to_thread(set_up, netdev)
                         await self._unplug(spec, netdev)
                         if isinstance(e, CniError):
                             raise
