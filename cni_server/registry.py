@@ -17,6 +17,7 @@ Readers get views: ``allocations`` (read-only mapping), ``spec(id)``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -31,7 +32,7 @@ from cni_server.programs import ProgramTable, RegistryError
 from cni_server.provision import NetdevFactory, NotBroughtHome, Provisioner
 from cni_server.server import HandoutServer
 from cni_server.spec import AllocationSpec
-from cni_server.state import StateFile
+from cni_server.state import StateFile, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Registry:
         self.netns = netns
         self.programs = programs
         self.state = state
+        self._writer = StateWriter(state, self._records) if state is not None else None
         self._provision = Provisioner(server, netns, programs, factory)
         self._allocations: dict[str, Allocation] = {}
         self._specs: dict[str, AllocationSpec] = {}
@@ -134,7 +136,7 @@ class Registry:
             self._specs[spec.id] = spec
             try:
                 if persist:
-                    self.save()
+                    await self.save()
             except BaseException:
                 self._forget(spec.id)
                 raise
@@ -166,7 +168,7 @@ class Registry:
         await self._provision.tear_down(self._specs[allocation_id], detach=detach)
         self._forget(allocation_id)
         if persist:
-            self.save()
+            await self.save()
         log.info("event=allocation_released id=%s netdevs=%s detach=%s", allocation_id,
                  ",".join(spec.netdevs), detach)
         # The netlink events of the release (a detach, a deleted pair) may have been
@@ -174,11 +176,11 @@ class Registry:
         for netdev in spec.netdevs:
             self._changed(netdev)
 
-    def attach(self, allocation_id: str, netdev: str, record: dict[str, str], netns: Netns,
-               ifname: str, ifindex: int) -> None:
+    async def attach(self, allocation_id: str, netdev: str, record: dict[str, str],
+                     netns: Netns, ifname: str, ifindex: int) -> None:
         """CNI ADD moved ``netdev`` into a pod's ``netns`` (where it is ``ifname``,
         ``ifindex``): record it, with ``record`` (what DEL needs to bring it home)."""
-        self._moved(allocation_id, netdev, record, netns, ifname, ifindex)
+        await self._moved(allocation_id, netdev, record, netns, ifname, ifindex)
 
     async def bring_home(self, allocation_id: str, netdev: str) -> None:
         """A netdev in a pod's netns comes home (CNI DEL, or a release whose DEL never
@@ -190,9 +192,9 @@ class Registry:
         device = self._allocations[allocation_id].netdevs[netdev]
         record = self._specs[allocation_id].attached.get(netdev, {})
         ifindex = await self._provision.move_home(device, record)
-        self._moved(allocation_id, netdev, None, None, netdev, ifindex or 0)
+        await self._moved(allocation_id, netdev, None, None, netdev, ifindex or 0)
 
-    def _moved(self, allocation_id: str, netdev: str, record: dict[str, str] | None,
+    async def _moved(self, allocation_id: str, netdev: str, record: dict[str, str] | None,
                netns: Netns | None, ifname: str, ifindex: int) -> None:
         """Record where ``netdev`` is now: a pod's netns (``record``) or home (None)."""
         allocation = self._allocations[allocation_id]
@@ -215,7 +217,7 @@ class Registry:
         if record is not None:
             attached[netdev] = dict(record)
         self._specs[allocation_id] = replace(spec, attached=attached)
-        self.save()
+        await self.save()
         self._changed(netdev)
 
     async def repair(self, netdev: str) -> str:
@@ -232,14 +234,15 @@ class Registry:
                  result)
         return result
 
-    def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
+    async def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]
+                        ) -> None:
         """Record the pod an allocation belongs to (and the hostname it may /connect with)."""
         allocation = self._allocations[allocation_id]
         allocation.owner = owner
         allocation.hostnames_allowed = hostnames
         self._specs[allocation_id] = replace(self._specs[allocation_id], owner=owner,
                                              hostnames=hostnames)
-        self.save()
+        await self.save()
 
     async def restore(self, check: Callable[[AllocationSpec], AllocationSpec] | None = None
                       ) -> tuple[list[str], list[str]]:
@@ -275,7 +278,7 @@ class Registry:
                 dropped.append(spec.id)
         if refused:
             self.state.set_aside(refused, "refused")
-        self.save()
+        await self.save()
         return restored, dropped
 
     async def shutdown(self, *, release: bool) -> None:
@@ -291,10 +294,17 @@ class Registry:
                 program = self.programs.get(netdev)
                 if program is not None:
                     program.close()
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
 
-    def save(self) -> None:
-        if self.state is not None:
-            self.state.save([s.to_json() for s in self._specs.values()])
+    async def save(self) -> None:
+        """The state file as the allocations are now (StateError if it cannot be
+        written), without holding up the event loop meanwhile."""
+        if self._writer is not None:
+            await self._writer.save()
+
+    def _records(self) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self._specs.values()]
 
     # -- helpers ----------------------------------------------------------------
 

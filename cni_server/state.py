@@ -5,6 +5,10 @@ over the old file, and the directory is fsynced: a crash or a full disk leaves
 either the old state or the new one, never a mix.  A file that cannot be read
 is set aside (``state.json.corrupt-<time>``) so that the daemon can start.
 
+The daemon writes through a :class:`StateWriter`: off its event loop, since an
+fsync may take milliseconds (or, on a node pulling images, far longer) and the
+loop serves every pod's handshakes meanwhile.
+
 The document carries its schema ``version``.  One an older release wrote is
 brought up to date, one step at a time, by ``MIGRATIONS``; one a newer release
 wrote (a downgrade) stops the daemon with StateTooNew and is left untouched: this
@@ -13,12 +17,14 @@ release would drop what it does not understand.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +128,37 @@ class StateFile:
                 tmp.unlink()
             raise StateError(f"cannot write state {self.path}: {e.strerror or e} "
                              "(the previous state is intact)") from e
+
+
+class StateWriter:
+    """Saves for an event loop: the file is written in a thread of its own, one
+    write at a time, so the loop goes on serving meanwhile.
+
+    ``save()`` returns once the state as it was when it was called is on disk, or
+    raises StateError.  Saves asked for while a write is under way are served by
+    one write after it, of the newest state (it carries all of their changes)."""
+
+    def __init__(self, state: StateFile, records: Callable[[], list[dict[str, Any]]]) -> None:
+        self.state = state
+        self._records = records
+        self._asked = self._written = 0
+        self._lock = asyncio.Lock()
+        # One worker: writes never overlap, and go to disk in the order they were
+        # taken, even when a waiter is cancelled while its write goes on.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+
+    async def save(self) -> None:
+        self._asked += 1
+        mine = self._asked
+        async with self._lock:
+            if self._written >= mine:
+                return  # a write since our call carried our change
+            taken = self._asked
+            records = self._records()
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                self._executor, self.state.save, records))
+            self._written = taken
+
+    def close(self) -> None:
+        """Wait for a write under way; no more after it."""
+        self._executor.shutdown(wait=True)

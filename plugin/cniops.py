@@ -187,8 +187,8 @@ class CniOperations:
                     record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
                               "cni_ifname": cni_ifname, "container_id": cid,
                               "network": str(req.get("network") or ""), **before}
-                    self.registry.attach(alloc_id, netdev, record, target, target_name,
-                                         int(state["ifindex"]))
+                    await self.registry.attach(alloc_id, netdev, record, target, target_name,
+                                               int(state["ifindex"]))
                     handed_over = True
             finally:
                 try:

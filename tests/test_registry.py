@@ -88,7 +88,7 @@ def test_an_unavailable_device_is_refused_until_it_is_recorded_where_it_is(
         with pytest.raises(HandshakeError, match="/fd_nak"):
             await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")
         info = await asyncio.to_thread(link_info, "va")
-        reg._moved("a1", "va", None, None, "va", info.ifindex)  # as CNI DEL records it
+        await reg._moved("a1", "va", None, None, "va", info.ifindex)  # as CNI DEL records it
         assert moved == ["va"] and a.netdevs["va"].unavailable == ""
         (await asyncio.to_thread(fetch_map_fd, a.socket_paths[0], "va")).close()
         await reg.release("a1")  # and a release has health judged again too
@@ -171,7 +171,7 @@ def test_state_survives_a_restart_and_restore_reuses_paths_programs_and_maps(
 
     async def first(reg: Registry) -> tuple[int, int]:
         a = await reg.create(spec(base, "va", queues=1, pool="fast"))
-        reg.set_owner("a1", "ns1/pod-a/c0", frozenset({"pod-a"}))
+        await reg.set_owner("a1", "ns1/pod-a/c0", frozenset({"pod-a"}))
         return a.netdevs["va"].program.program.prog_id, a.netdevs["va"].program.program.map_id
 
     prog_id, map_id = run_in(netns, first, state, release=False)  # a daemon stop, not a release

@@ -115,7 +115,7 @@ def test_readers_get_views_not_the_store(tmp_path: Path) -> None:
             reg.allocations["x"] = reg.allocations["a1"]  # type: ignore[index]
         pod = Netns.current()  # stands for the pod's namespace
         record = {"netns": "/run/netns/pod", "ifname": "net1", "container_id": "c1"}
-        reg.attach("a1", "va", record, pod, "net1", 7)
+        await reg.attach("a1", "va", record, pod, "net1", 7)
         record["container_id"] = "changed by the caller afterwards"
         got = reg.attachment("va")
         assert got == {"netns": "/run/netns/pod", "ifname": "net1", "container_id": "c1"}

@@ -1,15 +1,18 @@
-"""The persisted state file: versions, migrations, and what is never lost (no kernel)."""
+"""The persisted state file: versions, migrations, what is never lost, and writing it
+off the event loop (no kernel)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni_server import state as state_mod
-from cni_server.state import VERSION, StateFile, StateTooNew
+from cni_server.state import VERSION, StateError, StateFile, StateTooNew, StateWriter
 
 RECORD = {"id": "pool1-abc", "netdevs": ["p0"], "hostnames": [], "socket_base": "/x"}
 
@@ -66,3 +69,116 @@ def test_a_state_without_a_known_version_is_set_aside_and_the_daemon_starts_empt
     assert StateFile(path).load() == []
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("state.json.corrupt-")]
     assert aside.read_text() == text  # kept for the operator
+
+
+# -- writing off the event loop ---------------------------------------------------------
+
+
+class GatedFile(StateFile):
+    """A state file whose writes wait for ``gate`` and are counted (as overlapping too)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.writes: list[list[dict[str, Any]]] = []
+        self.fail_next = False
+        self._busy = 0
+        self.overlapped = False
+
+    def save(self, records: list[dict[str, Any]]) -> None:
+        self._busy += 1
+        self.overlapped |= self._busy > 1
+        self.started.release()
+        try:
+            self.gate.wait(10)
+            if self.fail_next:
+                self.fail_next = False
+                raise StateError("disk full (test)")
+            super().save(records)
+            self.writes.append(records)
+        finally:
+            self._busy -= 1
+
+
+async def _started(file: GatedFile) -> None:
+    assert await asyncio.to_thread(file.started.acquire, True, 10), "no write started"
+
+
+def test_the_loop_goes_on_while_the_state_is_written(tmp_path: Path) -> None:
+    file = GatedFile(tmp_path / "state.json")
+    writer = StateWriter(file, lambda: [RECORD])
+
+    async def body() -> None:
+        saving = asyncio.ensure_future(writer.save())
+        await _started(file)
+        ticks = 0
+        for _ in range(20):  # the loop runs while the write waits
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 20 and not saving.done()
+        file.gate.set()
+        await saving
+    asyncio.run(body())
+    writer.close()
+    assert json.loads((tmp_path / "state.json").read_text())["allocations"] == [RECORD]
+
+
+def test_saves_asked_during_a_write_share_one_write_of_the_newest_state(tmp_path: Path) -> None:
+    file = GatedFile(tmp_path / "state.json")
+    state = [{"id": "one"}]
+    writer = StateWriter(file, lambda: list(state))
+
+    async def body() -> None:
+        first = asyncio.ensure_future(writer.save())
+        await _started(file)
+        state.append({"id": "two"})
+        second = asyncio.ensure_future(writer.save())
+        state.append({"id": "three"})
+        third = asyncio.ensure_future(writer.save())
+        await asyncio.sleep(0.05)
+        assert not (first.done() or second.done() or third.done())
+        file.gate.set()
+        await asyncio.gather(first, second, third)
+    asyncio.run(body())
+    writer.close()
+    assert file.writes == [[{"id": "one"}], [{"id": "one"}, {"id": "two"}, {"id": "three"}]]
+    assert not file.overlapped
+
+
+def test_a_failed_write_is_the_callers_error_and_the_next_save_writes_again(
+        tmp_path: Path) -> None:
+    file = GatedFile(tmp_path / "state.json")
+    file.gate.set()
+    file.fail_next = True
+    writer = StateWriter(file, lambda: [RECORD])
+
+    async def body() -> None:
+        with pytest.raises(StateError, match="disk full"):
+            await writer.save()
+        await writer.save()
+    asyncio.run(body())
+    writer.close()
+    assert file.writes == [[RECORD]]
+
+
+def test_a_cancelled_save_still_finishes_its_write_before_the_next_one(tmp_path: Path) -> None:
+    file = GatedFile(tmp_path / "state.json")
+    state = [{"id": "one"}]
+    writer = StateWriter(file, lambda: list(state))
+
+    async def body() -> None:
+        first = asyncio.ensure_future(writer.save())
+        await _started(file)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        state.append({"id": "two"})
+        second = asyncio.ensure_future(writer.save())
+        await asyncio.sleep(0.05)
+        file.gate.set()
+        await second
+    asyncio.run(body())
+    writer.close()
+    assert file.writes == [[{"id": "one"}], [{"id": "one"}, {"id": "two"}]]
+    assert not file.overlapped
