@@ -121,8 +121,13 @@ def claim(netdev: str, netns_inode: int, holder: dict[str, Any]) -> NetdevClaim:
     finally:
         os.close(locks)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
+        # Written, then cut to its length (a dead holder's may have been longer); not
+        # emptied first: ext4 writes a file emptied and written again out to disk when
+        # it is closed, which on a busy disk held the event loop for tens of ms at
+        # each release (when /run is not a tmpfs).
+        data = json.dumps(holder).encode() + b"\n"
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     except BaseException:
         os.close(fd)
         raise
