@@ -40,7 +40,13 @@ def main() -> None:
                     "plugin with afxdp install-cni")
     sys.path.insert(0, lib)
     plugin = __import__(MODULE)
-    sys.exit(plugin.main())
+    code = plugin.main()
+    # Out without the interpreter's teardown (freeing every module: 1.5-3 ms of
+    # each ADD and DEL).  The plugin has closed its sockets and waited for its
+    # children, and its log lines are flushed as written; stdout is flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
