@@ -105,13 +105,24 @@ async def _started(file: GatedFile) -> None:
     assert await asyncio.to_thread(file.started.acquire, True, 10), "no write started"
 
 
-def test_the_loop_goes_on_while_the_state_is_written(tmp_path: Path) -> None:
+def _writer(tmp_path: Path) -> tuple[GatedFile, list[dict[str, str]], StateWriter]:
+    """A gated file, the state (a list to change), and a writer of it."""
     file = GatedFile(tmp_path / "state.json")
-    writer = StateWriter(file, lambda: [RECORD])
+    state = [{"id": "one"}]
+    return file, state, StateWriter(file, lambda: list(state))
+
+
+async def _first_write_under_way(writer: StateWriter, file: GatedFile) -> asyncio.Future[None]:
+    saving = asyncio.ensure_future(writer.save())
+    await _started(file)
+    return saving
+
+
+def test_the_loop_goes_on_while_the_state_is_written(tmp_path: Path) -> None:
+    file, _state, writer = _writer(tmp_path)
 
     async def body() -> None:
-        saving = asyncio.ensure_future(writer.save())
-        await _started(file)
+        saving = await _first_write_under_way(writer, file)
         ticks = 0
         for _ in range(20):  # the loop runs while the write waits
             await asyncio.sleep(0)
@@ -121,17 +132,14 @@ def test_the_loop_goes_on_while_the_state_is_written(tmp_path: Path) -> None:
         await saving
     asyncio.run(body())
     writer.close()
-    assert json.loads((tmp_path / "state.json").read_text())["allocations"] == [RECORD]
+    assert json.loads((tmp_path / "state.json").read_text())["allocations"] == [{"id": "one"}]
 
 
 def test_saves_asked_during_a_write_share_one_write_of_the_newest_state(tmp_path: Path) -> None:
-    file = GatedFile(tmp_path / "state.json")
-    state = [{"id": "one"}]
-    writer = StateWriter(file, lambda: list(state))
+    file, state, writer = _writer(tmp_path)
 
     async def body() -> None:
-        first = asyncio.ensure_future(writer.save())
-        await _started(file)
+        first = await _first_write_under_way(writer, file)
         state.append({"id": "two"})
         second = asyncio.ensure_future(writer.save())
         state.append({"id": "three"})
@@ -163,13 +171,10 @@ def test_a_failed_write_is_the_callers_error_and_the_next_save_writes_again(
 
 
 def test_a_cancelled_save_still_finishes_its_write_before_the_next_one(tmp_path: Path) -> None:
-    file = GatedFile(tmp_path / "state.json")
-    state = [{"id": "one"}]
-    writer = StateWriter(file, lambda: list(state))
+    file, state, writer = _writer(tmp_path)
 
     async def body() -> None:
-        first = asyncio.ensure_future(writer.save())
-        await _started(file)
+        first = await _first_write_under_way(writer, file)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
