@@ -12,14 +12,24 @@ text).  So no value may forge a field or a line:
   with :func:`esc` and :func:`esc_token`;
 - as a last guard, any control character left in a finished key=value line is
   escaped, so one record is always one line.  JSON output is escaped by JSON.
+
+Lines go to stderr through :class:`LogOutput`.  Under Kubernetes that is a pipe
+the container runtime reads and writes to disk; when the runtime falls behind
+(a busy disk), a plain write would hold up the daemon's event loop, and with it
+every pod's handshakes, until the pipe has room again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import re
-import sys
+import select
+import stat
+import threading
 import time
 from typing import Any
 from urllib.parse import quote
@@ -99,6 +109,137 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class LogOutput:
+    """Log lines for one fd (stderr), in order, none dropped.
+
+    Written at once while the reader keeps up.  Once :meth:`attach` has given it
+    an event loop, and when the fd is a pipe: what the pipe has no room for waits
+    in memory, the caller goes on, and the loop writes it when the pipe has room.
+    Past ``limit`` bytes waiting, a write waits for the reader, as a plain one
+    would.  The loop's writes go through a non-blocking open file description of
+    its own (``/proc/self/fd``): the fd's own stays blocking for anyone else."""
+
+    def __init__(self, fd: int, limit: int = 8 << 20) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._nonblocking = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = bytearray()
+        self._lock = threading.Lock()  # loggers in any thread; the loop's writes
+
+    @property
+    def waiting(self) -> int:
+        """Bytes written by loggers that the pipe has not taken yet."""
+        return len(self._waiting)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """From now on, never block on a full pipe (called on ``loop``).  False: not
+        a pipe (a file, a terminal, a socket), written as before."""
+        try:
+            if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+                return False
+            nonblocking = os.open(f"/proc/self/fd/{self.fd}",
+                                  os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        with self._lock:
+            self._nonblocking, self._loop = nonblocking, loop
+        return True
+
+    def detach(self) -> None:
+        """Blocking writes again, after what waits (called on the loop, or once it
+        is gone)."""
+        with self._lock:
+            fd, loop = self._nonblocking, self._loop
+            self._nonblocking, self._loop = -1, None
+            self._write_waiting()
+        if fd >= 0:
+            if loop is not None and not loop.is_closed():
+                loop.remove_writer(fd)
+            os.close(fd)
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._nonblocking < 0:
+                self._write_all(data)
+            elif self._waiting:  # after what waits: one order
+                self._waiting += data
+                if len(self._waiting) > self.limit:
+                    self._write_waiting()
+            else:
+                try:
+                    done = os.write(self._nonblocking, data)
+                except BlockingIOError:
+                    done = 0
+                if done < len(data):
+                    self._waiting += data[done:]
+                    assert self._loop is not None
+                    try:
+                        self._loop.call_soon_threadsafe(self._watch)
+                    except RuntimeError:  # the loop has ended: at the reader's pace
+                        self._write_waiting()
+
+    def _watch(self) -> None:
+        with self._lock:
+            if self._waiting and self._loop is not None:
+                self._loop.add_writer(self._nonblocking, self._writable)
+
+    def _writable(self) -> None:
+        with self._lock:
+            try:
+                done = os.write(self._nonblocking, self._waiting) if self._waiting else 0
+            except BlockingIOError:
+                return
+            except OSError:  # the reader is gone: nothing more can be written
+                done = len(self._waiting)
+            del self._waiting[:done]
+            if not self._waiting and self._loop is not None:
+                self._loop.remove_writer(self._nonblocking)
+
+    def _write_waiting(self) -> None:
+        """(Under the lock) what waits, through the blocking fd: the reader's pace."""
+        data, self._waiting = bytes(self._waiting), bytearray()
+        self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:  # someone else made the fd non-blocking
+                select.select([], [self.fd], [])
+            except OSError:
+                return  # no reader: as with a plain stream, the lines are lost
+
+
+class LineHandler(logging.Handler):
+    """A logging handler: one formatted line per record into a :class:`LogOutput`."""
+
+    def __init__(self, output: LogOutput) -> None:
+        super().__init__()
+        self.output = output
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.output.write((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
+
+_output = LogOutput(2)
+
+
+def follow_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Log lines stop holding up ``loop`` on a full stderr pipe (see LogOutput)."""
+    _output.attach(loop)
+
+
+def unfollow_loop() -> None:
+    """Blocking log writes again (the loop is about to end)."""
+    with contextlib.suppress(OSError):
+        _output.detach()
+
+
 def setup(level: str = "info", fmt: str = "kv") -> None:
     # The daemon logs a line per handshake; skip what we never print (see the
     # "Optimization" section of the logging docs): caller lookup, thread and
@@ -107,7 +248,7 @@ def setup(level: str = "info", fmt: str = "kv") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(_output)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

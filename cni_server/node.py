@@ -26,6 +26,7 @@ import socket
 import time
 from typing import Any, Protocol
 
+from cni_server import logs
 from cni_server.config import NodeSettings
 from cni_server.control import ControlServer
 from cni_server.health import HealthServer
@@ -94,6 +95,7 @@ class NodeDaemon:
     async def start(self) -> None:
         s = self.settings
         raise_fd_limit(s.max_connections + self.front.fd_headroom)
+        logs.follow_loop(asyncio.get_running_loop())
         self.netns = Netns.current()
         self.claims = Claims(self.netns.inode, {
             "pid": os.getpid(), "mode": self.front.mode, **self.front.claim_facts(),
@@ -151,6 +153,7 @@ class NodeDaemon:
         if self.netns is not None:
             self.netns.close()
             self.netns = None
+        logs.unfollow_loop()
 
     # -- what it reports -------------------------------------------------------
 
