@@ -5,7 +5,6 @@ kernel beyond a pipe)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -43,19 +42,35 @@ class Reader(threading.Thread):
                 time.sleep(0.005)
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    try:
-        yield r, w
-    finally:
-        for fd in (r, w):
-            with contextlib.suppress(OSError):
+class Pipe:
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def read_to_the_end(self, reader: Reader) -> bytes:
+        """Close the write end and let ``reader`` read to the end: what it read."""
+        os.close(self.w)
+        self.w = -1
+        reader.join(10)
+        assert not reader.is_alive(), "the reader saw no end (a write end still open?)"
+        return bytes(reader.data)
+
+    def close(self) -> None:
+        for fd in (self.w, self.r):
+            if fd >= 0:
                 os.close(fd)
 
 
-def test_a_reader_that_falls_behind_does_not_hold_up_the_loop(pipe: tuple[int, int]) -> None:
-    r, w = pipe
+@pytest.fixture
+def pipe() -> Iterator[Pipe]:
+    p = Pipe()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_a_reader_that_falls_behind_does_not_hold_up_the_loop(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     out = LogOutput(w)
     reader = Reader(r)
     reader.start()
@@ -75,14 +90,12 @@ def test_a_reader_that_falls_behind_does_not_hold_up_the_loop(pipe: tuple[int, i
 
     took = asyncio.run(body())
     assert took < 2.0, f"writing held up the loop for {took:.1f} s"
-    os.close(w)
-    reader.join(5)
-    assert bytes(reader.data) == b"".join(line(i) for i in range(n))
+    assert pipe.read_to_the_end(reader) == b"".join(line(i) for i in range(n))
 
 
 def test_lines_from_other_threads_keep_their_order_while_lines_wait(
-        pipe: tuple[int, int]) -> None:
-    r, w = pipe
+        pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     out = LogOutput(w)
     reader = Reader(r, slow=True)
     reader.start()
@@ -100,13 +113,13 @@ def test_lines_from_other_threads_keep_their_order_while_lines_wait(
         return most
 
     assert asyncio.run(body()) > 0  # (lines did wait)
-    assert bytes(reader.data) == b"".join(line(i) for i in range(3000))
+    assert pipe.read_to_the_end(reader) == b"".join(line(i) for i in range(3000))
 
 
-def test_past_the_limit_a_write_waits_for_the_reader(pipe: tuple[int, int]) -> None:
+def test_past_the_limit_a_write_waits_for_the_reader(pipe: Pipe) -> None:
     """Memory stays bounded: with 100 KB waiting, the next write waits (as a plain
     write on a full pipe would), and still nothing is lost."""
-    r, w = pipe
+    r, w = pipe.r, pipe.w
     out = LogOutput(w, limit=100_000)
     reader = Reader(r, timeout=0.5)
     reader.start()
@@ -122,13 +135,11 @@ def test_past_the_limit_a_write_waits_for_the_reader(pipe: tuple[int, int]) -> N
 
     took = asyncio.run(body())
     assert took >= 0.4  # waited for the reader
-    os.close(w)
-    reader.join(5)
-    assert bytes(reader.data) == b"".join(line(i) for i in range(2000))
+    assert pipe.read_to_the_end(reader) == b"".join(line(i) for i in range(2000))
 
 
-def test_detaching_writes_what_waits_first(pipe: tuple[int, int]) -> None:
-    r, w = pipe
+def test_detaching_writes_what_waits_first(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     out = LogOutput(w)
     reader = Reader(r, timeout=0.2)
     reader.start()
@@ -141,9 +152,7 @@ def test_detaching_writes_what_waits_first(pipe: tuple[int, int]) -> None:
         out.write(line(1000))  # blocking, after all of them
 
     asyncio.run(body())
-    os.close(w)
-    reader.join(5)
-    assert bytes(reader.data) == b"".join(line(i) for i in range(1001))
+    assert pipe.read_to_the_end(reader) == b"".join(line(i) for i in range(1001))
 
 
 def test_a_file_is_written_as_before(tmp_path: Path) -> None:
