@@ -142,6 +142,7 @@ class StateWriter:
         self.state = state
         self._records = records
         self._asked = self._written = 0
+        self._closed = False
         self._lock = asyncio.Lock()
         # One worker: writes never overlap, and go to disk in the order they were
         # taken, even when a waiter is cancelled while its write goes on.
@@ -155,10 +156,18 @@ class StateWriter:
                 return  # a write since our call carried our change
             taken = self._asked
             records = self._records()
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
-                self._executor, self.state.save, records))
+            try:
+                if self._closed:
+                    raise RuntimeError("closed")
+                writing = asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.state.save, records)
+            except RuntimeError:  # closed (here, or by close() in its thread meanwhile)
+                raise StateError(f"cannot write state {self.state.path}: the daemon is "
+                                 "stopping") from None
+            await asyncio.shield(writing)
             self._written = taken
 
     def close(self) -> None:
         """Wait for a write under way; no more after it."""
+        self._closed = True
         self._executor.shutdown(wait=True)

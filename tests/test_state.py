@@ -187,3 +187,12 @@ def test_a_cancelled_save_still_finishes_its_write_before_the_next_one(tmp_path:
     writer.close()
     assert file.writes == [[{"id": "one"}], [{"id": "one"}, {"id": "two"}]]
     assert not file.overlapped
+
+
+def test_a_save_after_the_writer_closed_is_a_state_error(tmp_path: Path) -> None:
+    file, _state, writer = _writer(tmp_path)
+    file.gate.set()
+    writer.close()
+    with pytest.raises(StateError, match="the daemon is stopping"):
+        asyncio.run(writer.save())
+    assert file.writes == []
