@@ -234,6 +234,11 @@ def follow_loop(loop: asyncio.AbstractEventLoop) -> None:
     _output.attach(loop)
 
 
+def waiting_bytes() -> int:
+    """Log bytes waiting for room in the stderr pipe (a metric)."""
+    return _output.waiting
+
+
 def unfollow_loop() -> None:
     """Blocking log writes again (the loop is about to end)."""
     with contextlib.suppress(OSError):

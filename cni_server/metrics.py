@@ -113,6 +113,9 @@ class Metrics:
                                    ["operation", "result"], registry=r)
         self.cni_ops = Counter("afxdp_cni_operations", "CNI requests by command and result",
                                ["command", "result"], registry=r)
+        self.log_waiting = Gauge("afxdp_log_bytes_waiting", "Log bytes the stderr pipe has "
+                                 "not taken yet: its reader (the container runtime) is "
+                                 "behind", registry=r)
         self.netlink_events_lost = Counter("afxdp_netlink_events_lost", "Times the kernel "
                                            "dropped the netlink events the device inventory "
                                            "follows (each followed by a rescan)", registry=r)

@@ -96,6 +96,7 @@ class NodeDaemon:
         s = self.settings
         raise_fd_limit(s.max_connections + self.front.fd_headroom)
         logs.follow_loop(asyncio.get_running_loop())
+        self.server.metrics.track(self.server.metrics.log_waiting, logs.waiting_bytes)
         self.netns = Netns.current()
         self.claims = Claims(self.netns.inode, {
             "pid": os.getpid(), "mode": self.front.mode, **self.front.claim_facts(),

@@ -374,6 +374,7 @@ def test_metrics_healthz_and_readyz(netns: NsFixture, workdir: Path, start_daemo
                  'afxdp_fds_handed_out_total{kind="xsk_map"} 1.0',
                  'afxdp_program_operations_total{operation="attach",result="ok"} 1.0',
                  'afxdp_allocations 1.0',
+                 'afxdp_log_bytes_waiting 0.0',  # (a file: written at once)
                  'afxdp_replies_total{reason="before connect",reply="/nak",request="/version"} 1.0',
                  "afxdp_handshake_duration_seconds_count 2.0"):
         assert line in body, line

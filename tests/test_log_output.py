@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cni_server import logs
 from cni_server.logs import KeyValueFormatter, LineHandler, LogOutput
+from cni_server.metrics import Metrics
 
 LINE = 200  # bytes a line, about a handshake's
 
@@ -153,6 +155,38 @@ def test_detaching_writes_what_waits_first(pipe: Pipe) -> None:
 
     asyncio.run(body())
     assert pipe.read_to_the_end(reader) == b"".join(line(i) for i in range(1001))
+
+
+def test_the_bytes_waiting_are_a_metric(pipe: Pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = LogOutput(pipe.w)
+    monkeypatch.setattr(logs, "_output", out)
+    metrics = Metrics()
+    metrics.track(metrics.log_waiting, logs.waiting_bytes)
+    reader = Reader(pipe.r)
+    reader.start()
+
+    async def body() -> tuple[float, int, float]:
+        assert out.attach(asyncio.get_running_loop())
+        for i in range(1000):  # 200 KB, three pipes' worth
+            out.write(line(i))
+        stalled, waiting = gauge(metrics.exposition(), "afxdp_log_bytes_waiting"), out.waiting
+        reader.go.set()
+        while len(reader.data) < 1000 * LINE:
+            await asyncio.sleep(0.01)
+        drained = gauge(metrics.exposition(), "afxdp_log_bytes_waiting")
+        out.detach()
+        return stalled, waiting, drained
+
+    stalled, waiting, drained = asyncio.run(body())
+    assert stalled == waiting > 100_000  # all but what the pipe took
+    assert drained == 0
+    pipe.read_to_the_end(reader)
+
+
+def gauge(exposition: bytes, name: str) -> float:
+    [value] = [float(ln.split()[1]) for ln in exposition.decode().splitlines()
+               if ln.startswith(name + " ")]
+    return value
 
 
 def test_a_file_is_written_as_before(tmp_path: Path) -> None:
