@@ -160,7 +160,7 @@ class CniOperations:
                         # Moved, named and sized in one request.
                         before = await asyncio.to_thread(move_into, netdev, target.fileno(),
                                                          target_name, int(req.get("mtu") or 0))
-                    except (MoveRefused, LookupError) as e:
+                    except (MoveRefused, NetlinkError, LookupError) as e:
                         # The kernel may have moved it and then refused the rest.
                         settings = e.settings if isinstance(e, MoveRefused) else {}
                         with contextlib.suppress(Exception):
