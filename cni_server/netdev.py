@@ -103,6 +103,11 @@ def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, s
         return settings
 
 
+class NotTheDevice(LookupError):
+    """The netdev under the recorded name is not the one ADD moved (another ifindex):
+    left where it is, so that a pod cannot have a link of its own sent to the node."""
+
+
 class HomeNameTaken(Exception):
     """The device went home but its own name is taken there: it is on the node under
     the name it had in the pod (``pod_name``)."""
@@ -112,8 +117,8 @@ class HomeNameTaken(Exception):
         self.pod_name = pod_name
 
 
-def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None
-               ) -> None:
+def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | None = None,
+               ifindex: int = 0) -> None:
     """In a pod's netns: send ``ifname`` to the netns ``home_fd`` refers to as it was
     before ADD, in one request: its original name, MTU, MAC and admin state
     (``settings``, from move_into at ADD).  The kernel moves it first, which takes it
@@ -121,12 +126,20 @@ def bring_home(ifname: str, orig: str, home_fd: int, settings: dict[str, str] | 
     sets it up last.  A device found under ``orig`` already (an earlier attempt
     renamed it) is moved as it is.
 
+    ``ifindex``: the device's in the pod, when known.  A pod that may change its own
+    links (NET_ADMIN) could rename ours and give one of its own our name; that one
+    is not moved (NotTheDevice): the node would get a link whose other end the pod
+    holds, up.
+
     A name taken on the node: when both names are taken there the kernel refuses the
     move and it stays here (NetlinkError); when only ``orig`` is, it is moved and then
     refused the name, and HomeNameTaken says so (see ``send_back``)."""
     settings = settings or {}
     with IPRoute() as ipr:
         idx = _index(ipr, ifname, orig)
+        if ifindex and idx != ifindex:
+            raise NotTheDevice(f"{ifname!r} in the pod's network namespace is not the "
+                               f"device ADD moved there (ifindex {idx}, not {ifindex})")
         kw: dict[str, Any] = {"net_ns_fd": home_fd}
         if ifname != orig:
             kw["ifname"] = orig

@@ -167,9 +167,10 @@ class Provisioner:
         ifname = record.get("ifname") or netdev
         # Records from before the admin state was recorded: it was up.
         settings = {**record, "orig_up": record.get("orig_up", "1")}
+        in_pod = device.program.ifindex  # (recorded at ADD, found again at a restart)
         try:
             await device.netns.run_async(
-                lambda: bring_home(ifname, netdev, self.netns.fileno(), settings))
+                lambda: bring_home(ifname, netdev, self.netns.fileno(), settings, in_pod))
         except HomeNameTaken as e:
             await self._send_back(device, e)
             raise NotBroughtHome(f"{netdev} is still in the pod's network namespace: "

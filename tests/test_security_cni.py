@@ -53,6 +53,29 @@ def test_a_pod_that_may_not_have_the_device_learns_nothing_about_its_netns(
     assert "p0" in env.links(env.k8s.ns)
 
 
+def test_a_pod_cannot_have_a_link_of_its_own_sent_to_the_node_by_del(
+        env: Env) -> None:  # noqa: F811
+    """A pod that may change its links (NET_ADMIN) renames our device and gives a
+    veth of its own our name.  DEL must not move that veth to the node (where it
+    would come up with its other end in the pod): it is left alone, and so is ours,
+    still recorded in the pod for the next DEL."""
+    env.admit(["p0"])
+    assert env.add().code == 0
+    pod = env.pod.name
+    run_ip = ["ip", "-n", pod, "link"]
+    subprocess.run([*run_ip, "set", "net1", "name", "ours0"], check=True)
+    subprocess.run([*run_ip, "add", "net1", "type", "veth", "peer", "name", "evil1"], check=True)
+    res = env.cni("DEL", env.conf, netns=str(env.pod.path))
+    assert res.code == 0 and "event=del_daemon_skipped code=105" in res.stderr, res.stderr
+    assert {"net1", "evil1", "ours0"} <= env.links(env.pod)
+    assert not {"net1", "p0"} & env.links(env.k8s.ns)
+    # The pod puts things back: the next DEL brings ours home.
+    subprocess.run([*run_ip, "del", "net1"], check=True)
+    subprocess.run([*run_ip, "set", "ours0", "name", "net1"], check=True)
+    assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.k8s.ns) and not {"net1", "ours0"} & env.links(env.pod)
+
+
 def test_a_config_device_id_may_not_contradict_the_runtimes(env: Env) -> None:  # noqa: F811
     """The runtime passes the device plugin's choice as a capability arg (Multus'
     ``deviceID``), which reaches a plugin that declares it as runtimeConfig."""
