@@ -195,7 +195,7 @@ class Registry:
         await self._moved(allocation_id, netdev, None, None, netdev, ifindex or 0)
 
     async def _moved(self, allocation_id: str, netdev: str, record: dict[str, str] | None,
-               netns: Netns | None, ifname: str, ifindex: int) -> None:
+                     netns: Netns | None, ifname: str, ifindex: int) -> None:
         """Record where ``netdev`` is now: a pod's netns (``record``) or home (None)."""
         allocation = self._allocations[allocation_id]
         device = allocation.netdevs[netdev]
