@@ -135,6 +135,7 @@ class LogOutput:
     def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
         """From now on, never block on a full pipe (called on ``loop``).  False: not
         a pipe (a file, a terminal, a socket), written as before."""
+        self.detach()  # a loop before this one (a daemon started again in one process)
         try:
             if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
                 return False

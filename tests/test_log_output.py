@@ -189,6 +189,23 @@ def gauge(exposition: bytes, name: str) -> float:
     return value
 
 
+def test_attaching_again_keeps_one_descriptor_of_its_own(pipe: Pipe) -> None:
+    out = LogOutput(pipe.w)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def body() -> None:
+        assert out.attach(asyncio.get_running_loop())
+
+    asyncio.run(body())
+    before = fds()
+    asyncio.run(body())  # a second loop: the first one's descriptor is closed
+    assert fds() == before
+    out.detach()
+    assert fds() == before - 1
+
+
 def test_a_file_is_written_as_before(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
