@@ -161,11 +161,14 @@ class Daemon:
 
     def __init__(self, ns: NsFixture, workdir: Path, *args: str, wait: bool = True,
                  mode: str = "serve", control: Path | None = None,
-                 wrap: tuple[str, ...] = (), program: tuple[str, ...] | None = None) -> None:
+                 wrap: tuple[str, ...] = (), program: tuple[str, ...] | None = None,
+                 output: int | None = None) -> None:
         """``wrap``: a command prefix run inside the netns before the daemon's
         interpreter (setpriv, prlimit, a read-only root...).  ``program``: what runs
         ``afxdp`` (default: this interpreter on the source tree; ``()`` when ``wrap``
-        ends in it, e.g. an image whose entrypoint it is)."""
+        ends in it, e.g. an image whose entrypoint it is).  ``output``: where its
+        stdout and stderr go instead of the log file (``subprocess.PIPE``: a pipe,
+        as under a container runtime; then ``log()`` is empty)."""
         self.ns = ns
         self.ready = workdir / f"ready-{next(_counter)}.json"
         self.log_path = workdir / f"daemon-{next(_counter)}.log"
@@ -176,8 +179,8 @@ class Daemon:
         argv = ns.cmd(*wrap, *program, mode, "--ready-file",
                       str(self.ready), *extra, *args)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdout=self._log if output is None else output,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             self.wait_ready()
 
@@ -206,6 +209,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -378,6 +379,34 @@ def test_metrics_healthz_and_readyz(netns: NsFixture, workdir: Path, start_daemo
                  'afxdp_replies_total{reason="before connect",reply="/nak",request="/version"} 1.0',
                  "afxdp_handshake_duration_seconds_count 2.0"):
         assert line in body, line
+
+
+def test_a_full_log_pipe_does_not_stop_the_handshakes(netns: NsFixture, workdir: Path,
+                                                      start_daemon: Start) -> None:
+    """Under a container runtime stderr is a pipe; one that nobody drains for a while
+    (the runtime behind on a busy disk) must not stop the daemon serving.  500
+    handshakes log ~125 KB, twice what the pipe holds; then the lines are all there,
+    in order."""
+    netns.veth()
+    d = start_daemon(*serve_args(workdir, "va"), wait=False, output=subprocess.PIPE)
+    wait_for(d.ready, proc=d.proc)  # (the ready line waits in the pipe, unread)
+    n = 500
+    with netns.entered():
+        for i in range(n):
+            try:
+                fetch_map_fd(workdir / "sock" / "va" / "afxdp.sock", "va", timeout=5).close()
+            except (HandshakeError, OSError) as e:
+                pytest.fail(f"handshake {i} of {n} failed while the log pipe was full: {e}")
+    out = d.proc.stdout
+    assert out is not None
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(out.read()), daemon=True)
+    reader.start()  # the runtime catches up
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    reader.join(10)
+    lines = [ln for ln in b"".join(read).decode().splitlines() if "event=handshake" in ln]
+    assert len(lines) == n and all("result=granted" in ln for ln in lines)
 
 
 def test_bad_configuration_exits_2_naming_the_field(workdir: Path) -> None:
