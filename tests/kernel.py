@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cni_server.netns import Netns, setns
 from cni_server.ownership import run_dir
@@ -214,7 +215,8 @@ class Daemon:
         return self.proc.returncode
 
 
-def wait_for(path: Path, timeout: float = 10.0, proc: subprocess.Popen[str] | None = None) -> None:
+def wait_for(path: Path, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None
+             ) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc is not None and proc.poll() is not None:
