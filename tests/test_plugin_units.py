@@ -670,6 +670,9 @@ def test_a_burst_of_events_is_one_reclassification_and_a_steady_stream_is_not_st
     class Registry:
         on_changed: list[Callable[[str], None]] = []
 
+        def any_moving(self) -> bool:
+            return False
+
     async def body() -> tuple[int, int, int]:
         inv = inventory.Inventory(PluginConfig(pools=[PoolConfig("pool1")]),
                                   Registry(), lambda _pools: asyncio.sleep(0))  # type: ignore[arg-type]
@@ -702,6 +705,62 @@ def test_a_burst_of_events_is_one_reclassification_and_a_steady_stream_is_not_st
     during_burst, after_burst, during_stream = asyncio.run(body())
     assert (during_burst, after_burst) == (0, 1)
     assert during_stream >= 2
+
+
+def test_reclassification_waits_for_a_cni_move_under_way_but_not_past_max_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CNI ADD or DEL's own move makes link events; the reclassification they
+    bring waits until the operation is over (its end kicks the inventory), so it
+    does not hold up the pod's next step on the loop.  An operation that never
+    ends holds it back at most MAX_DELAY."""
+    import asyncio
+
+    from plugin import inventory
+    from plugin.config import PluginConfig, PoolConfig
+
+    monkeypatch.setattr(inventory, "DEBOUNCE", 0.05)
+    monkeypatch.setattr(inventory, "MAX_DELAY", 1.0)
+
+    class Registry:
+        on_changed: list[Callable[[str], None]] = []
+        moving = True
+
+        def any_moving(self) -> bool:
+            return self.moving
+
+    registry = Registry()
+
+    async def body() -> tuple[int, int, list[float]]:
+        loop = asyncio.get_running_loop()
+        inv = inventory.Inventory(PluginConfig(pools=[PoolConfig("pool1")]),
+                                  registry, lambda _pools: asyncio.sleep(0))  # type: ignore[arg-type]
+        runs: list[float] = []
+
+        async def reclassify(*, strict: bool = False) -> set[str]:
+            runs.append(loop.time())
+            return set()
+
+        inv.reclassify = reclassify  # type: ignore[method-assign]
+        task = asyncio.create_task(inv._on_events())
+        inv._kick.set()  # the move's first event
+        await asyncio.sleep(0.4)  # eight quiet DEBOUNCE periods, the move still on
+        during_move = len(runs)
+        registry.moving = False
+        inv._kick.set()  # as Registry.moving's end does
+        await asyncio.sleep(0.3)
+        after_move = len(runs)
+        registry.moving = True  # one that never ends
+        stuck_from = loop.time()
+        inv._kick.set()
+        await asyncio.sleep(2.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return during_move, after_move, [t - stuck_from for t in runs[after_move:]]
+
+    during_move, after_move, stuck = asyncio.run(body())
+    assert (during_move, after_move) == (0, 1)
+    assert len(stuck) == 1 and stuck[0] >= 0.9  # at MAX_DELAY, not at a DEBOUNCE
 
 
 def test_events_dropped_by_the_kernel_are_counted_and_bring_a_rescan_after_them() -> None:
