@@ -16,6 +16,8 @@ runtime do it, against ``afxdp daemon`` and the in-process fake kubelet:
 Each run uses a fresh netdev (so Allocate attaches a program each time);
 between runs, CNI DEL and the pod's removal (not timed) clean up.
 ``--together K``: K pods admitted, then their K CNI ADDs started at once.
+``--netdevs N``: N netdevs in the pool (at least one per run), as on a node with
+many VFs: every link event then costs the inventory's work over all of them.
 """
 
 from __future__ import annotations
@@ -84,12 +86,15 @@ def main() -> int:
     ap.add_argument("--together", type=int, default=1, metavar="K",
                     help="K pods admitted, then their K CNI ADDs at once (pods scheduled "
                          "together); reports Allocate and CNI ADD only")
+    ap.add_argument("--netdevs", type=int, default=0, metavar="N",
+                    help="netdevs in the pool (default: one per run)")
     ap.add_argument("--attach-ahead", action="store_true",
                     help="the pool's attachAhead: every free device already carries a fresh "
                          "program when its pod comes (the runs start once all do)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("podstart.py: needs root (netns, veth, XDP)")
+    netdevs = max(a.netdevs, a.runs)
     work = Path(tempfile.mkdtemp(prefix="afxdp-bench-", dir="/tmp"))
     work.chmod(0o755)
     phases: dict[str, list[float]] = {"allocate": [], "cni_add": [], "first_handshake": [],
@@ -97,7 +102,7 @@ def main() -> int:
     try:
         with make_netns() as node, make_netns() as pod, \
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-            veth_pairs(node, a.runs)
+            veth_pairs(node, netdevs)
             cfg = write_config(work, **({"attachAhead": True} if a.attach_ahead else {}))
             doc = json.loads(cfg.read_text())
             doc["cniSocket"] = str(work / "cni.sock")
@@ -108,12 +113,12 @@ def main() -> int:
             cni_path = f"{bindir}:{CNI_PATH}"
             plugin = [str(bindir / "afxdp")]  # executed from the node's netns, as a runtime does
             try:
-                kubelet.wait_devices(RESOURCE, lambda devs: len(devs) == a.runs, 30)
+                kubelet.wait_devices(RESOURCE, lambda devs: len(devs) == netdevs, 30 + netdevs / 20)
                 if a.attach_ahead:
-                    deadline = time.monotonic() + 60
-                    while not all(node.xdp_prog_id(f"p{i}") for i in range(a.runs)):
+                    deadline = time.monotonic() + 60 + netdevs / 10
+                    while not all(node.xdp_prog_id(f"p{i}") for i in range(netdevs)):
                         if time.monotonic() > deadline:
-                            raise SystemExit("podstart.py: programs not attached ahead in 60 s")
+                            raise SystemExit("podstart.py: programs not attached ahead in time")
                         time.sleep(0.1)
                 with node.entered():  # this thread: the node's kubelet and runtime
                     for first in range(0, a.runs if a.together > 1 else 0, a.together):
@@ -159,7 +164,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-                      "runs": a.runs, "attach_ahead": a.attach_ahead, "together": a.together,
+                      "runs": a.runs, "netdevs": netdevs, "attach_ahead": a.attach_ahead,
+                      "together": a.together,
                       **{k: summary(v) for k, v in phases.items() if v}}, indent=2))
     return 0
 
