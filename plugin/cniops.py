@@ -22,9 +22,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd
-from cni_server.netdev import MoveRefused, bring_home, get_link, link_info, move_into
+from cni_server.netdev import MoveRefused, NetdevMissing, bring_home, get_link, move_into
 from cni_server.netns import Netns
 from cni_server.registry import NotBroughtHome, Registry
+from cni_server.rtread import facts_of, lookup
 from cni_server.spec import AllocationSpec
 from plugin.virtual import VirtualError, host_end, plug, unplug
 
@@ -72,10 +73,13 @@ def _link_state(name: str) -> dict[str, Any]:
 
 def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
     """In the pod's netns: addresses and routes from the IPAM result; its ifindex
-    and MAC.  One netlink socket for all of it: this is on every pod's start."""
+    and MAC.  One netlink socket for all of it, and the link read for those two
+    only (its full decoding took longer than the rest): this is on every pod's start."""
     with IPRoute() as ipr:
-        link = get_link(ipr, name)  # (up already: moved so)
-        idx = int(link["index"])
+        facts = lookup(ipr, name)  # (up already: moved so)
+        if facts is None:
+            raise NetdevMissing(f"no netdev named {name!r} in this network namespace")
+        idx, mac = facts[1], facts[2]
         for ip in (ipam or {}).get("ips", []):
             addr, _, plen = str(ip["address"]).partition("/")
             ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
@@ -86,7 +90,7 @@ def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
                 kw["gateway"] = route["gw"]
             with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
                 ipr.route("add", **kw)
-    return {"ifindex": idx, "mac": str(link.get("address") or "")}
+    return {"ifindex": idx, "mac": mac}
 
 
 
@@ -331,8 +335,4 @@ async def _settled(task: asyncio.Future[Any]) -> None:
 
 
 def _exists(name: str) -> bool:
-    try:
-        link_info(name)
-    except LookupError:
-        return False
-    return True
+    return facts_of(name) is not None
