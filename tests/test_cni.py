@@ -639,8 +639,16 @@ def test_ipam_runs_while_the_device_moves_and_its_failure_brings_the_device_home
     assert "no addresses left (stub)" in res.out["msg"]
     assert (tmp_path / "saw-the-device-in-the-pod").exists()  # the two overlapped
     assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.pod)
+    assert _attached_on_disk(env) == {}  # home, on disk too
     res = env.add()  # and nothing of the failed ADD is left in the way
     assert res.code == 0 and "net1" in env.links(env.pod), res.out
+    assert _attached_on_disk(env)["p0"]["ifname"] == "net1"  # on disk once ADD answers
+
+
+def _attached_on_disk(env: Env) -> dict[str, Any]:
+    """The attachment records in the daemon's state file, all allocations together."""
+    doc = json.loads((env.k8s.work / "state" / "state.json").read_text())
+    return {k: v for a in doc["allocations"] for k, v in a.get("attached", {}).items()}
 
 
 def test_a_plugin_gone_before_its_ipam_result_leaves_the_device_home(env: Env) -> None:
