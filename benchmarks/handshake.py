@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cni_server.client import fetch_map_fd
 from tests.kernel import Daemon, NsFixture, build_c, make_netns
+from tests.machine import measuring
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,19 +190,23 @@ def main() -> int:
                 results[name] = r
 
             client = build_c(Path(__file__).with_name("dpdk_client.c"), work)
-            results["reference"] = reference(client, work, a.sequential)
-            with ns.entered():
-                measured("c_sequential", lambda: c_sequential(client, path, a.sequential))
-                measured("c_concurrent", lambda: c_concurrent(client, path, a.clients, a.seconds))
-                measured("python_sequential", lambda: sequential(path, a.sequential))
-                measured("python_concurrent", lambda: concurrent(path, a.clients, a.seconds))
+            with measuring() as steal:
+                results["reference"] = reference(client, work, a.sequential)
+                with ns.entered():
+                    measured("c_sequential", lambda: c_sequential(client, path, a.sequential))
+                    measured("c_concurrent",
+                             lambda: c_concurrent(client, path, a.clients, a.seconds))
+                    measured("python_sequential", lambda: sequential(path, a.sequential))
+                    measured("python_concurrent", lambda: concurrent(path, a.clients, a.seconds))
+            results["steal_pct"] = round(100 * steal.share, 1)
         finally:
             daemon.stop()
             shutil.rmtree(work, ignore_errors=True)
     if a.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"machine: {results['machine']}")
+    print(f"machine: {results['machine']}; CPU time stolen by the hypervisor meanwhile: "
+          f"{results['steal_pct']}%")
     for name in ("c_sequential", "c_concurrent", "python_sequential", "python_concurrent"):
         r = results[name]
         assert isinstance(r, dict)

@@ -43,6 +43,7 @@ from tests.fake_kubelet import running
 from tests.k8s_env import RESOURCE, write_config
 from tests.kernel import Daemon, make_netns, veth_pairs
 from tests.load import pct
+from tests.machine import measuring
 
 
 def cni_env(command: str, pod_ns: Path, cid: str, cni_path: str, ifname: str = "net1"
@@ -120,7 +121,8 @@ def main() -> int:
                         if time.monotonic() > deadline:
                             raise SystemExit("podstart.py: programs not attached ahead in time")
                         time.sleep(0.1)
-                with node.entered():  # this thread: the node's kubelet and runtime
+                # this thread: the node's kubelet and runtime
+                with node.entered(), measuring() as steal:
                     for first in range(0, a.runs if a.together > 1 else 0, a.together):
                         group = range(first, min(first + a.together, a.runs))
                         confs = [{"cniVersion": "1.0.0", "name": "afxdp-net", "type": "afxdp",
@@ -165,7 +167,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
                       "runs": a.runs, "netdevs": netdevs, "attach_ahead": a.attach_ahead,
-                      "together": a.together,
+                      "together": a.together, "steal_pct": round(100 * steal.share, 1),
                       **{k: summary(v) for k, v in phases.items() if v}}, indent=2))
     return 0
 
