@@ -84,7 +84,7 @@ def main() -> int:
                 res["ipv6_routes"] = run("ip", "-n", ns.name, "-6", "route", "show", "table",
                                          "all").stdout.count("\n")
             with running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-                cfg = write_config(work, **({"attachAhead": True} if a.attach_ahead else {}))
+                cfg = write_config(work, attachAhead=a.attach_ahead)
                 t0 = time.perf_counter()
                 daemon = Daemon(ns, work, "--config", str(cfg), mode="daemon",
                                 control=work / "control.sock")

@@ -158,11 +158,8 @@ def main() -> int:
         with make_netns() as node, make_netns() as steady, make_netns() as pods, \
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
             veth_pairs(node, a.devices)
-            cfg = write_config(work)
-            doc = json.loads(cfg.read_text())
-            doc["cniSocket"] = str(work / "cni.sock")
-            doc["socketRoot"] = str(run / "sockets")
-            cfg.write_text(json.dumps(doc))
+            cfg = write_config(work, node={"cniSocket": str(work / "cni.sock"),
+                                      "socketRoot": str(run / "sockets")})
             d = Daemon(node, work, "--config", str(cfg), mode="daemon",
                        control=work / "control.sock")
             bindir = install_plugin(work / "bin")

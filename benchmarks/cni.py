@@ -88,10 +88,7 @@ def main() -> int:
             node.veth("p0", "q0")
             node.veth("hd0", "hd1")
             with running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
-                cfg = write_config(work)
-                doc = json.loads(cfg.read_text())
-                doc["cniSocket"] = str(work / "cni.sock")
-                cfg.write_text(json.dumps(doc))
+                cfg = write_config(work, node={"cniSocket": str(work / "cni.sock")})
                 daemon = Daemon(node, work, "--config", str(cfg), mode="daemon",
                                 control=work / "control.sock")
                 try:

@@ -112,12 +112,8 @@ def main() -> int:
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
             node.veth("p0", "q0")
             node.veth("p1", "q1")
-            cfg = write_config(work)
-            doc = json.loads(cfg.read_text())
-            doc["cniSocket"] = str(work / "cni.sock")
-            if a.verb == "unbound":
-                doc["pools"][0]["allowUnboundXsk"] = True
-            cfg.write_text(json.dumps(doc))
+            cfg = write_config(work, node={"cniSocket": str(work / "cni.sock")},
+                               allowUnboundXsk=a.verb == "unbound")
             d = Daemon(node, work, "--config", str(cfg), mode="daemon",
                        control=work / "control.sock")
             plugin = node.cmd("/usr/bin/python3", "-I", "-S", str(ROOT / "plugin" / "cni.py"))

@@ -104,10 +104,8 @@ def main() -> int:
         with make_netns() as node, make_netns() as pod, \
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
             veth_pairs(node, netdevs)
-            cfg = write_config(work, **({"attachAhead": True} if a.attach_ahead else {}))
-            doc = json.loads(cfg.read_text())
-            doc["cniSocket"] = str(work / "cni.sock")
-            cfg.write_text(json.dumps(doc))
+            cfg = write_config(work, node={"cniSocket": str(work / "cni.sock")},
+                               attachAhead=a.attach_ahead)
             d = Daemon(node, work, "--config", str(cfg), mode="daemon",
                        control=work / "control.sock")
             bindir = install_plugin(work / "bin")

@@ -67,7 +67,9 @@ class K8s:
         raise TimeoutError(what or "condition")
 
 
-def write_config(work: Path, **pool: object) -> Path:
+def write_config(work: Path, *, node: dict[str, object] | None = None, **pool: object) -> Path:
+    """A daemon config under ``work``: ``node`` adds or replaces node-level settings
+    (``cniSocket``...), ``pool`` the one pool's."""
     cfg = {
         "nodeName": "testnode",
         "stateDir": str(work / "state"),
@@ -81,6 +83,7 @@ def write_config(work: Path, **pool: object) -> Path:
         "metricsAddress": "127.0.0.1:0",
         "pools": [{"name": "pool1", "devices": ["p[0-9]+"], "uid": 65534, "gid": 65534,
                    **pool}],
+        **(node or {}),
     }
     path = work / "config.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -111,10 +114,7 @@ def cni_node(netns: NsFixture, workdir: Path, **config: object) -> Iterator[tupl
         netns.veth(f"p{i}", f"q{i}")
     with running(workdir / "dp", workdir / "podres" / "kubelet.sock") as kubelet, \
             make_netns() as pod:
-        cfg = write_config(workdir)
-        doc = json.loads(cfg.read_text())
-        doc.update(cniSocket=str(workdir / "cni.sock"), **config)
-        cfg.write_text(json.dumps(doc))
+        cfg = write_config(workdir, node={"cniSocket": str(workdir / "cni.sock"), **config})
         k8s = K8s(netns, workdir, kubelet, cfg, [])
         try:
             yield k8s, pod

@@ -60,12 +60,10 @@ class VEnv:
 
 
 def virtual_config(work: Path, **virtual: object) -> Path:
-    cfg = write_config(work)
-    doc = json.loads(cfg.read_text())
-    doc["cniSocket"] = str(work / "cni.sock")
-    doc["pools"] = [{"name": "pool1", "uid": 65534, "gid": 65534,
-                     "virtual": {"count": 3, "bridge": "br0", **virtual}}]
-    cfg.write_text(json.dumps(doc))
+    cfg = write_config(work, node={
+        "cniSocket": str(work / "cni.sock"),
+        "pools": [{"name": "pool1", "uid": 65534, "gid": 65534,
+                   "virtual": {"count": 3, "bridge": "br0", **virtual}}]})
     return cfg
 
 
