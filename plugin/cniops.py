@@ -24,6 +24,7 @@ from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd
 from cni_server.netdev import MoveRefused, NetdevMissing, bring_home, get_link, move_into
 from cni_server.netns import Netns
+from cni_server.protocol import valid_netdev_name
 from cni_server.registry import NotBroughtHome, Registry
 from cni_server.rtread import facts_of, lookup
 from cni_server.spec import AllocationSpec
@@ -32,6 +33,7 @@ from plugin.virtual import VirtualError, host_end, plug, unplug
 log = logging.getLogger(__name__)
 
 # CNI error codes (spec) and ours (100+).
+BAD_ENV = 4
 TRY_AGAIN = 11
 NOT_ALLOCATED = 101
 IN_OTHER_NETNS = 102
@@ -126,6 +128,9 @@ class CniOperations:
         cni_ifname = str(req.get("ifname") or "")
         if not netdev or not cid or not cni_ifname or len(fds) != 1:
             raise CniError(BAD_REQUEST, "add needs deviceID, containerID, ifname and a netns fd")
+        if not valid_netdev_name(cni_ifname):  # the pod's network annotation names it
+            raise CniError(BAD_ENV, f"CNI_IFNAME {cni_ifname!r} is not a valid interface name",
+                           "1 to 15 bytes, no '/', ':' or whitespace")
         target_name = cni_ifname if req.get("rename") else netdev
         pod: dict[str, Any] = req["pod"] if isinstance(req.get("pod"), dict) else {}
         namespace, pod_name = str(pod.get("namespace") or ""), str(pod.get("name") or "")

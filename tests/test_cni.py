@@ -352,6 +352,20 @@ def test_add_refuses_a_name_taken_in_the_pod(env: Env) -> None:
     assert "p0" in env.links(env.k8s.ns) and ipam_leases(env.k8s.work) == []
 
 
+@pytest.mark.parametrize("ifname", ["a-name-past-15-bytes", "net/1", "net 1", ".."])
+def test_add_refuses_a_cni_ifname_no_interface_can_have(env: Env, ifname: str) -> None:
+    """CNI_IFNAME comes from the pod's network selection (a tenant writes it): the
+    spec's "bad environment", said before anything moves (here without IPAM, whose
+    own check would answer first)."""
+    env.admit(["p0"])
+    conf = {k: v for k, v in env.conf.items() if k != "ipam"}
+    res = env.cni("ADD", conf, netns=str(env.pod.path), ifname=ifname)
+    assert res.code == 1 and res.out["code"] == 4, res.out
+    assert "CNI_IFNAME" in res.out["msg"], res.out
+    assert "p0" in env.links(env.k8s.ns)
+    assert env.add().code == 0
+
+
 def test_add_of_a_device_in_another_pod_is_refused(env: Env) -> None:
     env.admit(["p0"])
     assert env.add().code == 0
