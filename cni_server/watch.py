@@ -16,15 +16,12 @@ no client puts a socket in a map that receives nothing.
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import logging
-import socket
-import struct
 
 from bpf.errors import BpfError
 from bpf.program import query
 from cni_server.lifecycle import cancel_tasks
+from cni_server.netdev import ifindex_of
 from cni_server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -108,24 +105,14 @@ def _attached(names: list[str]) -> dict[str, tuple[int, int]]:
     out = {}
     for name in names:
         try:
-            ifindex = _ifindex(name)
-        except OSError as e:
-            if e.errno == errno.ENODEV:
-                out[name] = (0, 0)
+            ifindex = ifindex_of(name)
+        except OSError:
+            continue
+        if ifindex is None:
+            out[name] = (0, 0)
             continue
         try:
             out[name] = (ifindex, query(ifindex).prog_id)
         except (OSError, BpfError):
             continue
     return out
-
-
-_SIOCGIFINDEX = 0x8933
-
-
-def _ifindex(name: str) -> int:
-    """SIOCGIFINDEX: ENODEV for a netdev that is gone, unlike if_nametoindex(), which
-    says "no interface" too when it could not even open its socket (out of fds)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16si", name.encode(), 0)
-        return int(struct.unpack("16si", fcntl.ioctl(s, _SIOCGIFINDEX, ifreq))[1])

@@ -22,11 +22,18 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_server.allocation import Allocation
 from cni_server.fds import OwnedFd
-from cni_server.netdev import MoveRefused, NetdevMissing, bring_home, get_link, move_into
+from cni_server.netdev import (
+    MoveRefused,
+    NetdevMissing,
+    bring_home,
+    get_link,
+    ifindex_of,
+    move_into,
+)
 from cni_server.netns import Netns
 from cni_server.protocol import valid_netdev_name
 from cni_server.registry import NotBroughtHome, Registry
-from cni_server.rtread import facts_of, lookup
+from cni_server.rtread import lookup
 from cni_server.spec import AllocationSpec
 from plugin.virtual import VirtualError, host_end, plug, unplug
 
@@ -340,4 +347,4 @@ async def _settled(task: asyncio.Future[Any]) -> None:
 
 
 def _exists(name: str) -> bool:
-    return facts_of(name) is not None
+    return ifindex_of(name) is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cni_server import xsk
-from cni_server.netdev import NetdevMissing, link_info
+from cni_server.netdev import NetdevMissing, ifindex_of, link_info
 from cni_server.netns import Netns, NetnsError, thread_netns_inode
 from cni_server.receiver import XskReceiver
 from tests.kernel import NsFixture, compile_test_program, run
@@ -30,6 +30,35 @@ def test_run_executes_inside_the_target_and_leaves_the_caller_where_it_was(
         with pytest.raises(NetdevMissing):
             link_info("va")  # not here, in the caller's namespace
     assert thread_netns_inode() == home
+
+
+def test_ifindex_of_finds_names_and_altnames_and_says_none_for_a_missing_one(
+        netns: NsFixture) -> None:
+    netns.veth()
+    run("ip", "-n", netns.name, "link", "property", "add", "dev", "va", "altname", "shortalt")
+    with Netns.open(netns.path) as target:
+        index = target.run(lambda: link_info("va").ifindex)
+        assert target.run(lambda: ifindex_of("va")) == index
+        assert target.run(lambda: ifindex_of("shortalt")) == index
+        assert target.run(lambda: ifindex_of("nosuch0")) is None
+    assert ifindex_of("va") is None  # not in the caller's namespace
+    for bad in ("", "a-name-past-15-bytes"):
+        with pytest.raises(ValueError):
+            ifindex_of(bad)
+
+
+def test_ifindex_of_raises_when_it_cannot_ask_rather_than_saying_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of fds is no evidence that a name is free (if_nametoindex would say it is)."""
+    import errno
+    import socket
+
+    def no_fds(*_args: object, **_kw: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_fds)
+    with pytest.raises(OSError):
+        ifindex_of("lo")
 
 
 def test_exceptions_inside_the_namespace_reach_the_caller(netns: NsFixture) -> None:
