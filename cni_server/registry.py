@@ -32,7 +32,7 @@ from cni_server.programs import ProgramTable, RegistryError
 from cni_server.provision import NetdevFactory, NotBroughtHome, Provisioner
 from cni_server.server import HandoutServer
 from cni_server.spec import AllocationSpec
-from cni_server.state import StateFile, StateWriter
+from cni_server.state import StateError, StateFile, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Registry:
         # health (the inventory) looks again.
         self.on_changed: list[Callable[[str], None]] = []
         self._moving: set[str] = set()
+        self._saving: set[asyncio.Task[None]] = set()  # save_soon()'s, until written
         server.metrics.track(server.metrics.allocations, lambda: len(self._allocations))
 
     # -- views -------------------------------------------------------------------
@@ -182,20 +183,24 @@ class Registry:
         ``ifindex``): record it, with ``record`` (what DEL needs to bring it home)."""
         await self._moved(allocation_id, netdev, record, netns, ifname, ifindex)
 
-    async def bring_home(self, allocation_id: str, netdev: str) -> None:
+    async def bring_home(self, allocation_id: str, netdev: str, *,
+                         wait_for_disk: bool = True) -> None:
         """A netdev in a pod's netns comes home (CNI DEL, or a release whose DEL never
         reached us) as it was before ADD: name, MTU, MAC, admin state.
 
         Recorded as home only if it is home now, or gone with its pod.  If it is
         still in the pod, NotBroughtHome is raised and the record keeps saying where
-        it is."""
+        it is.  ``wait_for_disk=False``: return before the state file says so (it is
+        written right after; see :meth:`save_soon`)."""
         device = self._allocations[allocation_id].netdevs[netdev]
         record = self._specs[allocation_id].attached.get(netdev, {})
         ifindex = await self._provision.move_home(device, record)
-        await self._moved(allocation_id, netdev, None, None, netdev, ifindex or 0)
+        await self._moved(allocation_id, netdev, None, None, netdev, ifindex or 0,
+                          wait_for_disk=wait_for_disk)
 
     async def _moved(self, allocation_id: str, netdev: str, record: dict[str, str] | None,
-                     netns: Netns | None, ifname: str, ifindex: int) -> None:
+                     netns: Netns | None, ifname: str, ifindex: int, *,
+                     wait_for_disk: bool = True) -> None:
         """Record where ``netdev`` is now: a pod's netns (``record``) or home (None)."""
         allocation = self._allocations[allocation_id]
         device = allocation.netdevs[netdev]
@@ -217,7 +222,10 @@ class Registry:
         if record is not None:
             attached[netdev] = dict(record)
         self._specs[allocation_id] = replace(spec, attached=attached)
-        await self.save()
+        if wait_for_disk:
+            await self.save()
+        else:
+            self.save_soon()
         self._changed(netdev)
 
     async def repair(self, netdev: str) -> str:
@@ -294,6 +302,8 @@ class Registry:
                 program = self.programs.get(netdev)
                 if program is not None:
                     program.close()
+        if self._saving:
+            await asyncio.wait(set(self._saving))
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
 
@@ -302,6 +312,23 @@ class Registry:
         written), without holding up the event loop meanwhile."""
         if self._writer is not None:
             await self._writer.save()
+
+    def save_soon(self) -> None:
+        """:meth:`save`, with nobody waiting for it: for a change whose record may
+        lag (a netdev recorded in a pod it has left is found home at the next start,
+        see Provisioner.locate).  A failure is logged; shutdown waits for it."""
+        if self._writer is None:
+            return
+
+        async def save_logged() -> None:
+            try:
+                await self.save()
+            except StateError as e:
+                log.error("event=state_save_failed error=%r", str(e))
+
+        task = asyncio.get_running_loop().create_task(save_logged())
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
 
     def _records(self) -> list[dict[str, Any]]:
         return [s.to_json() for s in self._specs.values()]

@@ -246,7 +246,10 @@ class CniOperations:
                 return {"released": False}
             with self.registry.moving(netdev):
                 try:
-                    await self.registry.bring_home(allocation.id, netdev)
+                    # Answered once the device is home, not once that is on disk:
+                    # a daemon that dies between the two finds it home at its next
+                    # start (its record names a pod that no longer holds it).
+                    await self.registry.bring_home(allocation.id, netdev, wait_for_disk=False)
                 except NotBroughtHome as e:  # the runtime retries a failed DEL
                     raise CniError(MOVE_FAILED, f"cannot bring {netdev!r} back to the node",
                                    str(e)) from e

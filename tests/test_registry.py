@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -295,3 +296,68 @@ def test_a_program_attached_ahead_is_taken_only_while_the_kernel_still_has_it_th
         ahead_a, taken, ahead_c, fresh = asyncio.run(main())
     assert taken == ahead_a != 0
     assert fresh not in (0, ahead_c) and netns.xdp_prog_id("vc") == 0  # released: detached
+
+
+class _HeldFile(StateFile):
+    """A state file whose writes wait while ``hold`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def save(self, records: list[dict[str, object]]) -> None:
+        if not self.release.is_set():
+            self.held.set()
+            self.release.wait(10)
+        super().save(records)
+
+
+def test_a_device_brought_home_without_waiting_for_the_disk_is_recorded_right_after(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """CNI DEL answers once the device is home; the state file follows, and a daemon
+    that stops meanwhile writes it before it goes (here it waits behind another
+    change's write)."""
+    from tests.kernel import make_netns
+
+    netns.veth("va", "vb")
+    state = _HeldFile(tmp_path / "state.json")
+
+    def attached() -> dict[str, object]:
+        recorded: dict[str, object] = json.loads(state.path.read_text())["allocations"][0]
+        return recorded["attached"]  # type: ignore[return-value]
+
+    async def main(pod: NsFixture) -> tuple[bool, dict[str, object], bool]:
+        with Netns.current() as here:
+            server = HandoutServer()
+            reg = Registry(server, here, ProgramTable(), state)
+            try:
+                await reg.create(spec(tmp_path / "s", "va"))
+                run("ip", "link", "set", "va", "netns", pod.name)
+                where = Netns.open(pod.path)
+                ifindex = where.run(lambda: link_info("va").ifindex)
+                await reg.attach("a1", "va", {"netns": str(pod.path), "ifname": "va"}, where,
+                                 "va", ifindex)
+                assert "va" in attached()
+                state.release.clear()  # writes wait; one is under way, as another change's
+                earlier = asyncio.ensure_future(reg.save())
+                assert await asyncio.to_thread(state.held.wait, 10)
+                await asyncio.wait_for(reg.bring_home("a1", "va", wait_for_disk=False), 10)
+                home = "va" in {name for _index, name in socket.if_nameindex()}
+                while_held = attached()
+            finally:
+                stopping = asyncio.ensure_future(reg.shutdown(release=False))
+                await asyncio.sleep(0.2)
+                waited = not stopping.done()  # for the write under way
+                state.release.set()
+                await stopping
+                await earlier
+                server.close()
+            return home, while_held, waited
+
+    with make_netns() as pod, netns.entered():
+        home, while_held, waited = asyncio.run(main(pod))
+    assert home and "va" in while_held  # answered before the file said so
+    assert waited
+    assert attached() == {}
