@@ -11,6 +11,7 @@ import errno
 import fcntl
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,15 +112,19 @@ class MoveRefused(Exception):
         self.settings = settings
 
 
-def move_into(name: str, target_fd: int, new_name: str, mtu: int) -> dict[str, str]:
+def move_into(name: str, target_fd: int, new_name: str, mtu: int,
+              before_move: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Move ``name`` into the netns ``target_fd`` refers to, named ``new_name`` there,
     with ``mtu`` (0: as it is), and up, in one netlink request.  The kernel applies
     the move first: a refused name or MTU leaves the device moved (the caller checks
     the name before and brings it home after a failure: MoveRefused).  Returns its
-    settings from before (admin state, MTU, MAC), for DEL to give back."""
+    settings from before (admin state, MTU, MAC), for DEL to give back; they are
+    also passed to ``before_move`` (in this thread), just before the request."""
     with IPRoute() as ipr:
         link = get_link(ipr, name)
         settings = _settings(link)
+        if before_move is not None:
+            before_move(settings)
         kw: dict[str, Any] = {"net_ns_fd": target_fd, "state": "up"}
         if new_name != name:
             kw["ifname"] = new_name

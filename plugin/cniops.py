@@ -35,6 +35,7 @@ from cni_server.protocol import valid_netdev_name
 from cni_server.registry import NotBroughtHome, Registry
 from cni_server.rtread import lookup
 from cni_server.spec import AllocationSpec
+from cni_server.state import StateError
 from plugin.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,15 @@ class CniOperations:
                     if await taken:
                         raise CniError(NAME_TAKEN, f"interface {target_name!r} already exists in "
                                        "the pod's network namespace")
+                    record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
+                              "cni_ifname": cni_ifname, "container_id": cid,
+                              "network": str(req.get("network") or "")}
+                    ahead = _RecordAhead(self.registry, alloc_id, netdev, record)
                     try:
-                        # Moved, named and sized in one request.
+                        # Moved, named and sized in one request; recorded meanwhile.
                         before = await asyncio.to_thread(move_into, netdev, target.fileno(),
-                                                         target_name, int(req.get("mtu") or 0))
+                                                         target_name, int(req.get("mtu") or 0),
+                                                         ahead.start_from_thread)
                     except (MoveRefused, NetlinkError, LookupError) as e:
                         # The kernel may have moved it and then refused the rest.
                         settings = e.settings if isinstance(e, MoveRefused) else {}
@@ -184,6 +190,7 @@ class CniOperations:
                                 await target.run_async(lambda: bring_home(
                                     target_name if _exists(target_name) else netdev, netdev,
                                     home.fileno(), settings))
+                        await ahead.take_back()
                         await self._unplug(spec, netdev)
                         raise CniError(MOVE_FAILED, f"cannot move {netdev!r} into the pod", str(e)
                                        ) from e
@@ -195,16 +202,16 @@ class CniOperations:
                             await target.run_async(lambda: bring_home(
                                 target_name if _exists(target_name) else netdev, netdev,
                                 home.fileno(), before))
+                        await ahead.take_back()
                         await self._unplug(spec, netdev)
                         if isinstance(e, CniError):
                             raise
                         raise CniError(MOVE_FAILED, f"cannot configure {netdev!r} in the pod",
                                        str(e)) from e
-                    record = {"netns": str(req.get("netns") or ""), "ifname": target_name,
-                              "cni_ifname": cni_ifname, "container_id": cid,
-                              "network": str(req.get("network") or ""), **before}
+                    record = {**record, **before}
                     await self.registry.attach(alloc_id, netdev, record, target, target_name,
-                                               int(state["ifindex"]))
+                                               int(state["ifindex"]),
+                                               on_disk=await ahead.written(record))
                     handed_over = True
             finally:
                 try:
@@ -340,6 +347,47 @@ async def _ipam_result(req: dict[str, Any], follow_up: FollowUp | None
                        "the node", why)
     result: dict[str, Any] = msg["ipam"]
     return result
+
+
+class _RecordAhead:
+    """ADD's record, written while the kernel moves the device (Registry.record_ahead):
+    started from the mover's thread once the device's settings are read, just
+    before the move."""
+
+    def __init__(self, registry: Registry, alloc_id: str, netdev: str,
+                 record: dict[str, str]) -> None:
+        self.registry, self.alloc_id, self.netdev = registry, alloc_id, netdev
+        self.record = record
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Future[None] | None = None
+
+    def start_from_thread(self, settings: dict[str, str]) -> None:
+        self.loop.call_soon_threadsafe(self._start, {**self.record, **settings})
+
+    def _start(self, record: dict[str, str]) -> None:
+        self.record = record
+        self.task = asyncio.ensure_future(
+            self.registry.record_ahead(self.alloc_id, self.netdev, record))
+
+    async def written(self, record: dict[str, str]) -> bool:
+        """Whether ``record`` is what was written, and the write succeeded (if not,
+        Registry.attach writes it)."""
+        if self.task is None:
+            return False
+        await _settled(self.task)
+        return not self.task.cancelled() and self.task.exception() is None \
+            and record == self.record
+
+    async def take_back(self) -> None:
+        """The move or the set-up failed: off the disk again (a failure is logged; a
+        record left naming a pod that does not hold the device is harmless)."""
+        if self.task is None:
+            return
+        await _settled(self.task)
+        try:
+            await self.registry.forget_ahead(self.netdev)
+        except StateError as e:
+            log.error("event=state_save_failed error=%r", str(e))
 
 
 async def _settled(task: asyncio.Future[Any]) -> None:

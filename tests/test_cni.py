@@ -441,7 +441,9 @@ def test_del_gives_the_device_back_as_it_was_and_it_is_allocatable_again(env: En
     env.admit(["p0"])
     assert env.cni("ADD", dict(env.conf, mtu=1400), netns=str(env.pod.path)).code == 0
     assert link(env.pod, "net1")["mtu"] == 1400
+    assert "p0" in _attached_on_disk(env)  # on disk once ADD answers
     assert env.cni("DEL", env.conf, netns=str(env.pod.path)).code == 0
+    env.k8s.wait(lambda: _attached_on_disk(env) == {}, what="DEL recorded")  # soon after
     after = link(env.k8s.ns, "p0")
     assert ("UP" in after["flags"], after["mtu"], after["address"]) == (
         True, before["mtu"], before["address"])
@@ -628,6 +630,7 @@ def test_an_mtu_the_device_refuses_leaves_it_home_under_its_own_name(env: Env) -
     assert (after["mtu"], after["address"], "UP" in after["flags"]) == (
         before["mtu"], before["address"], True)
     assert ipam_leases(env.k8s.work) == []
+    assert _attached_on_disk(env) == {}  # nor is it recorded in the pod on disk
     assert env.cni("ADD", conf, netns=str(env.pod.path)).code == 0
 
 

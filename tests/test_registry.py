@@ -306,8 +306,10 @@ class _HeldFile(StateFile):
         self.held = threading.Event()
         self.release = threading.Event()
         self.release.set()
+        self.writes = 0
 
     def save(self, records: list[dict[str, object]]) -> None:
+        self.writes += 1
         if not self.release.is_set():
             self.held.set()
             self.release.wait(10)
@@ -361,3 +363,45 @@ def test_a_device_brought_home_without_waiting_for_the_disk_is_recorded_right_af
     assert home and "va" in while_held  # answered before the file said so
     assert waited
     assert attached() == {}
+
+
+def test_a_record_written_ahead_of_its_move_is_on_disk_only_and_not_written_twice(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """CNI ADD writes its record while the kernel moves the device: the file has it,
+    the views (attachments, what DEL and GC read) do not until attach(), which then
+    writes nothing more; a move that failed takes it back off the disk."""
+    netns.veth("va", "vb")
+    netns.veth("vc", "vd")
+    state = _HeldFile(tmp_path / "state.json")
+
+    def on_disk() -> dict[str, object]:
+        doc = json.loads(state.path.read_text())
+        return {k: v for a in doc["allocations"] for k, v in a["attached"].items()}
+
+    async def body(reg: Registry) -> None:
+        await reg.create(spec(tmp_path / "s", "va", "vc"))
+        record = {"netns": "/run/netns/pod", "ifname": "net1", "orig_mtu": "1500"}
+        await reg.record_ahead("a1", "va", record)
+        await reg.record_ahead("a1", "vc", {"netns": "/run/netns/pod", "ifname": "net2"})
+        assert set(on_disk()) == {"va", "vc"}
+        assert reg.attachment("va") is None and list(reg.attachments()) == []
+        writes = state.writes
+        # (Where it really is does not matter to the record: left where it is.)
+        await reg.attach("a1", "va", record, Netns.current(), "va",
+                         socket.if_nametoindex("va"), on_disk=True)
+        assert state.writes == writes  # nothing written again
+        assert reg.attachment("va") == record
+        await reg.forget_ahead("vc")  # its move failed
+        assert on_disk() == {"va": record}
+
+    with netns.entered():
+        async def main() -> None:
+            with Netns.current() as here:
+                server = HandoutServer()
+                reg = Registry(server, here, ProgramTable(), state)
+                try:
+                    await body(reg)
+                finally:
+                    await reg.shutdown(release=False)
+                    server.close()
+        asyncio.run(main())
