@@ -266,15 +266,19 @@ class Registry:
                  result)
         return result
 
-    async def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]
-                        ) -> None:
-        """Record the pod an allocation belongs to (and the hostname it may /connect with)."""
+    def set_owner(self, allocation_id: str, owner: str, hostnames: frozenset[str]) -> None:
+        """Record the pod an allocation belongs to (and the hostname it may /connect with).
+
+        In force at once; written to the state file right after, with nobody waiting
+        (a CNI ADD that asked kubelet about its pod would wait for the disk): a
+        daemon that dies before it is written learns the owner again from kubelet's
+        next List."""
         allocation = self._allocations[allocation_id]
         allocation.owner = owner
         allocation.hostnames_allowed = hostnames
         self._specs[allocation_id] = replace(self._specs[allocation_id], owner=owner,
                                              hostnames=hostnames)
-        await self.save()
+        self.save_soon()
 
     async def restore(self, check: Callable[[AllocationSpec], AllocationSpec] | None = None
                       ) -> tuple[list[str], list[str]]:

@@ -181,10 +181,9 @@ class Owners:
             key = (self.resource_of_pool.get(alloc.pool, ""), frozenset(alloc.netdevs))
             holder = by_devices.get(key)
             if holder is not None:
-                if alloc.owner != holder.owner and alloc_id in self.registry.allocations:
-                    # (still there: a save before may have let a release run)
-                    await self.registry.set_owner(alloc_id, holder.owner,
-                                                  frozenset({pod_hostname(holder.pod)}))
+                if alloc.owner != holder.owner:
+                    self.registry.set_owner(alloc_id, holder.owner,
+                                            frozenset({pod_hostname(holder.pod)}))
                     log.info("event=allocation_owner id=%s owner=%s hostname=%s", alloc_id,
                              holder.owner, pod_hostname(holder.pod))
                 continue

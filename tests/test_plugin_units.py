@@ -515,8 +515,7 @@ def test_a_cni_owner_check_during_garbage_collection_waits_for_the_list_not_the_
             self.allocations["gone"].netdevs = {"p0": None}  # type: ignore[dict-item]
             self.allocations["new"].netdevs = {"p1": None}  # type: ignore[dict-item]
 
-        async def set_owner(self, alloc_id: str, owner: str, hostnames: frozenset[str]
-                            ) -> None:
+        def set_owner(self, alloc_id: str, owner: str, hostnames: frozenset[str]) -> None:
             self.allocations[alloc_id].owner = owner
 
         async def release(self, alloc_id: str) -> None:

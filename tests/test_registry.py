@@ -172,7 +172,7 @@ def test_state_survives_a_restart_and_restore_reuses_paths_programs_and_maps(
 
     async def first(reg: Registry) -> tuple[int, int]:
         a = await reg.create(spec(base, "va", queues=1, pool="fast"))
-        await reg.set_owner("a1", "ns1/pod-a/c0", frozenset({"pod-a"}))
+        reg.set_owner("a1", "ns1/pod-a/c0", frozenset({"pod-a"}))
         return a.netdevs["va"].program.program.prog_id, a.netdevs["va"].program.program.map_id
 
     prog_id, map_id = run_in(netns, first, state, release=False)  # a daemon stop, not a release
