@@ -81,10 +81,17 @@ def _link_state(name: str) -> dict[str, Any]:
             "addresses": addrs}
 
 
-def _configure(name: str, ipam: dict[str, Any] | None) -> dict[str, Any]:
+def _configure(name: str, ipam: dict[str, Any] | None, mac: str) -> dict[str, Any]:
     """In the pod's netns: addresses and routes from the IPAM result; its ifindex
     and MAC.  One netlink socket for all of it, and the link read for those two
-    only (its full decoding took longer than the rest): this is on every pod's start."""
+    only (its full decoding took longer than the rest): this is on every pod's start.
+    Without addresses or routes (no IPAM: DPDK needs none), no netlink at all: the
+    ifindex by one ioctl, and ``mac``, the one it had at home (a move keeps it)."""
+    if not (ipam or {}).get("ips") and not (ipam or {}).get("routes"):
+        index = ifindex_of(name)
+        if index is None:
+            raise NetdevMissing(f"no netdev named {name!r} in this network namespace")
+        return {"ifindex": index, "mac": mac}
     with IPRoute() as ipr:
         facts = lookup(ipr, name)  # (up already: moved so)
         if facts is None:
@@ -196,7 +203,8 @@ class CniOperations:
                                        ) from e
                     try:
                         ipam = await _ipam_result(req, follow_up)
-                        state = await target.run_async(lambda: _configure(target_name, ipam))
+                        state = await target.run_async(
+                            lambda: _configure(target_name, ipam, before["orig_mac"]))
                     except Exception as e:
                         with contextlib.suppress(Exception):
                             await target.run_async(lambda: bring_home(

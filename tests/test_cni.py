@@ -435,6 +435,25 @@ def link(ns: NsFixture, dev: str) -> dict[str, Any]:
     return doc
 
 
+def test_add_without_ipam_reports_what_the_pod_sees_and_del_finds_it_there(
+        env: Env) -> None:
+    """No IPAM (a DPDK pod needs no address): no netlink in the pod for set-up, yet
+    the result's MAC is the device's there, CHECK agrees, the pod gets its fd, and
+    DEL finds the device by the ifindex it has there and brings it home."""
+    mount = env.admit(["p0"]).container_responses[0].mounts[0]
+    conf = {k: v for k, v in env.conf.items() if k != "ipam"}
+    res = env.cni("ADD", conf, netns=str(env.pod.path))
+    assert res.code == 0, res.out
+    (iface,) = res.out["interfaces"]
+    assert (iface["name"], iface["mac"]) == ("net1", link(env.pod, "net1")["address"])
+    assert env.cni("CHECK", dict(conf, prevResult=res.out), netns=str(env.pod.path)).code == 0
+    with env.pod.entered():
+        fetch_map_fd(Path(mount.host_path) / "afxdp.sock", "net1", hostname="pod-a",
+                     timeout=10).close()
+    assert env.cni("DEL", conf, netns=str(env.pod.path)).code == 0
+    assert "p0" in env.links(env.k8s.ns) and "net1" not in env.links(env.pod)
+
+
 def test_del_gives_the_device_back_as_it_was_and_it_is_allocatable_again(env: Env) -> None:
     before = link(env.k8s.ns, "p0")
     assert "UP" in before["flags"]
