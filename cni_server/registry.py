@@ -62,6 +62,8 @@ class Registry:
         # Attachment records written ahead of their move (record_ahead): on disk,
         # not yet in the views.  netdev -> (allocation id, record)
         self._ahead: dict[str, tuple[str, dict[str, str]]] = {}
+        # Allocations written while they are being built (create): on disk only.
+        self._building: dict[str, AllocationSpec] = {}
         server.metrics.track(server.metrics.allocations, lambda: len(self._allocations))
 
     # -- views -------------------------------------------------------------------
@@ -135,15 +137,33 @@ class Registry:
             other = self.by_netdev(netdev)
             if other is not None:
                 raise RegistryError(f"{netdev} is already in allocation {other.id}")
-        async with self._provision.building(spec) as allocation:
-            self._allocations[spec.id] = allocation
-            self._specs[spec.id] = spec
-            try:
-                if persist:
+        # Written while it is built (attaching waits for the kernel: an RCU grace
+        # period on a node with few XDP programs), answered once both are done.  A
+        # daemon that dies in between restores it at its next start (attached then),
+        # and releases it as unclaimed if kubelet's retried Allocate made another.
+        saving = None
+        if persist:
+            self._building[spec.id] = spec
+            saving = asyncio.ensure_future(self.save())
+        try:
+            async with self._provision.building(spec) as allocation:
+                self._allocations[spec.id] = allocation
+                self._specs[spec.id] = spec
+                try:
+                    if saving is not None:
+                        await asyncio.shield(saving)
+                except BaseException:
+                    self._forget(spec.id)
+                    raise
+        except BaseException:
+            self._building.pop(spec.id, None)
+            if saving is not None:
+                await asyncio.wait([saving])  # then written again, without it
+                with contextlib.suppress(StateError):
                     await self.save()
-            except BaseException:
-                self._forget(spec.id)
-                raise
+            raise
+        finally:
+            self._building.pop(spec.id, None)
         log.info("event=allocation_created id=%s pool=%s netdevs=%s sockets=%s", spec.id,
                  spec.pool or "-", ",".join(spec.netdevs),
                  ",".join(str(p) for p in spec.socket_paths()) or "-")
@@ -360,6 +380,8 @@ class Registry:
 
     def _records(self) -> list[dict[str, Any]]:
         specs = self._specs
+        if self._building:
+            specs = {**self._building, **specs}
         if self._ahead:
             specs = dict(specs)
             for netdev, (allocation_id, record) in self._ahead.items():

@@ -405,3 +405,47 @@ def test_a_record_written_ahead_of_its_move_is_on_disk_only_and_not_written_twic
                     await reg.shutdown(release=False)
                     server.close()
         asyncio.run(main())
+
+
+def test_an_allocation_is_written_while_it_is_built_and_taken_back_if_building_fails(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """Allocate's record goes to disk while the kernel attaches (the write does not
+    wait for the attach, nor the attach for the write); Allocate answers once both
+    are done, and a build that fails leaves nothing on disk."""
+    netns.veth("va", "vb")
+    state = _HeldFile(tmp_path / "state.json")
+
+    def ids_on_disk() -> list[str]:
+        return [a["id"] for a in json.loads(state.path.read_text())["allocations"]]
+
+    async def main() -> tuple[bool, bool, list[str], list[str]]:
+        with Netns.current() as here:
+            server = HandoutServer()
+            reg = Registry(server, here, ProgramTable(), state)
+            try:
+                state.release.clear()
+                creating = asyncio.ensure_future(reg.create(spec(tmp_path / "a1", "va")))
+                assert await asyncio.to_thread(state.held.wait, 10)  # writing...
+                for _ in range(200):  # ...while the program goes on
+                    if netns.xdp_prog_id("va"):
+                        break
+                    await asyncio.sleep(0.01)
+                attached_during_write = bool(netns.xdp_prog_id("va"))
+                answered_before_written = creating.done()
+                state.release.set()
+                await creating
+                after_create = ids_on_disk()
+                with pytest.raises(LookupError, match="nosuch0"):
+                    await reg.create(spec(tmp_path / "a2", "vb", "nosuch0", id="a2"))
+                after_failure = ids_on_disk()
+            finally:
+                state.release.set()
+                await reg.shutdown(release=True)
+                server.close()
+        return attached_during_write, answered_before_written, after_create, after_failure
+
+    with netns.entered():
+        during, early, after_create, after_failure = asyncio.run(main())
+    assert during and not early
+    assert after_create == ["a1"]
+    assert after_failure == ["a1"]
