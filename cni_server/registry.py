@@ -159,6 +159,8 @@ class Registry:
             self._building.pop(spec.id, None)
             if saving is not None:
                 await asyncio.wait([saving])  # then written again, without it
+                if not saving.cancelled():
+                    saving.exception()  # (its failure is this one's, or moot now)
                 with contextlib.suppress(StateError):
                     await self.save()
             raise
@@ -362,9 +364,10 @@ class Registry:
             await self._writer.save()
 
     def save_soon(self) -> None:
-        """:meth:`save`, with nobody waiting for it: for a change whose record may
-        lag (a netdev recorded in a pod it has left is found home at the next start,
-        see Provisioner.locate).  A failure is logged; shutdown waits for it."""
+        """:meth:`save`, with nobody waiting for it: for a change a daemon that dies
+        before it is written can do without (a netdev recorded in a pod it has left
+        is found home at the next start, see Provisioner.locate; an owner is learnt
+        again from kubelet).  A failure is logged; shutdown waits for it."""
         if self._writer is None:
             return
 
