@@ -426,7 +426,7 @@ def test_an_allocation_is_written_while_it_is_built_and_taken_back_if_building_f
                 state.release.clear()
                 creating = asyncio.ensure_future(reg.create(spec(tmp_path / "a1", "va")))
                 assert await asyncio.to_thread(state.held.wait, 10)  # writing...
-                for _ in range(200):  # ...while the program goes on
+                for _ in range(1000):  # ...while the program goes on
                     if netns.xdp_prog_id("va"):
                         break
                     await asyncio.sleep(0.01)
