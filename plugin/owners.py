@@ -224,7 +224,15 @@ class Owners:
     async def check_pod(self, allocation: Allocation, namespace: str, pod: str) -> str:
         """For CNI ADD: "" when pod ``namespace/pod`` holds ``allocation``'s devices
         (per kubelet), else why not.  Asks kubelet afresh when the owner is not
-        known yet (PodResources lists a pod from admission, before CNI ADD)."""
+        known yet (PodResources lists a pod from admission, before CNI ADD).
+
+        A List already under way (the one :meth:`allocated` asks for a moment after
+        Allocate, say) is waited for first: if it names the pod, no List of our
+        own is needed.  Whichever List names an owner, that is the owner: an
+        allocation is made for one pod's Allocate and never passes to another."""
+        inflight = self._inflight
+        if not allocation.owner and inflight is not None and not inflight.done():
+            await asyncio.shield(inflight)
         if not allocation.owner:
             await self.refresh(fresh_since=time.monotonic())
         if not allocation.owner:
@@ -235,11 +243,16 @@ class Owners:
         return ""
 
     def allocated(self, alloc_id: str) -> None:
-        """A new allocation: ask kubelet soon, and a few times, who got it."""
+        """A new allocation: ask kubelet soon, and a few times, who got it.
+
+        kubelet records which container got the devices as soon as Allocate returns,
+        during the pod's admission, and creates the pod's sandbox (the CNI ADD)
+        after that: asked a few milliseconds after Allocate, it usually names the
+        pod already, and the ADD finds its owner known (or being learnt)."""
         self.created[alloc_id] = time.monotonic()
 
         async def kicks() -> None:
-            for delay in (0.3, 1.0, 3.0, 10.0):
+            for delay in (0.005, 0.3, 1.0, 3.0, 10.0):
                 await asyncio.sleep(delay)
                 alloc = self.registry.allocations.get(alloc_id)
                 if alloc is None or alloc.owner:

@@ -549,6 +549,61 @@ def test_a_cni_owner_check_during_garbage_collection_waits_for_the_list_not_the_
     assert during == [] and released_in_the_end == ["gone"]
 
 
+def test_a_cni_owner_check_takes_the_pod_from_a_list_under_way_without_one_of_its_own(
+        tmp_path: Path) -> None:
+    """The List asked for a moment after Allocate is under way when the pod's CNI ADD
+    comes: if it names the pod, the ADD needs no List of its own (kubelet allows
+    all its PodResources clients about 100 a second)."""
+    import asyncio
+
+    from cni_server.allocation import Allocation
+    from plugin.owners import Owners
+    from tests.fake_kubelet import running
+
+    class Registry:
+        def __init__(self) -> None:
+            self.allocations = {"new": Allocation("new", {}, frozenset(), pool="pool1")}
+            self.allocations["new"].netdevs = {"p1": None}  # type: ignore[dict-item]
+
+        def set_owner(self, alloc_id: str, owner: str, hostnames: frozenset[str]) -> None:
+            self.allocations[alloc_id].owner = owner
+
+    async def body(sock: Path, kubelet: Any) -> str:
+        registry = Registry()
+        owners = Owners(registry, sock, {"pool1": "afxdp/pool1"},  # type: ignore[arg-type]
+                        gc_interval=60, gc_grace=300)
+        under_way = asyncio.ensure_future(owners.refresh())  # e.g. allocated()'s first ask
+        while kubelet.list_calls == 0:  # kubelet is answering it (slowly)
+            await asyncio.sleep(0.005)
+        why = await asyncio.wait_for(
+            owners.check_pod(registry.allocations["new"], "ns", "pod-b"), 5)
+        await under_way
+        await owners.stop()
+        return why
+
+    with running(tmp_path / "dp", tmp_path / "podres.sock") as kubelet:
+        kubelet.add_pod("ns", "pod-b", "afxdp/pool1", ["p1"])
+        kubelet.list_delay = 0.3
+        why = asyncio.run(body(tmp_path / "podres.sock", kubelet))
+        lists = kubelet.list_calls
+    assert why == "" and lists == 1
+
+    # A List that began before the pod was admitted cannot name it: one of its own.
+    with running(tmp_path / "dp2", tmp_path / "podres2.sock") as kubelet:
+        kubelet.list_delay = 0.3
+
+        async def admitted_meanwhile() -> str:
+            checking = asyncio.ensure_future(body(tmp_path / "podres2.sock", kubelet))
+            while kubelet.list_calls == 0:
+                await asyncio.sleep(0.005)
+            kubelet.add_pod("ns", "pod-b", "afxdp/pool1", ["p1"])
+            return await checking
+
+        why = asyncio.run(admitted_meanwhile())
+        lists = kubelet.list_calls
+    assert why == "" and lists == 2
+
+
 # -- the start-up dump and IPv6 ---------------------------------------------------------------------
 
 LINK_LOCAL_ONLY = (
