@@ -33,7 +33,6 @@ from cni_server.netdev import (
 from cni_server.netns import Netns
 from cni_server.protocol import valid_netdev_name
 from cni_server.registry import NotBroughtHome, Registry
-from cni_server.rtread import lookup
 from cni_server.spec import AllocationSpec
 from cni_server.state import StateError
 from plugin.virtual import VirtualError, host_end, plug, unplug
@@ -83,32 +82,26 @@ def _link_state(name: str) -> dict[str, Any]:
 
 def _configure(name: str, ipam: dict[str, Any] | None, mac: str) -> dict[str, Any]:
     """In the pod's netns: addresses and routes from the IPAM result; its ifindex
-    and MAC.  One netlink socket for all of it, and the link read for those two
-    only (its full decoding took longer than the rest): this is on every pod's start.
-    Without addresses or routes (no IPAM: DPDK needs none), no netlink at all: the
-    ifindex by one ioctl, and ``mac``, the one it had at home (a move keeps it)."""
-    if not (ipam or {}).get("ips") and not (ipam or {}).get("routes"):
-        index = ifindex_of(name)
-        if index is None:
-            raise NetdevMissing(f"no netdev named {name!r} in this network namespace")
-        return {"ifindex": index, "mac": mac}
-    with IPRoute() as ipr:
-        facts = lookup(ipr, name)  # (up already: moved so)
-        if facts is None:
-            raise NetdevMissing(f"no netdev named {name!r} in this network namespace")
-        idx, mac = facts[1], facts[2]
-        for ip in (ipam or {}).get("ips", []):
-            addr, _, plen = str(ip["address"]).partition("/")
-            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
-        for route in (ipam or {}).get("routes", []):
-            dst, _, plen = str(route["dst"]).partition("/")
-            kw: dict[str, Any] = {"dst": dst, "dst_len": int(plen), "oif": idx}
-            if route.get("gw"):
-                kw["gateway"] = route["gw"]
-            with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists already
-                ipr.route("add", **kw)
+    and MAC.  This is on every pod's start: the ifindex by one ioctl, ``mac`` the
+    one it had at home (a move keeps it), and a netlink socket only for addresses
+    and routes (none without IPAM: DPDK needs none)."""
+    idx = ifindex_of(name)
+    if idx is None:
+        raise NetdevMissing(f"no netdev named {name!r} in this network namespace")
+    ips, routes = (ipam or {}).get("ips", []), (ipam or {}).get("routes", [])
+    if ips or routes:
+        with IPRoute() as ipr:
+            for ip in ips:
+                addr, _, plen = str(ip["address"]).partition("/")
+                ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+            for route in routes:
+                dst, _, plen = str(route["dst"]).partition("/")
+                kw: dict[str, Any] = {"dst": dst, "dst_len": int(plen), "oif": idx}
+                if route.get("gw"):
+                    kw["gateway"] = route["gw"]
+                with contextlib.suppress(NetlinkError):  # e.g. the prefix route exists
+                    ipr.route("add", **kw)
     return {"ifindex": idx, "mac": mac}
-
 
 
 class CniOperations:
