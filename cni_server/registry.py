@@ -161,8 +161,7 @@ class Registry:
                 await asyncio.wait([saving])  # then written again, without it
                 if not saving.cancelled():
                     saving.exception()  # (its failure is this one's, or moot now)
-                with contextlib.suppress(StateError):
-                    await self.save()
+                await self._save_logged()
             raise
         finally:
             self._building.pop(spec.id, None)
@@ -225,9 +224,11 @@ class Registry:
         await self.save()
 
     async def forget_ahead(self, netdev: str) -> None:
-        """Take back what :meth:`record_ahead` wrote (the move or the set-up failed)."""
+        """Take back what :meth:`record_ahead` wrote (the move or the set-up failed).
+        A failed write is logged: a record naming a pod that does not hold the
+        netdev is found out at the next start."""
         if self._ahead.pop(netdev, None) is not None:
-            await self.save()
+            await self._save_logged()
 
     async def bring_home(self, allocation_id: str, netdev: str, *,
                          wait_for_disk: bool = True) -> None:
@@ -370,16 +371,17 @@ class Registry:
         again from kubelet).  A failure is logged; shutdown waits for it."""
         if self._writer is None:
             return
-
-        async def save_logged() -> None:
-            try:
-                await self.save()
-            except StateError as e:
-                log.error("event=state_save_failed error=%r", str(e))
-
-        task = asyncio.get_running_loop().create_task(save_logged())
+        task = asyncio.get_running_loop().create_task(self._save_logged())
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
+
+    async def _save_logged(self) -> None:
+        """:meth:`save` for a write whose failure costs nothing a restart does not
+        mend: logged, not raised."""
+        try:
+            await self.save()
+        except StateError as e:
+            log.error("event=state_save_failed error=%r", str(e))
 
     def _records(self) -> list[dict[str, Any]]:
         specs = self._specs

@@ -34,7 +34,6 @@ from cni_server.netns import Netns
 from cni_server.protocol import valid_netdev_name
 from cni_server.registry import NotBroughtHome, Registry
 from cni_server.spec import AllocationSpec
-from cni_server.state import StateError
 from plugin.virtual import VirtualError, host_end, plug, unplug
 
 log = logging.getLogger(__name__)
@@ -380,15 +379,11 @@ class _RecordAhead:
             and record == self.record
 
     async def take_back(self) -> None:
-        """The move or the set-up failed: off the disk again (a failure is logged; a
-        record left naming a pod that does not hold the device is harmless)."""
+        """The move or the set-up failed: off the disk again."""
         if self.task is None:
             return
         await _settled(self.task)
-        try:
-            await self.registry.forget_ahead(self.netdev)
-        except StateError as e:
-            log.error("event=state_save_failed error=%r", str(e))
+        await self.registry.forget_ahead(self.netdev)
 
 
 async def _settled(task: asyncio.Future[Any]) -> None:
