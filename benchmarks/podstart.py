@@ -92,6 +92,11 @@ def main() -> int:
     ap.add_argument("--attach-ahead", action="store_true",
                     help="the pool's attachAhead: every free device already carries a fresh "
                          "program when its pod comes (the runs start once all do)")
+    ap.add_argument("--gap", type=float, default=0.0, metavar="SECONDS",
+                    help="pause between one pod's removal and the next pod's Allocate "
+                         "(default 0: back to back)")
+    ap.add_argument("--warm", type=int, default=None, metavar="N",
+                    help="the daemon's warmPrograms (default: its default; 0: off)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("podstart.py: needs root (netns, veth, XDP)")
@@ -104,7 +109,8 @@ def main() -> int:
         with make_netns() as node, make_netns() as pod, \
                 running(work / "dp", work / "podres" / "kubelet.sock") as kubelet:
             veth_pairs(node, netdevs)
-            cfg = write_config(work, node={"cniSocket": str(work / "cni.sock")},
+            warm = {} if a.warm is None else {"warmPrograms": a.warm}
+            cfg = write_config(work, node={"cniSocket": str(work / "cni.sock"), **warm},
                                attachAhead=a.attach_ahead)
             d = Daemon(node, work, "--config", str(cfg), mode="daemon",
                        control=work / "control.sock")
@@ -156,6 +162,7 @@ def main() -> int:
                             phases[key].append(v)
                         cni(plugin, "DEL", conf, pod.path, name, cni_path)
                         kubelet.remove_pod("default", name)
+                        time.sleep(a.gap)
             except BaseException:
                 print(d.log()[-3000:], file=sys.stderr)
                 raise
@@ -165,6 +172,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
                       "runs": a.runs, "netdevs": netdevs, "attach_ahead": a.attach_ahead,
+                      "warm_programs": a.warm, "gap_s": a.gap,
                       "together": a.together, "steal_pct": round(100 * steal.share, 1),
                       **{k: summary(v) for k, v in phases.items() if v}}, indent=2))
     return 0

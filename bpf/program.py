@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -517,6 +517,16 @@ def replace_attached(ifindex: int, new: LoadedProgram, old: LoadedProgram, mode:
                           ctypes.get_errno() or -ret, messages)
 
 
+class FreshPrograms(Protocol):
+    """Fresh programs loaded ahead (``cni_server.warm``): :meth:`take` one of a kind
+    (None: load it), and once attached (or failed to be), say so to :meth:`placed`
+    before closing it."""
+
+    def take(self, spec: ProgramSpec, map_entries: int) -> LoadedProgram | None: ...
+
+    def placed(self, program: LoadedProgram) -> None: ...
+
+
 class NetdevProgram:
     """Our redirect program on one netdev, as the daemon manages it.
 
@@ -573,10 +583,12 @@ def ensure_attached(
     *,
     force: bool = False,
     spec: ProgramSpec = DEFAULT_PROGRAM,
+    warm: FreshPrograms | None = None,
 ) -> NetdevProgram:
     """Make sure our program is attached to ``netdev``, with an XSKMAP of >= ``queues`` slots.
 
-    - Nothing attached: load a fresh copy and attach it.
+    - Nothing attached: attach a fresh copy (one ``warm`` has ready, else one
+      loaded now).
     - Our program attached with a large enough map: adopt it (idempotent; the
       map, and the sockets already in it, survive).
     - A foreign program attached: refuse with :class:`ForeignProgram`, unless
@@ -614,15 +626,21 @@ def ensure_attached(
             netdev, state.prog_id, state.name, state.mode,
         )
         detach_any(ifindex, state, ifname=netdev)
-    program = spec.load(max(queues, 1))
+    entries = max(queues, 1)
+    taken = warm.take(spec, entries) if warm is not None else None
+    program = taken or spec.load(entries)
     try:
         used = attach(ifindex, program, mode, ifname=netdev)
     except BaseException:
+        if warm is not None:
+            warm.placed(program)
         program.close()
         raise
+    if warm is not None:
+        warm.placed(program)
     log.info(
-        "event=xdp_attached netdev=%s prog_id=%d mode=%s queue_slots=%d",
-        netdev, program.prog_id, used, program.map_entries,
+        "event=xdp_attached netdev=%s prog_id=%d mode=%s queue_slots=%d warm=%s",
+        netdev, program.prog_id, used, program.map_entries, "yes" if taken else "no",
     )
     return NetdevProgram(netdev, ifindex, program, used, adopted=False)
 

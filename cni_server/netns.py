@@ -28,6 +28,8 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
 
 
 class NetnsError(Exception):
@@ -59,6 +61,28 @@ class Netns:
     def current(cls) -> Netns:
         """The calling thread's namespace."""
         return cls.open(Path("/proc/thread-self/ns/net"), "self")
+
+    @classmethod
+    def private(cls, name: str = "private") -> Netns:
+        """A new network namespace of our own, named nowhere (no bind mount): it
+        lives as long as this handle (and workers running in it) and goes with the
+        process, whatever way it ends.  Made on a thread of its own, which
+        unshare(2) moves into it and which then ends."""
+        made: concurrent.futures.Future[Netns] = concurrent.futures.Future()
+
+        def make() -> None:
+            try:
+                if _libc.unshare(CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise NetnsError(f"unshare(CLONE_NEWNET) failed: {os.strerror(err)}")
+                made.set_result(cls.open(Path("/proc/thread-self/ns/net"), name))
+            except BaseException as e:
+                made.set_exception(e)
+
+        thread = threading.Thread(target=make, name="netns-private", daemon=True)
+        thread.start()
+        thread.join()
+        return made.result()
 
     @classmethod
     def open(cls, path: Path, name: str = "") -> Netns:

@@ -38,6 +38,7 @@ from cni_server.provision import NetdevFactory
 from cni_server.registry import Registry
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
+from cni_server.warm import WarmPrograms
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
@@ -58,6 +59,7 @@ class FrontEnd(Protocol):
     release_on_stop: bool  # detach and remove everything at stop, or keep it for pods
     fd_headroom: int  # fds beyond the connections: programs, maps, sockets, the daemon's own
     force_replace: bool  # take a netdev whose XDP program is not ours
+    warm_programs: int  # fresh programs kept ready for attaches (cni_server.warm); 0: none
 
     def claim_facts(self) -> dict[str, str]: ...
     def idle_timeout(self) -> float: ...
@@ -84,6 +86,7 @@ class NodeDaemon:
         self.netns: Netns | None = None
         self.claims: Claims | None = None
         self.registry: Registry | None = None
+        self.warm: WarmPrograms | None = None
         self.http: HealthServer | None = None
         self._control: ControlServer | None = None
         self._started = False
@@ -103,9 +106,16 @@ class NodeDaemon:
             "control": str(s.control_socket or "")})
         try:
             await self.front.prepare(self)
-            self.registry = Registry(self.server, self.netns, ProgramTable(
-                force_replace=self.front.force_replace, bpf_object=s.bpf_object,
-                metrics=self.server.metrics, claims=self.claims), *self.front.registry_parts())
+            table = ProgramTable(force_replace=self.front.force_replace,
+                                 bpf_object=s.bpf_object, metrics=self.server.metrics,
+                                 claims=self.claims)
+            self.registry = Registry(self.server, self.netns, table,
+                                     *self.front.registry_parts())
+            if self.front.warm_programs:
+                self.warm = WarmPrograms(self.front.warm_programs, self.registry.wait_quiet,
+                                         self.server.metrics)
+                await self.warm.start()
+                table.warm = self.warm
             await self.front.start(self)
             if s.control_socket is not None:
                 self._control = ControlServer(s.control_socket)
@@ -144,6 +154,9 @@ class NodeDaemon:
         await self.server.drain(DRAIN_SECONDS)  # let handshakes in flight finish
         if self.registry is not None:
             await self.registry.shutdown(release=self.front.release_on_stop)
+        if self.warm is not None:
+            await self.warm.stop()
+            self.warm = None
         self.server.close()
         await self.front.cleanup(self)
         if self.claims is not None:  # ours, whether or not a registry got to use them
@@ -175,6 +188,7 @@ class NodeDaemon:
                 len(lst.connections) for lst in self.server.listeners.values()
                 if lst.allocation is a)} for a in allocations],
             "server": self.server.stats(),
+            "warm_programs": self.warm.describe() if self.warm else None,
             "http": self.http.address if self.http else None,
             **self.front.status(self),
         }

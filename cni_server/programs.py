@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bpf.program import (
     DEFAULT_PROGRAM,
+    FreshPrograms,
     MapKeys,
     NetdevProgram,
     ProgramSpec,
@@ -82,6 +83,9 @@ class ProgramTable:
     # This daemon's claims on netdevs (one daemon per netdev); None: no claims
     # (a table in a test that is not a daemon).
     claims: Claims | None = None
+    # Fresh programs attached ahead to placeholders (cni_server.warm): attaching
+    # one costs no grace period.  None: every attach loads its own.
+    warm: FreshPrograms | None = None
     _table: dict[str, _Shared] = field(default_factory=dict)
     _ahead: dict[str, _Ahead] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -296,7 +300,7 @@ class ProgramTable:
         if spec.object_path is None and spec.source_path is None:
             spec = replace(spec, object_path=self.bpf_object)
         program = ensure_attached(netdev, ifindex, queues, mode, force=self.force_replace,
-                                  spec=spec)
+                                  spec=spec, warm=self.warm)
         try:
             fill_map_keys(program.program, choice.map_keys)
         except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -35,6 +36,9 @@ from cni_server.spec import AllocationSpec
 from cni_server.state import StateError, StateFile, StateWriter
 
 log = logging.getLogger(__name__)
+# See Registry.wait_quiet.
+QUIET = 0.1
+QUIET_POLL = 0.02
 
 __all__ = ["NetdevFactory", "NotBroughtHome", "Registry", "RegistryError"]
 
@@ -58,6 +62,7 @@ class Registry:
         # health (the inventory) looks again.
         self.on_changed: list[Callable[[str], None]] = []
         self._moving: set[str] = set()
+        self._busy_at = 0.0  # monotonic time of the last change (or of one begun)
         self._saving: set[asyncio.Task[None]] = set()  # save_soon()'s, until written
         # Attachment records written ahead of their move (record_ahead): on disk,
         # not yet in the views.  netdev -> (allocation id, record)
@@ -104,6 +109,21 @@ class Registry:
         """Whether a CNI operation is moving any netdev right now."""
         return bool(self._moving)
 
+    def busy(self) -> None:
+        """Something for a pod is under way (see :meth:`wait_quiet`)."""
+        self._busy_at = time.monotonic()
+
+    async def wait_quiet(self, seconds: float = QUIET) -> None:
+        """Return once no CNI operation is moving a netdev and nothing has changed
+        (an Allocate, a CNI ADD or DEL, a release) for ``seconds``.
+
+        For background kernel work: the kernel holds the rtnl lock through an
+        XDP attach, grace period included (10-20 ms), and a CNI ADD's move into a
+        pod needs that lock too.  Work that waits here yields to pods; on a node
+        that never pauses it waits for ever."""
+        while self._moving or time.monotonic() - self._busy_at < seconds:
+            await asyncio.sleep(QUIET_POLL)
+
     # -- changes -------------------------------------------------------------------
 
     def set_unavailable(self, netdev: str, why: str) -> bool:
@@ -137,6 +157,7 @@ class Registry:
             other = self.by_netdev(netdev)
             if other is not None:
                 raise RegistryError(f"{netdev} is already in allocation {other.id}")
+        self.busy()
         # Written while it is built (attaching waits for the kernel: an RCU grace
         # period on a node with few XDP programs), answered once both are done.  A
         # daemon that dies in between restores it at its next start (attached then),
@@ -403,5 +424,6 @@ class Registry:
         self._specs.pop(allocation_id, None)
 
     def _changed(self, netdev: str) -> None:
+        self._busy_at = time.monotonic()
         for notify in self.on_changed:
             notify(netdev)

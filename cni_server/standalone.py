@@ -41,6 +41,8 @@ class StandaloneFront:
     def __init__(self, cfg: StandaloneConfig) -> None:
         self.cfg = cfg
         self.force_replace = cfg.force_replace
+        # Its netdevs get their programs at start-up: nothing to keep ready for.
+        self.warm_programs = 0
         self._created_dirs: list[Path] = []
         self._bpffs_mount: Path | None = None
         self._watch: ProgramWatch | None = None

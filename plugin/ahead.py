@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from cni_server.lifecycle import cancel_tasks
 from cni_server.programs import ProgramChoice
@@ -32,14 +31,6 @@ from plugin.devhealth import DeviceState
 from plugin.pool import program_fields
 
 log = logging.getLogger(__name__)
-# The kernel holds the rtnl lock through an XDP attach, grace period included
-# (10-20 ms), and a CNI ADD's move into a pod needs that lock too: background
-# attaches wait until no CNI operation is moving a netdev and the registry has
-# not changed (an Allocate, a CNI ADD or DEL, a release) for QUIET seconds,
-# checked every YIELD seconds.  On a node that never pauses, Allocate attaches
-# by itself, as without attachAhead.
-QUIET = 0.1
-YIELD = 0.02
 
 
 class AttachAhead:
@@ -52,16 +43,6 @@ class AttachAhead:
         self._failed: dict[str, int] = {}  # netdev -> the ifindex a failed attach had
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._busy_at = 0.0  # monotonic time of the registry's last change
-        if self.pools:
-            registry.on_changed.append(self._busy)
-
-    def _busy(self, _netdev: str) -> None:
-        self._busy_at = time.monotonic()
-
-    async def _quiet(self) -> None:
-        while self.registry.any_moving() or time.monotonic() - self._busy_at < QUIET:
-            await asyncio.sleep(YIELD)
 
     def update(self, pools: dict[str, dict[str, DeviceState]]) -> None:
         """What to attach ahead and what to withdraw, from the pools' new states."""
@@ -107,7 +88,9 @@ class AttachAhead:
             while self._queue:
                 name = next(iter(self._queue))
                 pool, ifindex = self._queue.pop(name)
-                await self._quiet()
+                # Yields to pods (Registry.wait_quiet): on a node that never
+                # pauses, Allocate attaches by itself, as without attachAhead.
+                await self.registry.wait_quiet()
                 if not self._free(name):
                     continue
                 try:

@@ -101,6 +101,9 @@ class PluginConfig(NodeSettings):
     # How often the device plugin checks its socket and kubelet's as a safety net;
     # inotify on the plugins directory reports a kubelet restart at once.
     kubelet_check_interval: float = 10.0
+    # Fresh XDP programs kept attached to placeholders so that an Allocate's attach
+    # waits for no grace period (cni_server.warm); 0: off.
+    warm_programs: int = 2
 
     def resource_name(self, pool: PoolConfig) -> str:
         return f"{self.resource_prefix}/{pool.name}"
@@ -326,7 +329,21 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("gcGrace", seconds),
     Setting("rescanInterval", seconds),
     Setting("kubeletCheckInterval", seconds),
+    Setting("warmPrograms", lambda v, w: warm_programs(v, w)),
 )
+
+
+MAX_WARM_PROGRAMS = 16  # each holds a slot of the kernel's dispatcher (48 node-wide)
+
+
+def warm_programs(value: object, where: str) -> int:
+    """``warmPrograms``: 0 (off) to MAX_WARM_PROGRAMS."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a whole number of programs, got {value!r}")
+    if not 0 <= value <= MAX_WARM_PROGRAMS:
+        raise ConfigError(f"{where}: {value} is out of range (0 to {MAX_WARM_PROGRAMS}; "
+                          "0 turns it off)")
+    return value
 
 
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:

@@ -55,6 +55,7 @@ class KubernetesFront:
 
     def __init__(self, cfg: PluginConfig, *, supervise_interval: float | None = None) -> None:
         self.cfg = cfg
+        self.warm_programs = cfg.warm_programs
         self.supervise_interval = (cfg.kubelet_check_interval if supervise_interval is None
                                    else supervise_interval)
         self.inventory: Inventory | None = None

@@ -21,6 +21,7 @@ class RecordingFront:
     release_on_stop = True
     fd_headroom = 16
     force_replace = False
+    warm_programs = 0
 
     def __init__(self, fail_in: str = "") -> None:
         self.calls: list[str] = []

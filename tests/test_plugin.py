@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import cast
@@ -450,6 +451,29 @@ def test_no_health_flip_while_the_daemon_attaches_programs_for_a_multi_device_al
     assert ("p0", "Unhealthy") not in seen and ("p1", "Unhealthy") not in seen \
         and ("p2", "Unhealthy") not in seen, [s for s in seen if s[1] == "Unhealthy"]
     assert "lost its XDP program" not in k8s.daemons[-1].log()
+
+
+# -- warm programs --------------------------------------------------------------------------------
+
+
+def test_an_allocate_after_the_first_attaches_a_warm_program(k8s: K8s) -> None:
+    """By default the daemon keeps fresh programs on placeholders of its own: the
+    first Allocate loads its program, later ones take a warm one (no grace period
+    in their attach), each a program no one had before."""
+    d = k8s.start()
+    k = k8s.kubelet
+    k.wait_devices(RESOURCE, lambda devs: healthy(devs, "p0", "p1", "p2"))
+    k.allocate(RESOURCE, ["p0"])
+    assert re.search(r"event=xdp_attached netdev=p0 .* warm=no", d.log())
+    k8s.wait(lambda: d.log().count("event=xdp_warmed") == 2, what="two programs warmed")
+    warmed = {int(m) for m in re.findall(r"event=xdp_warmed prog_id=(\d+)", d.log())}
+    k.allocate(RESOURCE, ["p1"])
+    assert re.search(r"event=xdp_attached netdev=p1 .* warm=yes", d.log())
+    assert k8s.ns.xdp_prog_id("p1") in warmed
+    assert k8s.ns.xdp_prog_id("p0") not in warmed
+    k8s.wait(lambda: d.log().count("event=xdp_warmed") == 3, what="the stash refilled")
+    k.allocate(RESOURCE, ["p2"])
+    assert k8s.ns.xdp_prog_id("p2") in warmed - {k8s.ns.xdp_prog_id("p1")}
 
 
 # -- attachAhead ----------------------------------------------------------------------------------

@@ -327,6 +327,17 @@ def test_the_kubernetes_daemon_takes_the_standalone_connection_limits() -> None:
             validate({"pools": pools, **bad}, node_name="n1")
 
 
+def test_warm_programs_default_to_two_and_take_0_to_16() -> None:
+    from plugin.kubernetes import kubernetes_daemon
+    pools = [{"name": "fast", "drivers": ["ice"]}]
+    assert kubernetes_daemon(validate({"pools": pools}, node_name="n1")).front.warm_programs == 2
+    cfg = validate({"pools": pools, "warmPrograms": 0}, node_name="n1")
+    assert kubernetes_daemon(cfg).front.warm_programs == 0
+    for bad in (-1, 17, 2.5, True, "2"):
+        with pytest.raises(ConfigError, match="warmPrograms"):
+            validate({"pools": pools, "warmPrograms": bad}, node_name="n1")
+
+
 # -- the CNI executable's JSON codec ---------------------------------------------------------
 
 JSON_TEXTS = [
