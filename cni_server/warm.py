@@ -241,4 +241,6 @@ class WarmPrograms:
         with self._lock:
             return {"count": self.count, "warm": len(self._spares),
                     "map_entries": self._key[1] if self._key else None,
-                    "on": self._ns is not None}
+                    "on": self._ns is not None,
+                    "prog_ids": sorted(s.program.prog_id
+                                       for s in [*self._spares, *self._lent.values()])}

@@ -58,6 +58,20 @@ class K8s:
         allocs: list[dict[str, Any]] = self.status()["allocations"]
         return allocs
 
+    def warm_ids(self) -> set[int]:
+        """The programs the daemon keeps warm (fresh, on its own placeholders)."""
+        warm = self.status()["warm_programs"]
+        return set(warm["prog_ids"]) if warm else set()
+
+    def wait_warm(self) -> None:
+        """Until the daemon's warm programs are all there (its fds and programs are
+        then as they stay until the next attach)."""
+        def full() -> bool:
+            warm = self.status()["warm_programs"]
+            return not warm or not warm["on"] or warm["map_entries"] is None \
+                or warm["warm"] == warm["count"]
+        self.wait(full, what="the warm programs warmed")
+
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -33,12 +33,12 @@ pytestmark = pytest.mark.kernel
 
 def only_ours(k8s: K8s, daemon: Daemon, expected: list[int], gone: tuple[int, ...] = ()) -> None:
     """The daemon under test holds exactly the programs ``expected`` (attached to the
-    test's netdevs) and programs it dropped (``gone``) are freed.  Judged by the
-    daemon's own fds and by program id, never by a host-wide count: other copies of
-    the product may run on this host.  The kernel frees a released program after an
-    RCU grace period, so wait a moment."""
+    test's netdevs) besides those it keeps warm, and programs it dropped (``gone``)
+    are freed.  Judged by the daemon's own fds and by program id, never by a
+    host-wide count: other copies of the product may run on this host.  The kernel
+    frees a released program after an RCU grace period, so wait a moment."""
     def held() -> set[int]:
-        return held_bpf_ids(daemon.proc.pid)[0]
+        return held_bpf_ids(daemon.proc.pid)[0] - k8s.warm_ids()
 
     k8s.kubelet.wait(lambda: held() == set(expected)
                      and not any(program_exists(p) for p in gone), 5,
@@ -104,6 +104,7 @@ def test_netdev_deleted_and_recreated_is_unhealthy_then_healthy_with_a_fresh_map
     k.add_pod("default", "pod-a", RESOURCE, ["p0"])
     with k8s.ns.entered(), fetch_map_fd(sock, "p0", hostname="pod-a") as fd:
         old_map = map_id(fd.fileno())
+    k8s.wait_warm()
     fds_before = daemon_fds(d.proc.pid)
     old_prog = k8s.ns.xdp_prog_id("p0")
 
