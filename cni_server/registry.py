@@ -38,7 +38,7 @@ from cni_server.state import StateError, StateFile, StateWriter
 log = logging.getLogger(__name__)
 # See Registry.wait_quiet.
 QUIET = 0.1
-QUIET_POLL = 0.02
+QUIET_POLL = 0.005
 
 __all__ = ["NetdevFactory", "NotBroughtHome", "Registry", "RegistryError"]
 
@@ -63,6 +63,7 @@ class Registry:
         self.on_changed: list[Callable[[str], None]] = []
         self._moving: set[str] = set()
         self._busy_at = 0.0  # monotonic time of the last change (or of one begun)
+        self._unmoved: set[str] = set()  # allocations made here whose pod has not moved in
         self._saving: set[asyncio.Task[None]] = set()  # save_soon()'s, until written
         # Attachment records written ahead of their move (record_ahead): on disk,
         # not yet in the views.  netdev -> (allocation id, record)
@@ -114,15 +115,24 @@ class Registry:
         self._busy_at = time.monotonic()
 
     async def wait_quiet(self, seconds: float = QUIET) -> None:
-        """Return once no CNI operation is moving a netdev and nothing has changed
-        (an Allocate, a CNI ADD or DEL, a release) for ``seconds``.
+        """Return once no CNI operation is moving a netdev, no allocation is being
+        made, and either every allocation made here has had its pod's CNI ADD, or
+        nothing has changed (an Allocate, an ADD or DEL, a release) for ``seconds``.
 
         For background kernel work: the kernel holds the rtnl lock through an
-        XDP attach, grace period included (10-20 ms), and a CNI ADD's move into a
-        pod needs that lock too.  Work that waits here yields to pods; on a node
-        that never pauses it waits for ever."""
-        while self._moving or time.monotonic() - self._busy_at < seconds:
+        XDP attach, grace period included (10-20 ms), and a CNI ADD's move into
+        a pod needs that lock too.  Right after a pod's ADD nothing of that pod's
+        start needs the lock; while an allocation waits for its ADD (it comes
+        some milliseconds to seconds after Allocate), only a quiet spell says the
+        node is idle.  On a node that never pauses with ADDs always due, the
+        work waits for ever."""
+        while self._moving or self._building or (
+                time.monotonic() - self._busy_at < seconds and not self._settled()):
             await asyncio.sleep(QUIET_POLL)
+
+    def _settled(self) -> bool:
+        """No allocation waits for its pod's first CNI ADD."""
+        return not self._unmoved
 
     # -- changes -------------------------------------------------------------------
 
@@ -186,6 +196,7 @@ class Registry:
             raise
         finally:
             self._building.pop(spec.id, None)
+        self._unmoved.add(spec.id)
         log.info("event=allocation_created id=%s pool=%s netdevs=%s sockets=%s", spec.id,
                  spec.pool or "-", ",".join(spec.netdevs),
                  ",".join(str(p) for p in spec.socket_paths()) or "-")
@@ -231,6 +242,7 @@ class Registry:
         self._ahead.pop(netdev, None)
         await self._moved(allocation_id, netdev, record, netns, ifname, ifindex,
                           wait_for_disk=not on_disk)
+        self._unmoved.discard(allocation_id)
 
     async def record_ahead(self, allocation_id: str, netdev: str, record: dict[str, str]
                            ) -> None:
@@ -420,6 +432,7 @@ class Registry:
     # -- helpers ----------------------------------------------------------------
 
     def _forget(self, allocation_id: str) -> None:
+        self._unmoved.discard(allocation_id)
         self._allocations.pop(allocation_id, None)
         self._specs.pop(allocation_id, None)
 

@@ -449,3 +449,37 @@ def test_an_allocation_is_written_while_it_is_built_and_taken_back_if_building_f
     assert during and not early
     assert after_create == ["a1"]
     assert after_failure == ["a1"]
+
+
+def test_background_work_waits_for_a_pods_move_not_for_a_quiet_spell_once_it_is_in(
+        netns: NsFixture, tmp_path: Path) -> None:
+    """Registry.wait_quiet (warm programs, attachAhead): while an allocation waits
+    for its pod's CNI ADD, background attaches (which hold the rtnl lock the ADD's
+    move needs) wait for a quiet spell; once every new allocation's pod has its
+    device, they need not wait at all."""
+    from tests.kernel import make_netns
+
+    netns.veth("va", "vb")
+
+    async def waited(reg: Registry, seconds: float) -> float:
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(reg.wait_quiet(seconds), 10)
+        return asyncio.get_running_loop().time() - t0
+
+    async def body(reg: Registry, pod: NsFixture) -> tuple[float, float, float]:
+        before = await waited(reg, 0.5)  # nothing has happened yet
+        await reg.create(spec(tmp_path / "s", "va"))
+        due = await waited(reg, 0.5)  # the ADD is due: a quiet spell
+        run("ip", "link", "set", "va", "netns", pod.name)
+        where = Netns.open(pod.path)
+        ifindex = where.run(lambda: link_info("va").ifindex)
+        await reg.attach("a1", "va", {"netns": str(pod.path), "ifname": "va"}, where, "va",
+                         ifindex)
+        moved_in = await waited(reg, 0.5)  # just changed, but nothing is due
+        await reg.bring_home("a1", "va")
+        return before, due, moved_in
+
+    with make_netns() as pod:
+        before, due, moved_in = run_in(netns, lambda reg: body(reg, pod))
+    assert before < 0.1 and moved_in < 0.1
+    assert due >= 0.45
