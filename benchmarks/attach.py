@@ -11,6 +11,10 @@ it) and detached again, in four ways, each timed as a whole:
 - ``skb``: one after another, at the generic hook;
 - ``native-threads``: ``--threads`` threads at once, each with its own netlink
   and BPF work, to see whether the kernel's part runs in parallel;
+- ``native-warm``: one after another, each taking a warm program (the
+  daemon's ``warmPrograms``: loaded and attached to a placeholder in a netns of
+  its own beforehand, see ``cni_server/warm.py``); the refill each waited for
+  is timed apart (``warming_p50_ms``), as the daemon does it in the background;
 - ``load-only``: the BPF object loaded and closed, no attach: our share.
 
 Prints one JSON line per way, with the median single attach among the first 40
@@ -22,6 +26,7 @@ period each.  On a machine that runs other XDP programs the split moves.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -34,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bpf.program import DEFAULT_PROGRAM, NetdevProgram, XdpMode, ensure_attached
 from cni_server.netdev import link_info
+from cni_server.warm import WarmPrograms
 from tests.kernel import make_netns, veth_pairs
+from tests.loop_thread import loop_thread
 
 DISPATCHER_MAX = 48  # BPF_DISPATCHER_MAX in the kernel (kernel/bpf/dispatcher.c)
 
@@ -62,6 +69,39 @@ def attach_all(names: list[str], mode: XdpMode, threads: int
     for p in programs:
         p.detach()
     return attach, time.perf_counter() - t0, programs[0].mode, each
+
+
+async def _at_once() -> None:
+    """The node is always quiet here: refill at once."""
+
+
+def attach_warm(names: list[str]) -> tuple[list[float], list[float], float]:
+    """(each attach's ms, each wait for a warm program's ms, detach all s); the
+    first attach loads its own (nothing is warm before the first ask)."""
+    each: list[float] = []
+    waits: list[float] = []
+    with loop_thread() as loop:
+        warm = WarmPrograms(1, _at_once)
+        asyncio.run_coroutine_threadsafe(warm.start(), loop).result()
+        try:
+            programs = []
+            for i, name in enumerate(names):
+                info = link_info(name)
+                t = time.perf_counter()
+                while i and not warm.describe()["warm"]:
+                    time.sleep(0.0005)
+                waits.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                programs.append(ensure_attached(name, info.ifindex, info.queue_slots,
+                                                XdpMode.NATIVE, warm=warm))
+                each.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            for p in programs:
+                p.detach()
+            detach = time.perf_counter() - t
+        finally:
+            asyncio.run_coroutine_threadsafe(warm.stop(), loop).result()
+    return each, waits[1:], detach
 
 
 def median(values: list[float]) -> float:
@@ -103,6 +143,13 @@ def main() -> int:
                                   f"attach_after_{DISPATCHER_MAX}_p50_ms":
                                       round(median(each[DISPATCHER_MAX:]), 2),
                                   "detach_all_s": round(detach, 2)}), flush=True)
+            each, waits, detach = attach_warm(names)
+            print(json.dumps({"way": "native-warm", "mode": "native", "threads": 1,
+                              "attach_first_40_p50_ms": round(median(each[1:41]), 2),
+                              f"attach_after_{DISPATCHER_MAX}_p50_ms":
+                                  round(median(each[DISPATCHER_MAX:]), 2),
+                              "warming_p50_ms": round(median(waits[:40]), 2),
+                              "detach_all_s": round(detach, 2)}), flush=True)
             took = load_only(a.netdevs)
             print(json.dumps({"way": "load-only", "all_s": round(took, 2),
                               "each_ms": round(took / a.netdevs * 1e3, 2)}), flush=True)

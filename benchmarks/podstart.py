@@ -18,6 +18,8 @@ between runs, CNI DEL and the pod's removal (not timed) clean up.
 ``--together K``: K pods admitted, then their K CNI ADDs started at once.
 ``--netdevs N``: N netdevs in the pool (at least one per run), as on a node with
 many VFs: every link event then costs the inventory's work over all of them.
+``--warm N``: the daemon's warmPrograms (0: each Allocate loads its program);
+``--gap S``: S seconds between one pod's removal and the next pod's Allocate.
 """
 
 from __future__ import annotations
