@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -228,11 +229,16 @@ def node(netns: NsFixture, workdir: Path, host_dirs: dict[str, Path], cni: Runne
 
 def test_kubernetes_mode_allocates_moves_and_serves_with_the_manifests_capabilities(
         node: Node, client_runtime: ClientRuntime) -> None:
-    node.start(manifest_caps())
+    d = node.start(manifest_caps())
     sock = node.admit()
     assert sock.stat().st_uid == 65534
     add = node.cni("ADD", node.conf, netns=str(node.pod.path))
     assert add.code == 0, add.out
+    # Its warm programs too: a netns of its own, placeholders, attaches there.
+    node.k8s.wait(lambda: "event=xdp_warmed" in d.log(), what="a program warmed")
+    node.k8s.kubelet.allocate(RESOURCE, ["p1"])
+    assert re.search(r"event=xdp_attached netdev=p1 .* warm=yes", d.log())
+    assert "xdp_warm_off" not in d.log() and "xdp_warm_failed" not in d.log()
     for mode in ("map", "xsk"):
         assert received(node.client(client_runtime, sock, mode)) == 1000, mode
     assert node.cni("DEL", node.conf, netns=str(node.pod.path)).code == 0
