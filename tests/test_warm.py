@@ -4,7 +4,6 @@ placeholders in a private netns, taken by an attach, never given twice."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +11,11 @@ from typing import TypeVar
 
 import pytest
 
-from bpf import libbpf
 from bpf.errors import LibbpfError
-from bpf.program import DEFAULT_PROGRAM, LoadedProgram, XdpMode, ensure_attached, query
+from bpf.program import DEFAULT_PROGRAM, XdpMode, ensure_attached, query
 from cni_server.netdev import link_info
 from cni_server.warm import WarmPrograms
-from tests.kernel import NsFixture
+from tests.kernel import NsFixture, program_exists
 from tests.loop_thread import loop_thread
 
 pytestmark = pytest.mark.kernel
@@ -73,18 +71,14 @@ def _warmed(stash: Stash) -> int:
 
 
 def _freed(prog_id: int, timeout: float = 5.0) -> bool:
-    """The kernel has let go of program ``prog_id`` (no fd, no netdev holds it)."""
+    """The kernel lets go of program ``prog_id`` (no fd, no netdev holds it) within
+    ``timeout``: it frees a program after an RCU grace period."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            fd = libbpf.check(libbpf.call("bpf_prog_get_fd_by_id", prog_id), "probe")
-        except LibbpfError as e:
-            if e.errno == errno.ENOENT:
-                return True
-            raise
-        LoadedProgram.from_prog_fd(fd, "probe").close()
-        time.sleep(0.05)
-    return False
+    while program_exists(prog_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_an_attach_takes_the_warm_program_and_the_stash_warms_a_fresh_one(
