@@ -73,8 +73,14 @@ def test_sigkill_while_a_pod_receives_traffic_keeps_flowing_and_restart_restores
     with pod_receiver(k8s, client_runtime, f"{sock_dir}/afxdp.sock", "p0", "rx-pod", 2000,
                       timeout=30) as finish:
         prog = k8s.ns.xdp_prog_id("p0")
+        k8s.wait_warm()
+        warm = k8s.warm_ids()
+        assert warm  # (the first Allocate had it warm two)
         first.stop(signal.SIGKILL)
         send_frames(k8s, "q0", 1000)  # the daemon is dead: the data path does not need it
+        # Its warm programs went with it: their netns was its own, named nowhere.
+        k8s.wait(lambda: not any(program_exists(p) for p in warm), 5,
+                 what=f"the dead daemon's warm programs {sorted(warm)} freed")
 
         second = k8s.start()
         assert "allocations=1 dropped=0" in second.log()
