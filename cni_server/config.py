@@ -332,23 +332,25 @@ def check_connection_limits(total: int, per_socket: int) -> None:
 MAX_HANDSHAKE_SPIN_US = 1000
 
 
+def int_in(value: object, where: str, low: int, high: int, unit: str, note: str = "") -> int:
+    """A whole number of ``unit`` from ``low`` to ``high`` (never a bool); ``note``
+    ends the out-of-range message."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a whole number of {unit}, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: {value} is out of range ({low} to {high} {unit}{note})")
+    return value
+
+
 def umem_limit(value: object, where: str) -> int:
     """Bytes of UMEM one /xsk_bound_socket may ask for: 4 KiB .. 4 GiB."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: expected a number of bytes, got {value!r}")
-    if not 4096 <= value <= 2**32:
-        raise ConfigError(f"{where}: {value} is out of range (4096 to {2**32} bytes)")
-    return value
+    return int_in(value, where, 4096, 2**32, "bytes")
 
 
 def handshake_spin_us(value: object, where: str) -> int:
     """Microseconds the handout server polls for a handshake's next request (0: off)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: expected an integer number of microseconds, got {value!r}")
-    if not 0 <= value <= MAX_HANDSHAKE_SPIN_US:
-        raise ConfigError(f"{where}: {value} is out of range (0 to {MAX_HANDSHAKE_SPIN_US} "
-                          "microseconds; 0 turns the spin off)")
-    return value
+    return int_in(value, where, 0, MAX_HANDSHAKE_SPIN_US, "microseconds",
+                  "; 0 turns the spin off")
 
 
 def read_yaml(path: Path) -> Any:

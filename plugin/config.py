@@ -22,6 +22,7 @@ from cni_server.config import (
     Setting,
     check_known,
     choice,
+    int_in,
     parse_mode,
     read_settings,
     read_yaml,
@@ -338,12 +339,7 @@ MAX_WARM_PROGRAMS = 16  # each holds a slot of the kernel's dispatcher (48 node-
 
 def warm_programs(value: object, where: str) -> int:
     """``warmPrograms``: 0 (off) to MAX_WARM_PROGRAMS."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: expected a whole number of programs, got {value!r}")
-    if not 0 <= value <= MAX_WARM_PROGRAMS:
-        raise ConfigError(f"{where}: {value} is out of range (0 to {MAX_WARM_PROGRAMS}; "
-                          "0 turns it off)")
-    return value
+    return int_in(value, where, 0, MAX_WARM_PROGRAMS, "programs", "; 0 turns it off")
 
 
 def validate(raw: object, *, node_name: str | None = None) -> PluginConfig:
