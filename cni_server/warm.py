@@ -15,7 +15,8 @@ attached in skb mode to placeholder veths in a network namespace of its own
 (:meth:`WarmPrograms.take`), and once it is on the netdev, lets go of its
 placeholder (:meth:`WarmPrograms.placed`: a reference dropped, no grace
 period).  The stash is refilled in the background when the node is quiet
-(``Registry.wait_quiet``), with programs of the kind last asked for.
+(``Registry.wait_quiet``), with programs of each kind asked for lately: a
+pool's program, with its XSKMAP sized to the netdev's queues.
 
 A warm program is as fresh as one loaded at the attach: nobody has been given
 its map, and no frame reaches it (a placeholder is down, with no peer outside).
@@ -40,7 +41,12 @@ from cni_server.netns import Netns
 
 log = logging.getLogger(__name__)
 
-Key = tuple[ProgramSpec, int]  # what to load: the program, and its XSKMAP's size
+Key = tuple[ProgramSpec, int]  # a kind: the program, and its XSKMAP's size
+# Kinds kept warm: the MAX_KINDS last asked for (a node's pools, by program and
+# queue count), ``count`` of each, and MAX_HELD programs in all: each holds one of
+# the dispatcher's 48 places while it waits.
+MAX_KINDS = 4
+MAX_HELD = 16
 
 
 @dataclass
@@ -60,7 +66,7 @@ class WarmPrograms:
         self._metrics = metrics
         self._ns: Netns | None = None
         self._lock = threading.Lock()  # take() and placed() run on worker threads
-        self._key: Key | None = None  # the kind last asked for
+        self._kinds: dict[Key, None] = {}  # kinds asked for, the latest last
         self._spares: list[_Spare] = []
         self._lent: dict[int, _Spare] = {}  # prog id -> taken, not yet placed
         self._slots: list[int] = []  # free placeholders
@@ -105,13 +111,16 @@ class WarmPrograms:
 
     def take(self, spec: ProgramSpec, map_entries: int) -> LoadedProgram | None:
         """A warm program of this kind, now the caller's (attach it, then call
-        :meth:`placed`), or None: load one.  Either way this kind is the one kept
-        warm from now on."""
+        :meth:`placed`), or None: load one.  Either way this kind is kept warm
+        from now on (while it is among the MAX_KINDS last asked for)."""
         if self._ns is None:
             return None
         key = (spec, map_entries)
         with self._lock:
-            self._key = key
+            self._kinds.pop(key, None)
+            self._kinds[key] = None
+            while len(self._kinds) > MAX_KINDS:
+                del self._kinds[next(iter(self._kinds))]
             spare = next((s for s in self._spares if s.key == key), None)
             if spare is not None:
                 self._spares.remove(spare)
@@ -173,17 +182,27 @@ class WarmPrograms:
                          spare.key[1])
 
     async def _wanted(self) -> Key | None:
-        """The kind to warm one more of, if the stash is short.  Spares of another
-        kind are dropped first."""
+        """The kind to warm one more of, if any is short.  Spares of kinds no
+        longer kept are dropped first."""
         with self._lock:
-            stale = [s for s in self._spares if s.key != self._key]
-            self._spares = [s for s in self._spares if s.key == self._key]
-            short = self._key is not None and len(self._spares) + len(self._lent) < self.count
-            key = self._key
+            stale = [s for s in self._spares if s.key not in self._kinds]
+            self._spares = [s for s in self._spares if s.key in self._kinds]
+            key = self._short()
         assert self._ns is not None
         for spare in stale:
             await asyncio.shield(self._ns.run_async(partial(self._drop, spare)))
-        return key if short else None
+        return key
+
+    def _short(self) -> Key | None:
+        """(Lock held.)  The latest kind with fewer than ``count`` warm or lent,
+        unless MAX_HELD are held in all."""
+        held = [*self._spares, *self._lent.values()]
+        if len(held) >= MAX_HELD:
+            return None
+        for key in reversed(self._kinds):
+            if sum(1 for s in held if s.key == key) < self.count:
+                return key
+        return None
 
     def _warm(self, key: Key) -> _Spare:
         """In the private netns: a fresh program of ``key``'s kind on a free placeholder."""
@@ -239,8 +258,11 @@ class WarmPrograms:
     def describe(self) -> dict[str, object]:
         """For the status: how many are warm, of what kind."""
         with self._lock:
-            return {"count": self.count, "warm": len(self._spares),
-                    "map_entries": self._key[1] if self._key else None,
+            kinds = [{"program": spec.name, "map_entries": entries,
+                      "warm": sum(1 for s in self._spares if s.key == (spec, entries))}
+                     for spec, entries in self._kinds]
+            return {"count": self.count, "warm": len(self._spares), "kinds": kinds,
+                    "filling": self._ns is not None and self._short() is not None,
                     "on": self._ns is not None,
                     "prog_ids": sorted(s.program.prog_id
                                        for s in [*self._spares, *self._lent.values()])}

@@ -68,8 +68,7 @@ class K8s:
         then as they stay until the next attach)."""
         def full() -> bool:
             warm = self.status()["warm_programs"]
-            return not warm or not warm["on"] or warm["map_entries"] is None \
-                or warm["warm"] == warm["count"]
+            return not warm or not warm["filling"]
         self.wait(full, what="the warm programs warmed")
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

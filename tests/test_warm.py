@@ -7,14 +7,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 
 from bpf.errors import LibbpfError
 from bpf.program import DEFAULT_PROGRAM, XdpMode, ensure_attached, query
 from cni_server.netdev import link_info
-from cni_server.warm import WarmPrograms
+from cni_server.warm import MAX_KINDS, WarmPrograms
 from tests.kernel import NsFixture, program_exists
 from tests.loop_thread import loop_thread
 
@@ -43,6 +43,11 @@ class Stash:
         """The prog ids waiting on placeholders."""
         with self.warm._lock:
             return [s.program.prog_id for s in self.warm._spares]
+
+    def kinds(self) -> dict[int, int]:
+        """Map size -> spares, for each kind kept warm (as the status reports it)."""
+        kinds = cast(list[dict[str, int]], self.warm.describe()["kinds"])
+        return {k["map_entries"]: k["warm"] for k in kinds}
 
     def wait_for(self, n: int, timeout: float = 5.0, *, besides: int = 0) -> list[int]:
         """``n`` spares, none of them ``besides``."""
@@ -113,15 +118,31 @@ def test_a_warm_program_is_given_once(stash: Stash) -> None:
     assert _freed(warm_id)
 
 
-def test_a_map_of_another_size_loads_its_own_and_the_stash_turns_to_it(stash: Stash) -> None:
+def test_each_kind_asked_for_is_kept_warm_and_one_of_another_size_is_never_taken(
+        stash: Stash) -> None:
+    """Two pools (say, 1-queue veths and 4-queue NICs): a map of another size is
+    never handed over, and both kinds stay warm, so pods of the two pools taking
+    turns each find theirs."""
     warm_id = _warmed(stash)
     assert stash.warm.take(DEFAULT_PROGRAM, 4) is None  # sized for 1 queue: not this one
-    stash.wait_for(1, besides=warm_id)
-    assert _freed(warm_id)  # the spare of the old size is dropped, not kept
-    program = stash.warm.take(DEFAULT_PROGRAM, 4)
-    assert program is not None and program.map_entries == 4
-    stash.warm.placed(program)
-    program.close()
+    stash.wait_for(2)
+    assert warm_id in stash.spares()
+    for entries in (4, 1, 4):
+        program = stash.warm.take(DEFAULT_PROGRAM, entries)
+        assert program is not None and program.map_entries == entries
+        stash.warm.placed(program)
+        program.close()
+        stash.wait_for(2)
+    assert stash.kinds() == {1: 1, 4: 1}
+
+
+def test_only_the_latest_kinds_are_kept_and_the_others_dropped(stash: Stash) -> None:
+    first = _warmed(stash)  # a kind of 1 slot
+    for entries in range(2, MAX_KINDS + 2):  # then MAX_KINDS others
+        assert stash.warm.take(DEFAULT_PROGRAM, entries) is None
+    ids = stash.wait_for(MAX_KINDS)
+    assert first not in ids and _freed(first)
+    assert sorted(stash.kinds()) == list(range(2, MAX_KINDS + 2))
 
 
 def test_a_failed_attach_lets_go_of_the_warm_program(stash: Stash, netns: NsFixture) -> None:
