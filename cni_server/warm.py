@@ -189,6 +189,8 @@ class WarmPrograms:
             self._spares = [s for s in self._spares if s.key in self._kinds]
             key = self._short()
         assert self._ns is not None
+        if stale:
+            await self._quiet()  # a program leaving the dispatcher waits too
         for spare in stale:
             await asyncio.shield(self._ns.run_async(partial(self._drop, spare)))
         return key
