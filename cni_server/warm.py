@@ -102,10 +102,15 @@ class WarmPrograms:
             with contextlib.suppress(Exception):
                 spares.append(await self._inflight)
             self._inflight = None
-        for spare in spares:
-            await ns.run_async(partial(self._drop, spare))
-        await ns.run_async(self._remove_placeholders)
-        ns.close()
+        try:
+            for spare in spares:
+                with contextlib.suppress(Exception):  # (closed either way)
+                    await ns.run_async(partial(self._drop, spare))
+            await ns.run_async(self._remove_placeholders)
+        except Exception as e:  # the namespace, and all in it, goes with its last fd
+            log.warning("event=xdp_warm_stop_failed error=%r", str(e))
+        finally:
+            ns.close()
 
     # -- for attaches (any thread) -------------------------------------------------
 
