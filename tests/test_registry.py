@@ -456,30 +456,32 @@ def test_background_work_waits_for_a_pods_move_not_for_a_quiet_spell_once_it_is_
     """Registry.wait_quiet (warm programs, attachAhead): while an allocation waits
     for its pod's CNI ADD, background attaches (which hold the rtnl lock the ADD's
     move needs) wait for a quiet spell; once every new allocation's pod has its
-    device, they need not wait at all."""
+    device, they need not wait at all.  (A minute's spell: a wait that ends within
+    seconds did not wait for it.)"""
     from tests.kernel import make_netns
 
     netns.veth("va", "vb")
 
-    async def waited(reg: Registry, seconds: float) -> float:
-        t0 = asyncio.get_running_loop().time()
-        await asyncio.wait_for(reg.wait_quiet(seconds), 10)
-        return asyncio.get_running_loop().time() - t0
+    async def at_once(reg: Registry) -> bool:
+        try:
+            await asyncio.wait_for(reg.wait_quiet(60), 3)
+        except TimeoutError:
+            return False
+        return True
 
-    async def body(reg: Registry, pod: NsFixture) -> tuple[float, float, float]:
-        before = await waited(reg, 0.5)  # nothing has happened yet
+    async def body(reg: Registry, pod: NsFixture) -> tuple[bool, bool, bool]:
+        before = await at_once(reg)  # nothing has happened yet
         await reg.create(spec(tmp_path / "s", "va"))
-        due = await waited(reg, 0.5)  # the ADD is due: a quiet spell
+        due = await at_once(reg)  # the ADD is due: the spell
         run("ip", "link", "set", "va", "netns", pod.name)
         where = Netns.open(pod.path)
         ifindex = where.run(lambda: link_info("va").ifindex)
         await reg.attach("a1", "va", {"netns": str(pod.path), "ifname": "va"}, where, "va",
                          ifindex)
-        moved_in = await waited(reg, 0.5)  # just changed, but nothing is due
+        moved_in = await at_once(reg)  # just changed, but nothing is due
         await reg.bring_home("a1", "va")
         return before, due, moved_in
 
     with make_netns() as pod:
         before, due, moved_in = run_in(netns, lambda reg: body(reg, pod))
-    assert before < 0.1 and moved_in < 0.1
-    assert due >= 0.45
+    assert (before, due, moved_in) == (True, False, True)
