@@ -110,10 +110,6 @@ class Registry:
         """Whether a CNI operation is moving any netdev right now."""
         return bool(self._moving)
 
-    def busy(self) -> None:
-        """Something for a pod is under way (see :meth:`wait_quiet`)."""
-        self._busy_at = time.monotonic()
-
     async def wait_quiet(self, seconds: float = QUIET) -> None:
         """Return once no CNI operation is moving a netdev, no allocation is being
         made, and either every allocation made here has had its pod's CNI ADD, or
@@ -167,7 +163,7 @@ class Registry:
             other = self.by_netdev(netdev)
             if other is not None:
                 raise RegistryError(f"{netdev} is already in allocation {other.id}")
-        self.busy()
+        self._busy_at = time.monotonic()  # (see wait_quiet)
         # Written while it is built (attaching waits for the kernel: an RCU grace
         # period on a node with few XDP programs), answered once both are done.  A
         # daemon that dies in between restores it at its next start (attached then),

@@ -218,16 +218,13 @@ class WarmPrograms:
         if not slot:
             slot = self._new_placeholders()
         spec, entries = key
+        program: LoadedProgram | None = None
         try:
             program = spec.load(entries)
-        except BaseException:
-            with self._lock:
-                self._slots.append(slot)
-            raise
-        try:
             attach(slot, program, XdpMode.SKB, ifname=f"placeholder {slot}")
         except BaseException:
-            program.close()
+            if program is not None:
+                program.close()
             with self._lock:
                 self._slots.append(slot)
             raise
