@@ -228,7 +228,8 @@ def main() -> int:
                     if others:  # right after the one-daemon run, for a same-hour comparison
                         targets = [(path, "va")] + [(p, n) for _d, p, n in others]
                         measured("c_concurrent_split",
-                                 lambda: c_concurrent(client, targets, a.clients, a.seconds),
+                                 lambda: {**c_concurrent(client, targets, a.clients, a.seconds),
+                                          "daemons": a.split},
                                  (pid, *(d.proc.pid for d, _p, _n in others)))
                     measured("python_sequential", lambda: sequential(path, a.sequential))
                     measured("python_concurrent", lambda: concurrent(path, a.clients, a.seconds))
