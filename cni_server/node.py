@@ -38,6 +38,7 @@ from cni_server.provision import NetdevFactory
 from cni_server.registry import Registry
 from cni_server.server import HandoutServer, Limits
 from cni_server.state import StateFile
+from cni_server.tuning import log_node_hints
 from cni_server.warm import WarmPrograms
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class NodeDaemon:
         self._settle = asyncio.get_running_loop().call_later(SETTLE_AFTER, _settle_heap)
         report_ready(s.ready_file, self.status())
         log.info("event=ready %s", self.front.ready_line(self))
+        log_node_hints()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop."""

@@ -9,12 +9,14 @@ SCM_RIGHTS, peer identity), only what a grant would do to the kernel is faked.
 - FakeProgramTable is the registry's program table without a kernel: each netdev
   gets one FakeProgram, shared and counted as the real table shares ours, closed
   with its last user; it records each call, and can be told to refuse a netdev.
+- fake_sysfs writes the sysfs files cni_server.tuning reads, as the kernel shows them.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cni_server.allocation import AllocatedDevice, Allocation
@@ -115,3 +117,17 @@ class FakeProgramTable:
 
     def netdevs(self) -> list[str]:
         return list(self.programs)
+
+
+SYSFS_IDLE_DRIVER = "devices/system/cpu/cpuidle/current_driver"
+SYSFS_HALT_POLL_NS = "module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def fake_sysfs(root: Path, driver: str | None, halt_poll_ns: str | None) -> Path:
+    """A sysfs tree under ``root`` with the cpuidle driver and the haltpoll module's
+    poll time as the kernel writes them (the value, a newline); None leaves a file out."""
+    for rel, value in ((SYSFS_IDLE_DRIVER, driver), (SYSFS_HALT_POLL_NS, halt_poll_ns)):
+        if value is not None:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(value + "\n")
+    return root

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cni_server import tuning
 from cni_server.config import NodeSettings
 from cni_server.control import call
 from cni_server.node import NodeDaemon
+from tests.fakes import fake_sysfs
 
 
 class RecordingFront:
@@ -194,3 +197,22 @@ def test_claims_taken_before_a_failed_start_are_given_up(
         other.close()
     finally:
         here.close()
+
+
+def test_start_up_logs_the_node_tuning_hints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    sysfs = fake_sysfs(tmp_path / "sys", "haltpoll", "0")
+    monkeypatch.setattr(tuning, "SYSFS", sysfs)
+    node = NodeDaemon(_settings(tmp_path), RecordingFront())
+
+    async def scenario() -> None:
+        await node.start()
+        await node.stop()
+
+    with caplog.at_level(logging.INFO, logger="cni_server.tuning"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "cni_server.tuning"]
+    assert len(lines) == 1
+    assert lines[0].startswith("event=tuning_hint hint=guest_halt_poll_off cpuidle_driver=haltpoll "
+                               "guest_halt_poll_ns=0 ")
+    assert lines[0].endswith(" see=docs/troubleshooting.md")
